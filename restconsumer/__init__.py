@@ -1,0 +1,3 @@
+"""restconsumer: Kafka messages turned into REST requests, as declared by jobs kept in Redis."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""The HTTP API (SPEC §7): jobs read and changed through the store, JSON in and out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from restconsumer.auth import Authenticator, Principal
+from restconsumer.model import InvalidJob, load, redact, validate
+from restconsumer.store import JobStore, StoreUnavailable
+
+__all__ = ["API", "MAX_BODY", "APIError"]
+
+#: The largest request body the API reads, in bytes.
+MAX_BODY = 1024 * 1024
+
+
+class APIError(Exception):
+    """An answer other than success: status code, message and details."""
+
+    def __init__(self, status: int, error: str, details: list[Any] | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.details = details or []
+
+
+def _json(request: IRequest, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+class API:
+    """The Klein application; ``API(...).app.resource()`` is what the site serves."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, store: JobStore, auth: Authenticator,
+                 kafka_check: Callable[[], Deferred[dict[str, Any]]], *,
+                 allow_hosts: frozenset[str] | None = None, max_body: int = MAX_BODY) -> None:
+        self.store = store
+        self.auth = auth
+        self.kafka_check = kafka_check
+        self.allow_hosts = allow_hosts
+        self.max_body = max_body
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _principal(self, request: IRequest) -> Principal:
+        principal = self.auth.authenticate(request.getHeader(b"Authorization"))
+        if principal is None:
+            request.setHeader(b"WWW-Authenticate", self.auth.challenge.encode())
+            raise APIError(401, "authentication required",
+                           ["send Authorization: Bearer <token> (or Basic user:password)"])
+        return principal
+
+    def _body(self, request: IRequest) -> Any:
+        length = request.getHeader(b"Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
+        data = request.content.read(self.max_body + 1)
+        if len(data) > self.max_body:
+            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise APIError(400, "malformed JSON", [str(e)]) from e
+
+    async def _visible_job(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        stored = await self.store.get(job_id)
+        if stored is None or not principal.may_see(str(stored.get("owner"))):
+            raise APIError(404, "no such job", [job_id])
+        return stored
+
+    @staticmethod
+    def _public(stored: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return load(stored).public()
+        except InvalidJob as e:
+            # A stored job edited by hand into an invalid one is still shown, flagged.
+            return {**redact(stored), "problems": [p.as_dict() for p in e.problems]}
+
+    # -- errors ------------------------------------------------------------------------
+
+    @app.handle_errors(APIError)
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        e: APIError = failure.value
+        return _json(request, e.status, {"error": e.error, "details": e.details})
+
+    @app.handle_errors(StoreUnavailable)
+    def _store_error(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.warn("store unavailable: {reason}", reason=str(failure.value))
+        request.setHeader(b"Retry-After", b"5")
+        return _json(request, 503, {"error": "job store unavailable", "details": [str(failure.value)]})
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return _json(request, 404, {"error": "not found",
+                                    "details": [request.path.decode("utf-8", "replace")]})
+
+    @app.handle_errors(MethodNotAllowed)
+    def _bad_method(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = sorted(failure.value.valid_methods or [])
+        request.setHeader(b"Allow", ", ".join(allowed).encode())
+        return _json(request, 405, {"error": "method not allowed", "details": allowed})
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        e: HTTPException = failure.value
+        return _json(request, e.code or 500, {"error": e.name, "details": []})
+
+    @app.handle_errors
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure("unexpected error in {method} {path}", failure,
+                         method=request.method.decode(), path=request.path.decode("utf-8", "replace"))
+        return _json(request, 500, {"error": "internal error", "details": []})
+
+    # -- routes ------------------------------------------------------------------------
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: IRequest) -> bytes:
+        """Liveness and readiness: 200 when Redis and Kafka answer, 503 otherwise."""
+
+        async def redis() -> dict[str, Any]:
+            try:
+                await self.store.ping()
+            except StoreUnavailable as e:
+                return {"ok": False, "error": str(e)}
+            return {"ok": True}
+
+        redis_state, kafka_state = await gatherResults(
+            [Deferred.fromCoroutine(redis()), self.kafka_check()]
+        )
+        ready = redis_state["ok"] and kafka_state["ok"]
+        body = {"status": "ok" if ready else "unavailable", "redis": redis_state, "kafka": kafka_state}
+        return _json(request, 200 if ready else 503, body)
+
+    @app.route("/jobs", methods=["GET"])
+    async def list_jobs(self, request: IRequest) -> bytes:
+        """Every job the caller may see."""
+        principal = self._principal(request)
+        jobs = [j for j in await self.store.all() if principal.may_see(str(j.get("owner")))]
+        return _json(request, 200, [self._public(j) for j in jobs])
+
+    @app.route("/jobs/<owner>", methods=["GET"])
+    async def list_owner_jobs(self, request: IRequest, owner: str) -> bytes:
+        """Every job of one owner."""
+        principal = self._principal(request)
+        if not principal.may_see(owner):
+            raise APIError(403, "forbidden", [f"this token may not see the jobs of {owner}"])
+        jobs = [j for j in await self.store.all() if j.get("owner") == owner]
+        return _json(request, 200, [self._public(j) for j in jobs])
+
+    @app.route("/job/<job_id>", methods=["GET"])
+    async def get_job(self, request: IRequest, job_id: str) -> bytes:
+        """One job, secrets shown as ``***``."""
+        principal = self._principal(request)
+        return _json(request, 200, self._public(await self._visible_job(principal, job_id)))
+
+    @app.route("/job/<job_id>", methods=["POST"])
+    async def put_job(self, request: IRequest, job_id: str) -> bytes:
+        """Create or replace a job: 201 created, 200 updated, 400 with every problem."""
+        principal = self._principal(request)
+        raw = self._body(request)
+        previous = await self.store.get(job_id)
+        if previous is not None and not principal.may_see(str(previous.get("owner"))):
+            # Another owner's job is not shown to exist, and cannot be taken over.
+            raise APIError(403, "forbidden", [f"job {job_id} belongs to another owner"])
+        try:
+            job = validate(raw, job_id, previous=previous, allow_hosts=self.allow_hosts)
+        except InvalidJob as e:
+            raise APIError(400, "invalid job", [p.as_dict() for p in e.problems]) from e
+        if not principal.may_see(job.owner):
+            raise APIError(403, "forbidden", [f"this token may not create jobs for {job.owner}"])
+        await self.store.put(job)
+        self.log.info("job {job_id} {what} (hash {hash})", job_id=job.id,
+                      what="created" if previous is None else "updated", hash=job.hash[:12])
+        return _json(request, 201 if previous is None else 200, job.public())
+
+    @app.route("/job/<job_id>", methods=["DELETE"])
+    async def delete_job(self, request: IRequest, job_id: str) -> bytes:
+        """Stop and remove a job."""
+        principal = self._principal(request)
+        await self._visible_job(principal, job_id)
+        await self.store.delete(job_id)
+        self.log.info("job {job_id} deleted", job_id=job_id)
+        return _json(request, 200, {"id": job_id, "deleted": True})
+

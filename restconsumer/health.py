@@ -1,0 +1,70 @@
+"""Readiness checks of what the service depends on: Kafka (on its own thread) and Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka.admin import AdminClient
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+__all__ = ["KafkaProbe"]
+
+
+class KafkaProbe(Service):
+    """Asks the Kafka cluster for its brokers, on a thread of its own, at most every few seconds."""
+
+    def __init__(self, reactor: IReactorThreads, clock: IReactorTime, config: dict[str, Any], *,
+                 timeout: float = 3.0, cache_for: float = 5.0) -> None:
+        self._reactor = reactor
+        self._clock = clock
+        self._config = {**config, "socket.timeout.ms": int(timeout * 1000)}
+        self._timeout = timeout
+        self._cache_for = cache_for
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="kafka-health")
+        self._admin: AdminClient | None = None
+        self._last: tuple[float, dict[str, Any]] | None = None
+        self._running: Deferred[dict[str, Any]] | None = None
+
+    def startService(self) -> None:
+        """Start the probe's thread."""
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the probe's thread, waiting for a probe under way."""
+        super().stopService()
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._pool.stop)
+
+    def _probe(self) -> dict[str, Any]:
+        try:
+            if self._admin is None:
+                self._admin = AdminClient(self._config)
+            metadata = self._admin.list_topics(timeout=self._timeout)
+        except Exception as e:  # KafkaException, or a config error
+            return {"ok": False, "error": str(e)}
+        if not metadata.brokers:
+            return {"ok": False, "error": "no broker reachable"}
+        return {"ok": True, "brokers": len(metadata.brokers)}
+
+    def check(self) -> Deferred[dict[str, Any]]:
+        """The cluster's state: ``{"ok": bool, ...}``, from a recent probe or a new one."""
+        now = self._clock.seconds()
+        if self._last is not None and now - self._last[0] < self._cache_for:
+            return succeed(self._last[1])
+        if self._running is None:
+            self._running = deferToThreadPool(self._reactor, self._pool, self._probe)
+
+            def remember(result: dict[str, Any]) -> dict[str, Any]:
+                self._last = (self._clock.seconds(), result)
+                self._running = None
+                return result
+
+            self._running.addCallback(remember)
+        # Several callers may wait on one probe; each gets its own Deferred.
+        waiting: Deferred[dict[str, Any]] = Deferred()
+        self._running.addBoth(lambda r: (waiting.callback(r), r)[1])
+        return waiting

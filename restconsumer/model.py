@@ -1,0 +1,429 @@
+"""The job model: validation, normalisation, hashing and redaction of job definitions.
+
+Plain functions and data, no Twisted: the API, the store and the supervisor all go
+through :func:`validate` and :func:`load`, so a job means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from jsonpath_ng import JSONPath
+from jsonpath_ng.ext import parse as parse_jsonpath
+
+__all__ = [
+    "ID_PATTERN",
+    "METHODS",
+    "REDACTED",
+    "InvalidJob",
+    "Job",
+    "Problem",
+    "default_dead_letter_topic",
+    "is_secret_header",
+    "load",
+    "redact",
+    "url_placeholders",
+    "validate",
+]
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+BODY_METHODS = ("POST", "PUT", "PATCH")
+REDACTED = "***"
+
+DEFAULT_RETRY = {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0}
+DEFAULT_TIMEOUT = 30.0
+
+#: Definition fields, in the order they are shown.
+FIELDS = (
+    "id", "owner", "type", "topic", "datamap", "url", "basic_auth", "token",
+    "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
+    "retry", "timeout", "follow_redirects", "dead_letter_topic",
+)
+GENERATED = ("modified", "hash")
+REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
+_SECRET_HEADER = re.compile(r"authorization|cookie|key|token|secret|passw", re.I)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a definition is refused: the field path and what is wrong there."""
+
+    field: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        """The problem as JSON-ready data."""
+        return {"field": self.field, "reason": self.reason}
+
+
+class InvalidJob(ValueError):
+    """A job definition broke the rules; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.reason}" for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job: its canonical definition, generated fields and compiled paths."""
+
+    definition: dict[str, Any]
+    modified: str
+    hash: str
+    paths: dict[str, JSONPath] = field(compare=False, repr=False)
+
+    @property
+    def id(self) -> str:
+        """The job id."""
+        return self.definition["id"]
+
+    @property
+    def owner(self) -> str:
+        """Who owns the job."""
+        return self.definition["owner"]
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics the job reads."""
+        return self.definition["topic"]
+
+    @property
+    def dead_letter_topic(self) -> str:
+        """Where messages that can never be delivered go."""
+        return self.definition.get("dead_letter_topic") or default_dead_letter_topic(self.id)
+
+    @property
+    def retry(self) -> dict[str, float]:
+        """The retry policy: defaults overridden by the job's own ``retry``."""
+        return {**DEFAULT_RETRY, **self.definition.get("retry", {})}
+
+    def stored(self) -> dict[str, Any]:
+        """The job as kept in Redis: the definition plus ``modified`` and ``hash``."""
+        return {**self.definition, "modified": self.modified, "hash": self.hash}
+
+    def public(self) -> dict[str, Any]:
+        """The job as the API shows it, secrets replaced by ``***``."""
+        return redact(self.stored())
+
+
+def default_dead_letter_topic(job_id: str) -> str:
+    """The dead-letter topic of a job that names none."""
+    return f"restconsumer.deadletter.{job_id}"
+
+
+def is_secret_header(name: str) -> bool:
+    """Whether a header's value is a credential that must never be shown."""
+    return bool(_SECRET_HEADER.search(name))
+
+
+def redact(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a stored job with every secret replaced by ``***``."""
+    shown = dict(stored)
+    if isinstance(shown.get("basic_auth"), Mapping):
+        shown["basic_auth"] = {**shown["basic_auth"], "pw": REDACTED}
+    if shown.get("token") is not None:
+        shown["token"] = REDACTED
+    if isinstance(shown.get("headers"), Mapping):
+        shown["headers"] = {
+            k: (REDACTED if is_secret_header(k) else v) for k, v in shown["headers"].items()
+        }
+    return shown
+
+
+def url_placeholders(template: str) -> list[str]:
+    """The ``{key}`` names used by a URL template, in order."""
+    return PLACEHOLDER.findall(template)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _canonical_hash(definition: Mapping[str, Any]) -> str:
+    text = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _fold_keys(raw: Mapping[str, Any], known: Iterable[str], aliases: Mapping[str, str],
+               where: str, problems: list[Problem]) -> dict[str, Any]:
+    """Read ``raw``'s keys case-insensitively onto the ``known`` names."""
+    known = tuple(known)
+    folded: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            problems.append(Problem(f"{where}{key}", "keys must be strings"))
+            continue
+        name = key.lower()
+        name = aliases.get(name, name)
+        if name not in known:
+            problems.append(Problem(f"{where}{key}", "unknown field"))
+        elif name in folded:
+            problems.append(Problem(f"{where}{key}", f"given twice (as '{name}' in another case)"))
+        else:
+            folded[name] = value
+    return folded
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_topic(value: Any, where: str, problems: list[Problem]) -> None:
+    if not isinstance(value, str) or not TOPIC_PATTERN.match(value):
+        problems.append(Problem(where, "must be a Kafka topic name: [A-Za-z0-9._-], 1 to 249 characters"))
+
+
+def _check_string_map(value: Any, where: str, problems: list[Problem]) -> bool:
+    if not isinstance(value, Mapping):
+        problems.append(Problem(where, "must be an object"))
+        return False
+    ok = True
+    for key, item in value.items():
+        if not isinstance(item, str):
+            problems.append(Problem(f"{where}.{key}", "must be a string"))
+            ok = False
+    return ok
+
+
+def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[str] | None,
+               problems: list[Problem]) -> None:
+    if not isinstance(url, str) or not url:
+        problems.append(Problem("url", "must be a non-empty string"))
+        return
+    names = url_placeholders(url)
+    for name in names:
+        if not name:
+            problems.append(Problem("url", "'{}' names no datamap key"))
+        elif datamap_keys is not None and name not in datamap_keys:
+            problems.append(Problem("url", f"'{{{name}}}' is not a key of the datamap"))
+    probe = PLACEHOLDER.sub("x", url)
+    try:
+        parts = urlsplit(probe)
+        port = parts.port
+    except ValueError as e:
+        problems.append(Problem("url", f"is not a valid URL: {e}"))
+        return
+    if parts.scheme not in ("http", "https"):
+        problems.append(Problem("url", "must start with http:// or https://"))
+        return
+    if not parts.hostname:
+        problems.append(Problem("url", "has no host"))
+        return
+    del port
+    first = PLACEHOLDER.search(url)
+    authority_end = len(f"{parts.scheme}://{parts.netloc}")
+    if first is not None and first.start() < authority_end:
+        problems.append(Problem("url", "placeholders may stand only in the path and query, "
+                                       "never in the scheme, host or port"))
+    if parts.fragment:
+        problems.append(Problem("url", "must not have a #fragment"))
+    if allow_hosts is not None and parts.hostname.lower() not in allow_hosts:
+        problems.append(Problem("url", f"host '{parts.hostname}' is not in the allowed hosts"))
+
+
+def _check_key_list(value: Any, name: str, datamap_keys: set[str] | None,
+                    problems: list[Problem]) -> None:
+    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        problems.append(Problem(name, "must be a list of datamap keys"))
+        return
+    for i, key in enumerate(value):
+        if datamap_keys is not None and key not in datamap_keys:
+            problems.append(Problem(f"{name}[{i}]", f"'{key}' is not a key of the datamap"))
+
+
+def _restore_secrets(folded: dict[str, Any], previous: Mapping[str, Any] | None) -> None:
+    """Keep a stored secret where the client sent back the ``***`` it was shown."""
+    if not previous:
+        return
+    auth, old_auth = folded.get("basic_auth"), previous.get("basic_auth")
+    if isinstance(auth, dict) and isinstance(old_auth, Mapping):
+        for key in list(auth):
+            if key.lower() in ("pw", "password") and auth[key] == REDACTED:
+                auth[key] = old_auth.get("pw")
+    if folded.get("token") == REDACTED and previous.get("token"):
+        folded["token"] = previous["token"]
+    headers, old_headers = folded.get("headers"), previous.get("headers")
+    if isinstance(headers, dict) and isinstance(old_headers, Mapping):
+        for key, value in list(headers.items()):
+            if value == REDACTED and key in old_headers:
+                headers[key] = old_headers[key]
+
+
+def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any] | None = None,
+             allow_hosts: frozenset[str] | None = None, modified: str | None = None) -> Job:
+    """Check a job definition and return the :class:`Job` it describes.
+
+    ``job_id`` is the id the definition must carry (the ``{id}`` of the route);
+    ``previous`` is the stored job it replaces, whose secrets are kept where the
+    definition holds ``***``; ``allow_hosts`` limits the URL's host. Raises
+    :class:`InvalidJob` listing every problem; ``modified`` defaults to now.
+    """
+    problems: list[Problem] = []
+    if not isinstance(raw, Mapping):
+        raise InvalidJob([Problem("", "a job must be a JSON object")])
+    folded = _fold_keys(raw, FIELDS + GENERATED, {}, "", problems)
+    for generated in GENERATED:
+        folded.pop(generated, None)
+    if isinstance(folded.get("basic_auth"), Mapping):
+        folded["basic_auth"] = dict(folded["basic_auth"])
+    if isinstance(folded.get("headers"), Mapping):
+        folded["headers"] = dict(folded["headers"])
+    _restore_secrets(folded, previous)
+
+    for name in REQUIRED:
+        if folded.get(name) is None:
+            problems.append(Problem(name, "is required"))
+    # An explicit null for an optional field means "not set".
+    definition = {k: v for k, v in folded.items() if v is not None}
+
+    jid = definition.get("id")
+    if jid is not None:
+        if not isinstance(jid, str) or not ID_PATTERN.match(jid):
+            problems.append(Problem("id", "must match [A-Za-z0-9._-]{1,128}"))
+        elif job_id is not None and jid != job_id:
+            problems.append(Problem("id", f"'{jid}' differs from the id in the path, '{job_id}'"))
+
+    owner = definition.get("owner")
+    if owner is not None and (not isinstance(owner, str) or not ID_PATTERN.match(owner)):
+        problems.append(Problem("owner", "must match [A-Za-z0-9._-]{1,128}"))
+
+    method = definition.get("type")
+    if method is not None:
+        if isinstance(method, str) and method.upper() in METHODS:
+            definition["type"] = method = method.upper()
+        else:
+            problems.append(Problem("type", f"must be one of {', '.join(METHODS)}"))
+            method = None
+
+    topics = definition.get("topic")
+    if topics is not None:
+        if isinstance(topics, str):
+            definition["topic"] = topics = [topics]
+        if not isinstance(topics, list) or not topics:
+            problems.append(Problem("topic", "must be a topic name or a non-empty list of them"))
+        else:
+            for i, topic in enumerate(topics):
+                _check_topic(topic, f"topic[{i}]", problems)
+            if len(set(map(str, topics))) != len(topics):
+                problems.append(Problem("topic", "names a topic twice"))
+
+    paths: dict[str, JSONPath] = {}
+    datamap = definition.get("datamap")
+    datamap_keys: set[str] | None = None
+    if datamap is not None:
+        if not isinstance(datamap, Mapping):
+            problems.append(Problem("datamap", "must be an object of key: JSONPath"))
+        else:
+            datamap_keys = set(datamap)
+            for key, expr in datamap.items():
+                where = f"datamap.{key}"
+                if not key or "{" in key or "}" in key:
+                    problems.append(Problem(where, "keys must be non-empty and have no braces"))
+                if not isinstance(expr, str) or not expr.strip():
+                    problems.append(Problem(where, "must be a JSONPath string"))
+                    continue
+                try:
+                    paths[key] = parse_jsonpath(expr)
+                except Exception as e:  # jsonpath-ng raises several unrelated types
+                    problems.append(Problem(where, f"is not a valid JSONPath: {e}"))
+
+    if "url" in definition:
+        _check_url(definition["url"], datamap_keys, allow_hosts, problems)
+
+    auth = definition.get("basic_auth")
+    if auth is not None:
+        if not isinstance(auth, Mapping):
+            problems.append(Problem("basic_auth", "must be an object {user, pw}"))
+        else:
+            auth = _fold_keys(auth, ("user", "pw"), {"password": "pw", "username": "user"},
+                              "basic_auth.", problems)
+            for key in ("user", "pw"):
+                if not isinstance(auth.get(key), str):
+                    problems.append(Problem(f"basic_auth.{key}", "is required and must be a string"))
+            definition["basic_auth"] = auth
+
+    for name in ("token", "token_type"):
+        if name in definition and (not isinstance(definition[name], str) or not definition[name]):
+            problems.append(Problem(name, "must be a non-empty string"))
+    if "token_type" in definition and "token" not in definition:
+        problems.append(Problem("token_type", "has no token to go with"))
+    if "token" in definition and "basic_auth" in definition:
+        problems.append(Problem("token", "a job takes basic_auth or token, not both"))
+
+    if "query_params" in definition:
+        _check_key_list(definition["query_params"], "query_params", datamap_keys, problems)
+    if "json_body" in definition:
+        _check_key_list(definition["json_body"], "json_body", datamap_keys, problems)
+        if method is not None and method not in BODY_METHODS:
+            problems.append(Problem("json_body", f"is sent only with {', '.join(BODY_METHODS)}"))
+
+    if "constant" in definition and not isinstance(definition["constant"], Mapping):
+        problems.append(Problem("constant", "must be an object"))
+
+    for name in ("ratelimit", "timeout"):
+        value = definition.get(name)
+        if value is not None and (not _number(value) or value < 0 or value > 86400):
+            problems.append(Problem(name, "must be a number of seconds from 0 to 86400"))
+    if definition.get("timeout") == 0:
+        problems.append(Problem("timeout", "must be more than 0 seconds"))
+
+    if "follow_redirects" in definition and not isinstance(definition["follow_redirects"], bool):
+        problems.append(Problem("follow_redirects", "must be true or false"))
+
+    if "headers" in definition and _check_string_map(definition["headers"], "headers", problems):
+        for key in definition["headers"]:
+            if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", key):
+                problems.append(Problem(f"headers.{key}", "is not a valid header name"))
+            elif "\n" in definition["headers"][key] or "\r" in definition["headers"][key]:
+                problems.append(Problem(f"headers.{key}", "must not contain line breaks"))
+
+    retry = definition.get("retry")
+    if retry is not None:
+        if not isinstance(retry, Mapping):
+            problems.append(Problem("retry", "must be an object {max_attempts, initial_wait, max_wait}"))
+        else:
+            retry = _fold_keys(retry, DEFAULT_RETRY, {}, "retry.", problems)
+            attempts = retry.get("max_attempts")
+            if attempts is not None and (not isinstance(attempts, int) or isinstance(attempts, bool)
+                                         or attempts < 0):
+                problems.append(Problem("retry.max_attempts",
+                                        "must be a whole number, 0 for retrying until it succeeds"))
+            for name in ("initial_wait", "max_wait"):
+                value = retry.get(name)
+                if value is not None and (not _number(value) or value <= 0 or value > 86400):
+                    problems.append(Problem(f"retry.{name}", "must be a number of seconds above 0"))
+            merged = {**DEFAULT_RETRY, **retry}
+            if (_number(merged["initial_wait"]) and _number(merged["max_wait"])
+                    and merged["max_wait"] < merged["initial_wait"]):
+                problems.append(Problem("retry.max_wait", "must not be less than initial_wait"))
+            definition["retry"] = retry
+
+    if "dead_letter_topic" in definition:
+        _check_topic(definition["dead_letter_topic"], "dead_letter_topic", problems)
+
+    if problems:
+        raise InvalidJob(problems)
+
+    definition = {name: definition[name] for name in FIELDS if name in definition}
+    digest = _canonical_hash(definition)
+    if modified is None:
+        same = previous is not None and previous.get("hash") == digest
+        modified = previous["modified"] if same and previous.get("modified") else _now()
+    return Job(definition=definition, modified=modified, hash=digest, paths=paths)
+
+
+def load(stored: Mapping[str, Any]) -> Job:
+    """The :class:`Job` of a definition read back from the store, keeping its ``modified``."""
+    modified = stored.get("modified") if isinstance(stored, Mapping) else None
+    return validate(stored, modified=modified if isinstance(modified, str) else None)

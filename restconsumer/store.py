@@ -1,0 +1,173 @@
+"""The job store: jobs kept in Redis, and every change announced on the job channel.
+
+Layout (SPEC §3, §6): ``job:{id}`` holds the stored job as JSON, the set ``list_jobs``
+holds every id, and each change is published on ``msg/job:{id}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from restconsumer.model import Job
+
+__all__ = ["JOB_SET", "JobStore", "RedisAddress", "StoreUnavailable", "channel", "job_key"]
+
+JOB_SET = "list_jobs"
+CHANNEL_PATTERN = "msg/job:*"
+
+
+def job_key(job_id: str) -> str:
+    """The Redis key of a job."""
+    return f"job:{job_id}"
+
+
+def channel(job_id: str) -> str:
+    """The pub/sub channel on which changes to a job are announced."""
+    return f"msg/job:{job_id}"
+
+
+class StoreUnavailable(Exception):
+    """Redis cannot be reached right now; the caller should answer 503."""
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is, parsed from a ``redis://`` or ``rediss://`` URL."""
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisAddress:
+        """Parse ``redis[s]://[[user]:password@]host[:port][/db]``; raise ValueError if bad."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"the database in {url!r} must be a number")
+        return cls(
+            host=parts.hostname or "localhost",
+            port=parts.port or 6379,
+            db=int(path or 0),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=parts.scheme == "rediss",
+        )
+
+    def __str__(self) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+class JobStore(Service):
+    """Jobs in Redis over a txredisapi pool that reconnects by itself.
+
+    While no connection is up, every call fails at once with :class:`StoreUnavailable`
+    rather than waiting for Redis to come back.
+    """
+
+    log = Logger()
+
+    def __init__(self, address: RedisAddress, *, poolsize: int = 4, reply_timeout: float = 5.0,
+                 connect_timeout: float = 2.0) -> None:
+        self.address = address
+        self._poolsize = poolsize
+        self._reply_timeout = reply_timeout
+        self._connect_timeout = connect_timeout
+        self._redis: Any = None
+
+    def startService(self) -> None:
+        """Start connecting to Redis."""
+        super().startService()
+        a = self.address
+        self._redis = txredisapi.lazyConnectionPool(
+            host=a.host, port=a.port, dbid=a.db, poolsize=self._poolsize, password=a.password,
+            username=a.username, ssl_context_factory=a.tls, connectTimeout=self._connect_timeout,
+            replyTimeout=self._reply_timeout,
+        )
+
+    def stopService(self) -> Deferred[Any]:
+        """Close every connection; fires when they are closed."""
+        super().stopService()
+        redis, self._redis = self._redis, None
+        return redis.disconnect() if redis is not None else succeed(None)
+
+    @property
+    def connected(self) -> bool:
+        """Whether at least one connection to Redis is up."""
+        return self._redis is not None and self._redis._factory.size > 0
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if not self.connected:
+            raise StoreUnavailable(f"Redis at {self.address} is not connected")
+        try:
+            return await getattr(self._redis, method)(*args)
+        except (txredisapi.ConnectionError, txredisapi.TimeoutError) as e:
+            raise StoreUnavailable(f"Redis at {self.address}: {e}") from e
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless Redis answers."""
+        await self._call("ping")
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        """The stored job with that id, or None."""
+        raw = await self._call("get", job_key(job_id))
+        return self._decode(job_id, raw)
+
+    async def all(self) -> list[dict[str, Any]]:
+        """Every stored job, ordered by id."""
+        ids = sorted(await self._call("smembers", JOB_SET))
+        if not ids:
+            return []
+        values = await self._call("mget", [job_key(i) for i in ids])
+        return [job for i, raw in zip(ids, values, strict=False) if (job := self._decode(i, raw)) is not None]
+
+    async def put(self, job: Job) -> None:
+        """Store a job and announce the change."""
+        await self._call("set", job_key(job.id), json.dumps(job.stored(), ensure_ascii=False))
+        await self._call("sadd", JOB_SET, job.id)
+        await self.announce(job.id, "update")
+
+    async def create(self, job: Job) -> bool:
+        """Store a job only if none has its id; True if it was created (and announced)."""
+        created = await self._call("setnx", job_key(job.id),
+                                   json.dumps(job.stored(), ensure_ascii=False))
+        if created:
+            await self._call("sadd", JOB_SET, job.id)
+            await self.announce(job.id, "update")
+        return bool(created)
+
+    async def delete(self, job_id: str) -> bool:
+        """Remove a job and announce it; False if there was none."""
+        removed = await self._call("delete", job_key(job_id))
+        await self._call("srem", JOB_SET, job_id)
+        if removed:
+            await self.announce(job_id, "delete")
+        return bool(removed)
+
+    async def announce(self, job_id: str, action: str) -> None:
+        """Publish ``action`` on the job's channel, for every instance to act on."""
+        await self._call("publish", channel(job_id), action)
+
+    def _decode(self, job_id: str, raw: Any) -> dict[str, Any] | None:
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            self.log.error("job {job_id}: the stored value is not JSON; ignored", job_id=job_id)
+            return None
+        return value if isinstance(value, dict) else None

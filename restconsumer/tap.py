@@ -1,0 +1,240 @@
+"""``twistd restconsumer``: its options (each also read from the environment) and service tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger, jsonFileLogObserver
+from twisted.python import usage
+from twisted.web.server import Site
+
+from restconsumer import __version__
+from restconsumer.api import API
+from restconsumer.auth import Authenticator, load_tokens
+from restconsumer.embedded import EmbeddedKafka, EmbeddedRedis
+from restconsumer.health import KafkaProbe
+from restconsumer.jobsdir import JobsFolder
+from restconsumer.store import JobStore, RedisAddress
+
+__all__ = ["APIServer", "Options", "kafka_config", "makeService"]
+
+log = Logger()
+
+#: option name → (environment variable, default)
+ENVIRONMENT: dict[str, tuple[str, str | None]] = {
+    "api": ("RESTCONSUMER_API", "tcp:9013"),
+    "kafka": ("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"),
+    "redis": ("REDIS_URL", "redis://localhost:6379/0"),
+    "jobs": ("RESTCONSUMER_JOBS", None),
+    "api-token": ("RESTCONSUMER_API_TOKEN", None),
+    "api-user": ("RESTCONSUMER_API_USER", None),
+    "api-password": ("RESTCONSUMER_API_PASSWORD", None),
+    "tokens": ("RESTCONSUMER_TOKENS", None),
+    "allow-hosts": ("RESTCONSUMER_ALLOW_HOSTS", None),
+    "ca-file": ("RESTCONSUMER_CA_FILE", None),
+    "log-format": ("RESTCONSUMER_LOG_FORMAT", "text"),
+}
+
+
+def _parse_kafka_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise usage.UsageError(f"--kafka-option takes KEY=VALUE, not {text!r}")
+    return key.strip(), value.strip()
+
+
+class Options(usage.Options):
+    """The command line of ``twistd restconsumer``; an option given wins over its variable."""
+
+    synopsis = "[options]"
+    longdesc = ("Reads Kafka topics and turns every message into a REST request, as declared "
+                "by jobs kept in Redis and managed over an HTTP API. Every option can also be "
+                "set through the environment variable named in its help.")
+    optFlags = [
+        ["embedded", None, "Try it out: an in-process Kafka (librdkafka's mock cluster) and a "
+                           "private redis-server, both gone on exit. Not for production."],
+    ]
+    optParameters = [
+        ["api", None, None, "API endpoint, a Twisted endpoint string "
+                            "[RESTCONSUMER_API, default tcp:9013]"],
+        ["kafka", None, None, "Kafka bootstrap servers "
+                              "[KAFKA_BOOTSTRAP_SERVERS, default localhost:9092]"],
+        ["redis", None, None, "Redis URL, redis[s]://[:password@]host[:port][/db] "
+                              "[REDIS_URL, default redis://localhost:6379/0]"],
+        ["jobs", None, None, "Folder of *.json job files loaded at start-up "
+                             "[RESTCONSUMER_JOBS, default ./jobs when it exists]"],
+        ["api-token", None, None, "Admin token for the API (Authorization: Bearer) "
+                                  "[RESTCONSUMER_API_TOKEN]"],
+        ["api-user", None, None, "Admin user for the API (Basic auth) [RESTCONSUMER_API_USER]"],
+        ["api-password", None, None, "Password of --api-user [RESTCONSUMER_API_PASSWORD]"],
+        ["tokens", None, None, "JSON file of owner-scoped API tokens, {token: owner} "
+                               "[RESTCONSUMER_TOKENS]"],
+        ["allow-hosts", None, None, "Comma-separated hosts that job URLs may name "
+                                    "[RESTCONSUMER_ALLOW_HOSTS, default any host]"],
+        ["ca-file", None, None, "PEM bundle of CAs for HTTPS endpoints "
+                                "[RESTCONSUMER_CA_FILE, default the system's CAs]"],
+        ["log-format", None, None, "text or json [RESTCONSUMER_LOG_FORMAT, default text]"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["kafka-options"] = {}
+        self._kafka_options_given = False
+
+    def opt_kafka_option(self, value: str) -> None:
+        """Any librdkafka property as KEY=VALUE, repeatable [RESTCONSUMER_KAFKA_OPTIONS]"""
+        key, val = _parse_kafka_option(value)
+        self["kafka-options"][key] = val
+        self._kafka_options_given = True
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"restconsumer {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        """Fill what was not given from the environment, then check it all."""
+        env = os.environ
+        for name, (variable, default) in ENVIRONMENT.items():
+            if self[name] is None:
+                self[name] = env.get(variable) or default
+        if not self._kafka_options_given and env.get("RESTCONSUMER_KAFKA_OPTIONS"):
+            text = env["RESTCONSUMER_KAFKA_OPTIONS"]
+            items = text.splitlines() if "\n" in text else text.split(",")
+            self["kafka-options"] = dict(_parse_kafka_option(i) for i in items if i.strip())
+
+        if self["jobs"] is None and Path("jobs").is_dir():
+            self["jobs"] = "jobs"
+        if self["jobs"] is not None and not Path(self["jobs"]).is_dir():
+            raise usage.UsageError(f"--jobs {self['jobs']}: no such folder")
+
+        try:
+            endpoints._parseServer(self["api"], None)
+        except Exception as e:
+            raise usage.UsageError(f"--api {self['api']!r} is not an endpoint string: {e}") from e
+        try:
+            self["redis-address"] = RedisAddress.from_url(self["redis"])
+        except ValueError as e:
+            raise usage.UsageError(f"--redis: {e}") from e
+
+        if bool(self["api-user"]) != bool(self["api-password"]):
+            raise usage.UsageError("--api-user and --api-password go together")
+        self["scoped-tokens"] = {}
+        if self["tokens"]:
+            try:
+                self["scoped-tokens"] = load_tokens(self["tokens"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from e
+
+        hosts = [h.strip().lower() for h in (self["allow-hosts"] or "").split(",") if h.strip()]
+        self["allowed-hosts"] = frozenset(hosts) if hosts else None
+
+        if self["ca-file"] and not Path(self["ca-file"]).is_file():
+            raise usage.UsageError(f"--ca-file {self['ca-file']}: no such file")
+
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format is text or json")
+        if self["log-format"] == "json" and self.parent is not None \
+                and not self.parent.get("logger"):
+            # twistd reads its log observer from its own options after ours are parsed.
+            self.parent["logger"] = lambda: jsonFileLogObserver(sys.stdout)
+
+        if self["embedded"] and EmbeddedRedis.binary() is None:
+            raise usage.UsageError("--embedded needs redis-server on the PATH "
+                                   "(apt-get install redis-server)")
+
+
+def kafka_config(options: Options) -> dict[str, Any]:
+    """The librdkafka settings every Kafka client of the service starts from."""
+    return {**options["kafka-options"], "bootstrap.servers": options["kafka"]}
+
+
+class APIServer(Service):
+    """Serves a site on an endpoint and says where, once listening."""
+
+    def __init__(self, endpoint: Any, site: Site, description: str, token_note: str | None) -> None:
+        self._endpoint = endpoint
+        self._site = site
+        self._description = description
+        self._token_note = token_note
+        self._port: Any = None
+
+    def startService(self) -> Deferred[None]:
+        """Start listening; the service tree fails to start if the port cannot be had."""
+        super().startService()
+
+        def listening(port: Any) -> None:
+            self._port = port
+            address = port.getHost()
+            where = f"http://{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+            log.info("restconsumer API listening on {where} ({description})",
+                     where=where, description=self._description)
+            if self._token_note:
+                log.warn(self._token_note)
+
+        def failed(failure: Any) -> None:
+            log.failure("cannot listen on the API endpoint", failure)
+            from twisted.internet import reactor
+
+            reactor.stop()  # type: ignore[attr-defined]
+
+        return self._endpoint.listen(self._site).addCallbacks(listening, failed)
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop listening."""
+        super().stopService()
+        if self._port is None:
+            return None
+        port, self._port = self._port, None
+        return maybeDeferred(port.stopListening)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """The whole service: embedded parts if asked, store, jobs folder, Kafka probe, API."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = MultiService()
+    redis_address: RedisAddress = options["redis-address"]
+    if options["embedded"]:
+        embedded_kafka = EmbeddedKafka()
+        embedded_kafka.setServiceParent(top)
+        embedded_redis = EmbeddedRedis(reactor)
+        embedded_redis.setServiceParent(top)
+        options["kafka"] = embedded_kafka.bootstrap
+        redis_address = RedisAddress.from_url(embedded_redis.url)
+        log.warn("*** EMBEDDED MODE: for trying restconsumer out only. Kafka is librdkafka's "
+                 "in-memory mock cluster at {kafka}, Redis a private redis-server at {redis}; "
+                 "everything is lost on exit. ***", kafka=options["kafka"], redis=str(redis_address))
+
+    store = JobStore(redis_address)
+    store.setServiceParent(top)
+
+    if options["jobs"]:
+        JobsFolder(options["jobs"], store, reactor,
+                   allow_hosts=options["allowed-hosts"]).setServiceParent(top)
+
+    probe = KafkaProbe(reactor, reactor, kafka_config(options))
+    probe.setServiceParent(top)
+
+    auth = Authenticator.configure(options["api-token"], options["api-user"],
+                                   options["api-password"], options["scoped-tokens"])
+    token_note = None
+    if auth.generated:
+        # Printed this once only: it is the one way to learn the generated token.
+        token_note = (f"No API credentials configured: generated API token (shown once): "
+                      f"{auth.token}  -- use: Authorization: Bearer <token>")
+    api = API(store, auth, probe.check, allow_hosts=options["allowed-hosts"])
+    site = Site(api.app.resource())
+    site.displayTracebacks = False
+    endpoint = endpoints.serverFromString(reactor, options["api"])
+    APIServer(endpoint, site, f"Kafka {options['kafka']}, Redis {redis_address}",
+              token_note).setServiceParent(top)
+    return top

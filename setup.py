@@ -1,0 +1,31 @@
+"""Packaging of restconsumer; ``twisted.plugins`` is listed so twistd finds the plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="restconsumer",
+    version="0.1.0",
+    description="Kafka messages turned into REST requests, as declared by jobs kept in Redis",
+    python_requires=">=3.11",
+    packages=[*find_packages(include=["restconsumer", "restconsumer.*"]), "twisted.plugins"],
+    include_package_data=False,
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "klein>=24.8",
+        "treq>=24.9",
+        "txredisapi>=1.6",
+        "confluent-kafka>=2.6",
+        "jsonpath-ng>=1.6",
+        "fastavro>=1.9",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6",
+            "redis>=5",
+            "ruff>=0.6",
+        ],
+    },
+)
