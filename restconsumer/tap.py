@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger, jsonFileLogObserver
 from twisted.python import usage
-from twisted.web.server import Site
 
 from restconsumer import __version__
 from restconsumer.api import API
@@ -20,6 +18,7 @@ from restconsumer.auth import Authenticator, load_tokens
 from restconsumer.embedded import EmbeddedKafka, EmbeddedRedis
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
+from restconsumer.server import APIServer, DrainingSite, OrderedServices
 from restconsumer.store import JobStore, RedisAddress
 
 __all__ = ["APIServer", "Options", "kafka_config", "makeService"]
@@ -155,53 +154,13 @@ def kafka_config(options: Options) -> dict[str, Any]:
     return {**options["kafka-options"], "bootstrap.servers": options["kafka"]}
 
 
-class APIServer(Service):
-    """Serves a site on an endpoint and says where, once listening."""
-
-    def __init__(self, endpoint: Any, site: Site, description: str, token_note: str | None) -> None:
-        self._endpoint = endpoint
-        self._site = site
-        self._description = description
-        self._token_note = token_note
-        self._port: Any = None
-
-    def startService(self) -> Deferred[None]:
-        """Start listening; the service tree fails to start if the port cannot be had."""
-        super().startService()
-
-        def listening(port: Any) -> None:
-            self._port = port
-            address = port.getHost()
-            where = f"http://{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
-            log.info("restconsumer API listening on {where} ({description})",
-                     where=where, description=self._description)
-            if self._token_note:
-                log.warn(self._token_note)
-
-        def failed(failure: Any) -> None:
-            log.failure("cannot listen on the API endpoint", failure)
-            from twisted.internet import reactor
-
-            reactor.stop()  # type: ignore[attr-defined]
-
-        return self._endpoint.listen(self._site).addCallbacks(listening, failed)
-
-    def stopService(self) -> Deferred[None] | None:
-        """Stop listening."""
-        super().stopService()
-        if self._port is None:
-            return None
-        port, self._port = self._port, None
-        return maybeDeferred(port.stopListening)
-
-
 def makeService(options: Options, reactor: Any = None) -> IService:
     """The whole service: embedded parts if asked, store, jobs folder, Kafka probe, API."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    top = MultiService()
+    top = OrderedServices()
     redis_address: RedisAddress = options["redis-address"]
     if options["embedded"]:
         embedded_kafka = EmbeddedKafka()
@@ -232,9 +191,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         token_note = (f"No API credentials configured: generated API token (shown once): "
                       f"{auth.token}  -- use: Authorization: Bearer <token>")
     api = API(store, auth, probe.check, allow_hosts=options["allowed-hosts"])
-    site = Site(api.app.resource())
-    site.displayTracebacks = False
     endpoint = endpoints.serverFromString(reactor, options["api"])
-    APIServer(endpoint, site, f"Kafka {options['kafka']}, Redis {redis_address}",
-              token_note).setServiceParent(top)
+    APIServer(endpoint, DrainingSite(api.app.resource()), reactor,
+              description=f"Kafka {options['kafka']}, Redis {redis_address}",
+              token_note=token_note).setServiceParent(top)
     return top

@@ -1,0 +1,1 @@
+"""restconsumer test suite."""

@@ -1,0 +1,1 @@
+"""Real infrastructure for the integration tests: Kafka, Redis and the service itself."""
