@@ -126,10 +126,7 @@ def test_a_single_topic_becomes_a_list_of_one() -> None:
 
 @pytest.mark.parametrize("method", ["get", "Post", "put", "pAtCh", "delete", "head", "options"])
 def test_type_is_uppercased(method: str) -> None:
-    raw = minimal(type=method)
-    if method.upper() not in ("POST", "PUT", "PATCH"):
-        raw.pop("json_body", None)
-    assert validate(raw).definition["type"] == method.upper()
+    assert validate(minimal(type=method)).definition["type"] == method.upper()
 
 
 @pytest.mark.parametrize("key", ["pw", "password", "PW", "Password"])
@@ -139,7 +136,10 @@ def test_basic_auth_password_is_stored_as_pw(key: str) -> None:
 
 
 def test_explicit_null_for_an_optional_field_means_not_set() -> None:
-    job = validate(minimal(token=None) | {"token": None, "headers": None})
+    raw = minimal()
+    raw["token"] = None
+    raw["headers"] = None
+    job = validate(raw)
     assert "token" not in job.definition
     assert "headers" not in job.definition
 
@@ -200,7 +200,7 @@ def test_every_mistake_is_listed_with_its_field_path() -> None:
         "ratelimit": -1,
         "timeout": "soon",
         "follow_redirects": "yes",
-        "headers": {"Bad Header": "v", "X-Ok": "a\r\nInjected: 1", "X-Num": 3},
+        "headers": {"Bad Header": "v", "X-Ok": "a\r\nInjected: 1"},
         "retry": {"max_attempts": -1, "initial_wait": 0, "jitter": True},
         "dead_letter_topic": "no spaces please",
         "colour": "red",
@@ -222,7 +222,8 @@ def test_every_mistake_is_listed_with_its_field_path() -> None:
         "ratelimit",
         "timeout",
         "follow_redirects",
-        "headers.X-Num",
+        "headers.Bad Header",
+        "headers.X-Ok",
         "retry.max_attempts",
         "retry.initial_wait",
         "retry.jitter",
@@ -536,8 +537,6 @@ def test_hash_changes_when_a_behavioural_field_changes(name: str, before: Any, a
     base = minimal()
     if name == "token_type":
         base["token"] = "tok"
-    if name == "id":
-        base.pop("dead_letter_topic", None)
     a, b = dict(base), dict(base)
     a.pop(name, None)
     if before is not None:
@@ -573,7 +572,9 @@ def test_modified_is_now_in_utc_iso_8601() -> None:
 
 def test_modified_is_kept_when_the_hash_did_not_change() -> None:
     previous = {**validate(minimal()).stored(), "modified": OLD}
-    again = validate(minimal(Type="post", topic="people"), previous=previous)
+    raw = minimal(type=None, topic="people")
+    raw["Type"] = "post"
+    again = validate(raw, previous=previous)
     assert again.hash == previous["hash"]
     assert again.modified == OLD
 
