@@ -54,7 +54,8 @@ def topic(kafka: KafkaBroker, request: pytest.FixtureRequest) -> Callable[..., s
 
 
 @pytest.fixture
-def services(tmp_path: Path, kafka: KafkaBroker, redis_db: RedisServer) -> Iterator[Callable[..., ServiceProcess]]:
+def services(tmp_path: Path, kafka: KafkaBroker,
+             redis_db: RedisServer) -> Iterator[Callable[..., ServiceProcess]]:
     """Start restconsumer processes on the real Kafka and Redis; all are stopped after the test."""
     started: list[ServiceProcess] = []
 

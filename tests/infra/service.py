@@ -79,7 +79,7 @@ class ServiceProcess:
         self.request("GET", "/health", token=None)
         return True
 
-    def request(self, method: str, path: str, body: Any = None, *, token: str | None | bool = True,
+    def request(self, method: str, path: str, body: Any = None, *, token: str | bool | None = True,
                 headers: dict[str, str] | None = None, raw: bytes | None = None,
                 timeout: float = 10) -> Response:
         """Send one API request; ``token=True`` uses the admin token, None sends none."""
