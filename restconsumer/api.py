@@ -14,7 +14,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from restconsumer.auth import Authenticator, Principal
-from restconsumer.model import InvalidJob, load, redact, validate
+from restconsumer.model import InvalidJob, redact, validate
 from restconsumer.store import JobStore, StoreUnavailable
 
 __all__ = ["API", "MAX_BODY", "APIError"]
@@ -84,11 +84,8 @@ class API:
 
     @staticmethod
     def _public(stored: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return load(stored).public()
-        except InvalidJob as e:
-            # A stored job edited by hand into an invalid one is still shown, flagged.
-            return {**redact(stored), "problems": [p.as_dict() for p in e.problems]}
+        # Stored jobs were validated on the way in; showing one needs no new compile.
+        return redact(stored)
 
     # -- errors ------------------------------------------------------------------------
 

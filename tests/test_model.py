@@ -445,7 +445,9 @@ def test_zero_timeout_is_refused_but_zero_ratelimit_is_fine() -> None:
     ({"Max_Wait": 60}, {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 60}),
     ({}, {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0}),
 ])
-def test_retry_overrides_are_merged_with_the_defaults(retry: dict[str, Any], expected: dict[str, Any]) -> None:
+def test_retry_overrides_are_merged_with_the_defaults(
+    retry: dict[str, Any], expected: dict[str, Any]
+) -> None:
     assert validate(minimal(retry=retry)).retry == expected
 
 
