@@ -15,11 +15,14 @@ from twisted.python import usage
 from restconsumer import __version__
 from restconsumer.api import API
 from restconsumer.auth import Authenticator, load_tokens
+from restconsumer.control import JobControl
+from restconsumer.delivery import DeadLetters, HTTPSender
 from restconsumer.embedded import EmbeddedKafka, EmbeddedRedis
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
 from restconsumer.server import APIServer, DrainingSite, OrderedServices
 from restconsumer.store import JobStore, RedisAddress
+from restconsumer.supervisor import Supervisor
 
 __all__ = ["APIServer", "Options", "kafka_config", "makeService"]
 
@@ -155,7 +158,11 @@ def kafka_config(options: Options) -> dict[str, Any]:
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    """The whole service: embedded parts if asked, store, jobs folder, Kafka probe, API."""
+    """The whole service: embedded parts if asked, store, delivery, job control, API.
+
+    Children stop in the reverse order: the API first, then job control, the jobs (which
+    commit what they finished), the dead letters (flushed), the HTTP pool, the store.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -175,12 +182,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     store = JobStore(redis_address)
     store.setServiceParent(top)
+    kafka = kafka_config(options)
+    sender = HTTPSender(reactor, ca_file=options["ca-file"])
+    sender.setServiceParent(top)
+    dead_letters = DeadLetters(reactor, kafka)
+    dead_letters.setServiceParent(top)
+    supervisor = Supervisor(reactor, store, kafka, sender, dead_letters)
+    supervisor.setServiceParent(top)
+    JobControl(reactor, redis_address, supervisor).setServiceParent(top)
 
     if options["jobs"]:
         JobsFolder(options["jobs"], store, reactor,
                    allow_hosts=options["allowed-hosts"]).setServiceParent(top)
 
-    probe = KafkaProbe(reactor, reactor, kafka_config(options))
+    probe = KafkaProbe(reactor, reactor, kafka)
     probe.setServiceParent(top)
 
     auth = Authenticator.configure(options["api-token"], options["api-user"],

@@ -1,0 +1,115 @@
+"""Job control across instances (SPEC §6): the ``msg/job:*`` channel, and reconciling with Redis.
+
+Pub/sub is fire-and-forget, so the supervisor also reconciles on every (re)connect of the
+subscriber and every ``every`` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from restconsumer.store import CHANNEL_PATTERN, RedisAddress
+from restconsumer.supervisor import Supervisor
+
+__all__ = ["JobControl"]
+
+log = Logger()
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    control: JobControl
+
+    def connectionMade(self) -> Deferred[Any]:
+        # SubscriberProtocol.connectionMade authenticates first; subscribe after it.
+        d = txredisapi.SubscriberProtocol.connectionMade(self)
+        d.addCallback(lambda _: self.psubscribe(CHANNEL_PATTERN))
+        d.addCallback(lambda _: self.factory.control.subscribed())
+        d.addErrback(lambda f: log.failure("subscribing to {pattern} failed", f,
+                                           pattern=CHANNEL_PATTERN))
+        return d
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.control.announced(_text(channel), _text(message))
+
+    def connectionLost(self, reason: Any) -> None:
+        txredisapi.SubscriberProtocol.connectionLost(self, reason)
+        self.factory.control.unsubscribed()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class JobControl(Service):
+    """Listens on ``msg/job:*`` and reconciles the supervisor with the store."""
+
+    def __init__(self, reactor: Any, address: RedisAddress, supervisor: Supervisor, *,
+                 every: float = 30.0) -> None:
+        self._reactor = reactor
+        self._address = address
+        self._supervisor = supervisor
+        self._every = every
+        self._factory: txredisapi.SubscriberFactory | None = None
+        self._timer = LoopingCall(self._reconcile)
+        self._timer.clock = reactor
+        self.connected = False
+
+    def startService(self) -> None:
+        """Subscribe (reconnecting by itself) and start the periodic reconcile."""
+        super().startService()
+        a = self._address
+        factory = txredisapi.SubscriberFactory()
+        factory.protocol = _Subscriber
+        factory.control = self
+        factory.password = a.password
+        factory.username = a.username
+        factory.replyTimeout = 10
+        factory.maxDelay = 5
+        endpoint: Any = HostnameEndpoint(self._reactor, a.host, a.port, timeout=5)
+        if a.tls:
+            endpoint = wrapClientTLS(optionsForClientTLS(a.host), endpoint)
+        factory.startConnecting(endpoint)
+        self._factory = factory
+        self._timer.start(self._every, now=True).addErrback(
+            lambda f: log.failure("periodic reconcile stopped", f))
+
+    def stopService(self) -> Deferred[Any]:
+        """Unsubscribe and stop reconciling."""
+        super().stopService()
+        if self._timer.running:
+            self._timer.stop()
+        factory, self._factory = self._factory, None
+        return factory.disconnect() if factory is not None else succeed(None)
+
+    def _reconcile(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._supervisor.reconcile())
+        return d.addErrback(lambda f: log.failure("reconcile failed", f))
+
+    def subscribed(self) -> None:
+        """(Re)subscribed: changes made while away are caught up by a reconcile."""
+        if not self.connected:
+            log.info("job control: listening on {pattern}", pattern=CHANNEL_PATTERN)
+        self.connected = True
+        self._reconcile()
+
+    def unsubscribed(self) -> None:
+        """The subscriber connection is gone; it reconnects by itself."""
+        if self.connected and self.running:
+            log.warn("job control: lost the Redis subscription; reconnecting")
+        self.connected = False
+
+    def announced(self, channel: str, action: str) -> None:
+        """A message on ``msg/job:{id}``."""
+        job_id = channel.partition("msg/job:")[2]
+        if not job_id:
+            return
+        log.debug("job {job_id}: {action} announced", job_id=job_id, action=action)
+        self._supervisor.changed(job_id)

@@ -1,0 +1,156 @@
+"""From a decoded record to the job's request (SPEC §4): datamap, URL template, body, auth.
+
+Plain functions and data, no Twisted. A :class:`RequestBuilder` is compiled once per job;
+building a request is then a few dict look-ups and string joins.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from jsonpath_ng import JSONPath
+from jsonpath_ng.jsonpath import Child, Fields, Index, Root
+
+from restconsumer.decode import to_json
+from restconsumer.model import PLACEHOLDER, Job
+
+__all__ = ["Outgoing", "RequestBuilder", "TemplateError", "compile_getter", "encode_value"]
+
+_MISSING = object()
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
+
+
+class TemplateError(ValueError):
+    """A record lacks a value the URL template needs."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One request, ready to send."""
+
+    method: bytes
+    url: bytes
+    headers: dict[bytes, list[bytes]]
+    body: bytes | None
+    entity_id: Any = None
+
+
+def compile_getter(path: JSONPath) -> Callable[[Any], list[Any]]:
+    """A function giving every value ``path`` matches in a document.
+
+    Plain chains of field names and indexes from the root (``$.msg.household.id``,
+    ``$.msg.items[0]``) — nearly every datamap — are walked with dict and list look-ups;
+    anything else goes through jsonpath-ng.
+    """
+    steps: list[str | int] = []
+    node = path
+    while isinstance(node, Child):
+        right = node.right
+        if isinstance(right, Fields) and len(right.fields) == 1 and right.fields[0] != "*":
+            steps.append(right.fields[0])
+        elif isinstance(right, Index) and len(getattr(right, "indices", (right.index,))) == 1:
+            steps.append(getattr(right, "indices", (right.index,))[0])
+        else:
+            break
+        node = node.left
+    if not isinstance(node, Root):
+        return lambda document: [match.value for match in path.find(document)]
+    keys = tuple(reversed(steps))
+
+    def walk(document: Any) -> list[Any]:
+        value = document
+        for key in keys:
+            if isinstance(key, str):
+                if not isinstance(value, dict):
+                    return []
+                value = value.get(key, _MISSING)
+            else:
+                if not isinstance(value, list) or not -len(value) <= key < len(value):
+                    return []
+                value = value[key]
+            if value is _MISSING:
+                return []
+        return [value]
+
+    return walk
+
+
+def encode_value(value: Any) -> str:
+    """A datamap value as one percent-encoded URL component that nothing can escape from."""
+    text = value if isinstance(value, str) else to_json(value).decode("utf-8")
+    if text in (".", ".."):
+        # A bare dot segment would move up the path once the server normalises it.
+        return text.replace(".", "%2E")
+    return quote(text, safe="")
+
+
+class RequestBuilder:
+    """The request-making half of a job, compiled once from its definition."""
+
+    def __init__(self, job: Job) -> None:
+        d = job.definition
+        self.job = job
+        self.method = d["type"].encode("ascii")
+        self._getters = {key: compile_getter(path) for key, path in job.paths.items()}
+        self._constant = d.get("constant", {})
+        parts = PLACEHOLDER.split(d["url"])
+        # Even items are literal text, odd ones datamap keys.
+        self._url_parts: list[str] = [
+            quote(part, safe=_URL_SAFE) if i % 2 == 0 else part for i, part in enumerate(parts)
+        ]
+        self._has_query = "?" in PLACEHOLDER.sub("", d["url"])
+        self._query_keys: list[str] = d.get("query_params", [])
+        self._body_keys: list[str] | None = d.get("json_body")
+        headers: dict[bytes, list[bytes]] = {
+            k.encode("latin-1"): [v.encode("latin-1")] for k, v in d.get("headers", {}).items()
+        }
+        if "basic_auth" in d:
+            pair = f"{d['basic_auth']['user']}:{d['basic_auth']['pw']}".encode()
+            headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair)]
+        elif "token" in d:
+            headers[b"Authorization"] = [f"{d.get('token_type', 'Bearer')} {d['token']}".encode()]
+        if self._body_keys is not None:
+            headers[b"Content-Type"] = [b"application/json"]
+        self._headers = headers
+
+    def document(self, schema: Any, msg: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        """The JSONPath document of one record."""
+        return {"schema": schema, "msg": msg, "constant": self._constant, "meta": meta}
+
+    def extract(self, document: dict[str, Any]) -> dict[str, Any]:
+        """The datamap's values: no match leaves the key out, several make a list."""
+        values: dict[str, Any] = {}
+        for key, getter in self._getters.items():
+            found = getter(document)
+            if found:
+                values[key] = found[0] if len(found) == 1 else found
+        return values
+
+    def build(self, values: dict[str, Any]) -> Outgoing:
+        """The request for one record's datamap values; :class:`TemplateError` if one is missing."""
+        parts = self._url_parts
+        pieces = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                pieces.append(part)
+            elif part in values:
+                pieces.append(encode_value(values[part]))
+            else:
+                raise TemplateError(f"the URL needs '{part}', which the datamap did not find")
+        query = []
+        for key in self._query_keys:
+            if key in values:
+                value = values[key]
+                for item in value if isinstance(value, list) else [value]:
+                    query.append(f"{quote(key, safe='')}={encode_value(item)}")
+        url = "".join(pieces)
+        if query:
+            url += ("&" if self._has_query else "?") + "&".join(query)
+        body = None
+        if self._body_keys is not None:
+            body = to_json({k: values[k] for k in self._body_keys if k in values})
+        return Outgoing(self.method, url.encode("ascii"), self._headers, body, values.get("id"))

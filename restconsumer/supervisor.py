@@ -1,0 +1,113 @@
+"""Job lifecycle on this instance: which jobs run, started, changed and stopped as Redis says."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.logger import Logger
+
+from restconsumer.delivery import DeadLetters, HTTPSender
+from restconsumer.model import InvalidJob, Job, load
+from restconsumer.runner import JobRunner
+from restconsumer.store import JobStore, StoreUnavailable
+
+__all__ = ["Supervisor"]
+
+log = Logger()
+_LOOK_UP = object()
+
+
+class Supervisor(Service):
+    """Keeps one :class:`JobRunner` per stored job, in step with the store.
+
+    Changes for one job are applied one at a time (a per-job lock), so an update racing a
+    delete always ends as the store says.
+    """
+
+    def __init__(self, reactor: Any, store: JobStore, kafka: dict[str, Any], sender: HTTPSender,
+                 dead_letters: DeadLetters, *,
+                 runner_factory: Callable[..., JobRunner] = JobRunner) -> None:
+        self._reactor = reactor
+        self._store = store
+        self._kafka = kafka
+        self._sender = sender
+        self._dead_letters = dead_letters
+        self._runner_factory = runner_factory
+        self.runners: dict[str, JobRunner] = {}
+        self._locks: dict[str, DeferredLock] = {}
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop every job: requests under way end, finished offsets are committed."""
+        super().stopService()
+        runners, self.runners = list(self.runners.values()), {}
+        return gatherResults([r.stop() for r in runners], consumeErrors=True)
+
+    async def reconcile(self) -> None:
+        """Bring the running jobs in line with every job in the store."""
+        if not self.running:
+            return
+        try:
+            stored = {job["id"]: job for job in await self._store.all() if "id" in job}
+        except StoreUnavailable as e:
+            log.warn("reconcile skipped: {reason}", reason=str(e))
+            return
+        for job_id in set(self.runners) | set(stored):
+            await self.sync(job_id, stored.get(job_id))
+
+    def changed(self, job_id: str) -> None:
+        """A change to ``job_id`` was announced: look it up and act on it."""
+        Deferred.fromCoroutine(self.sync(job_id)).addErrback(
+            lambda f: log.failure("job {job_id}: applying a change failed", f, job_id=job_id))
+
+    async def sync(self, job_id: str, stored: Any = _LOOK_UP) -> None:
+        """Make the runner of ``job_id`` match its stored definition (None: not stored)."""
+        lock = self._locks.setdefault(job_id, DeferredLock())
+        await lock.acquire()
+        try:
+            if not self.running:
+                return
+            if stored is _LOOK_UP:
+                try:
+                    stored = await self._store.get(job_id)
+                except StoreUnavailable as e:
+                    log.warn("job {job_id}: change not applied yet: {reason}", job_id=job_id,
+                             reason=str(e))
+                    return
+            runner = self.runners.get(job_id)
+            if runner is not None and stored is not None and stored.get("hash") == runner.job.hash:
+                return
+            await self._apply(job_id, self._desired(job_id, stored))
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(job_id, None)
+
+    @staticmethod
+    def _desired(job_id: str, stored: dict[str, Any] | None) -> Job | None:
+        if stored is None:
+            return None
+        try:
+            return load(stored)
+        except InvalidJob as e:
+            log.error("job {job_id}: the stored definition is invalid, not running it: {reason}",
+                      job_id=job_id, reason=str(e))
+            return None
+
+    async def _apply(self, job_id: str, job: Job | None) -> None:
+        runner = self.runners.get(job_id)
+        if runner is not None:
+            if job is not None and runner.job.hash == job.hash:
+                return
+            if job is not None and runner.can_take(job):
+                runner.update(job)
+                return
+            del self.runners[job_id]
+            await runner.stop()
+        if job is not None and self.running:
+            runner = self._runner_factory(job, self._reactor, self._kafka, self._sender,
+                                          self._dead_letters)
+            self.runners[job_id] = runner
+            runner.start()

@@ -1,0 +1,230 @@
+"""Messages become requests: real Kafka, real Redis, a real service process and a loopback endpoint."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote
+
+import fastavro
+import pytest
+
+from tests.infra.kafka import KafkaBroker
+from tests.infra.kafka_io import produce, read_all
+from tests.infra.ports import wait_for
+from tests.infra.service import ServiceProcess
+from tests.infra.sink import Received, Sink
+
+Start = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A loopback HTTP endpoint answering 200."""
+    server = Sink().start()
+    yield server
+    server.stop()
+
+
+def settle(sink: Sink, expect: int, timeout: float = 60) -> list[Received]:
+    """Wait for ``expect`` requests, then a moment more to catch any extra one."""
+    wait_for(lambda: sink.count() >= expect, timeout, f"{expect} requests (have {sink.count()})", every=0.2)
+    time.sleep(1.0)
+    return sink.snapshot()
+
+
+def test_json_messages_become_exactly_the_expected_requests(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    """1,000 JSON messages over 3 partitions: one request each, every part checked, order kept."""
+    name = topic(3)
+    produce(kafka.bootstrap, name, (json.dumps({"id": f"p{i}", "name": f"Person {i}", "age": i,
+                                                "nested": {"n": i % 7}}).encode()
+                                    for i in range(1000)), partitions=3)
+    service = services()
+    job = {
+        "id": "people", "owner": "crm", "type": "PUT", "topic": name,
+        "datamap": {"id": "$.msg.id", "name": "$.msg.name", "age": "$.msg.age",
+                    "n": "$.msg.nested.n", "source": "$.constant.source", "part": "$.meta.partition",
+                    "offset": "$.meta.offset", "absent": "$.msg.nothing"},
+        "url": f"{sink.url}/api/people/{{id}}/",
+        "query_params": ["source", "part", "absent"],
+        "json_body": ["id", "name", "age", "n", "offset", "absent"],
+        "basic_auth": {"user": "sync", "pw": "pw-delivery-1"},
+        "constant": {"source": "aether"},
+        "headers": {"X-Origin": "restconsumer"},
+    }
+    assert service.request("POST", "/job/people", job).status == 201
+    received = settle(sink, 1000)
+    assert len(received) == 1000
+    expected_auth = "Basic " + base64.b64encode(b"sync:pw-delivery-1").decode()
+    by_id = {}
+    per_partition: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for got in received:
+        body = json.loads(got.body)
+        i = body["age"]
+        assert got.method == "PUT"
+        assert got.path == f"/api/people/p{i}/"
+        assert got.query == {"source": ["aether"], "part": [str(i % 3)]}
+        assert body == {"id": f"p{i}", "name": f"Person {i}", "age": i, "n": i % 7, "offset": i // 3}
+        assert got.headers["authorization"] == expected_auth
+        assert got.headers["x-origin"] == "restconsumer"
+        assert got.headers["content-type"] == "application/json"
+        by_id[i] = got
+        per_partition[i % 3].append(i)
+    assert sorted(by_id) == list(range(1000))
+    for partition, order in per_partition.items():
+        assert order == sorted(order), f"partition {partition} out of order"
+
+
+PERSON = {
+    "type": "record", "name": "Person", "namespace": "org.aether",
+    "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "nickname", "type": ["null", "string"], "default": None},
+        {"name": "tags", "type": {"type": "array", "items": "string"}},
+        {"name": "household", "type": {"type": "record", "name": "Household", "fields": [
+            {"name": "id", "type": "string"}, {"name": "size", "type": "int"}]}},
+    ],
+}
+
+
+def avro_container(records: list[dict[str, Any]]) -> bytes:
+    """One Aether-style Kafka message: an Avro container file, deflate, schema embedded."""
+    out = io.BytesIO()
+    fastavro.writer(out, fastavro.parse_schema(PERSON), records, codec="deflate")
+    return out.getvalue()
+
+
+def test_avro_containers_give_one_request_per_record(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    """Deflate containers of 12 nested records: schema name, nested paths, unions, arrays as lists."""
+    name = topic(2)
+    messages = []
+    for m in range(6):
+        messages.append(avro_container([
+            {"id": f"r{m}-{r}", "nickname": None if r % 2 else f"nick{r}",
+             "tags": [f"t{r}", f"u{r}"], "household": {"id": f"h{m}", "size": r}}
+            for r in range(12)]))
+    produce(kafka.bootstrap, name, messages, partitions=2)
+    service = services()
+    job = {"id": "avro", "owner": "aether", "type": "POST", "topic": name,
+           "datamap": {"id": "$.msg.id", "schema_name": "$.schema.name", "household": "$.msg.household.id",
+                       "size": "$.msg.household.size", "tags": "$.msg.tags[*]", "nickname": "$.msg.nickname"},
+           "url": f"{sink.url}/households/{{household}}/people/{{id}}",
+           "json_body": ["schema_name", "tags", "size", "nickname"]}
+    assert service.request("POST", "/job/avro", job).status == 201
+    received = settle(sink, 72)
+    assert len(received) == 72
+    seen = set()
+    for got in received:
+        body = json.loads(got.body)
+        _, _, household, _, person = got.path.split("/")
+        m, r = (int(x) for x in person[1:].split("-"))
+        assert household == f"h{m}"
+        assert body["schema_name"] == "org.aether.Person"
+        assert body["tags"] == [f"t{r}", f"u{r}"]
+        assert body["size"] == r
+        assert body["nickname"] == (None if r % 2 else f"nick{r}")
+        seen.add((m, r))
+    assert len(seen) == 72
+
+
+HOSTILE = ["a/b", "what?x=1", "frag#ment", "100%", "..", ".", "../../admin", "with space",
+           "ünïcødé ✓", "@evil.example:80", "a\\b", "%2F", ""]
+
+
+def test_message_data_stays_inside_one_path_segment(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    """Values with / ? # % .. spaces and non-ASCII arrive as one percent-encoded segment."""
+    name = topic(1)
+    produce(kafka.bootstrap, name, (json.dumps({"id": value, "n": i}).encode()
+                                    for i, value in enumerate(HOSTILE)))
+    service = services()
+    job = {"id": "hostile", "owner": "sec", "type": "POST", "topic": name,
+           "datamap": {"id": "$.msg.id", "n": "$.msg.n"},
+           "url": f"{sink.url}/things/{{id}}/x?fixed=1", "query_params": ["id"], "json_body": ["n"]}
+    assert service.request("POST", "/job/hostile", job).status == 201
+    received = settle(sink, len(HOSTILE))
+    assert len(received) == len(HOSTILE)
+    for got in received:
+        value = HOSTILE[json.loads(got.body)["n"]]
+        segments = got.path.split("/")
+        assert len(segments) == 4 and segments[:2] == ["", "things"] and segments[3] == "x", got.raw_path
+        assert unquote(segments[2]) == value
+        assert segments[2] not in ("..", ".")
+        assert got.query == {"fixed": ["1"], "id": [value]}
+        assert got.headers["host"] == f"127.0.0.1:{sink.port}"
+
+
+def test_change_applies_within_two_seconds_and_delete_stops(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    """Changing the URL through the API takes effect within 2 s, nothing lost; delete stops it."""
+    name = topic(2)
+    service = services()
+    job = {"id": "moving", "owner": "ops", "type": "POST", "topic": name,
+           "datamap": {"id": "$.msg.id"}, "url": f"{sink.url}/v1/{{id}}"}
+    assert service.request("POST", "/job/moving", job).status == 201
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"a{i}"}).encode() for i in range(50)], partitions=2)
+    settle(sink, 50, timeout=30)
+
+    assert service.request("POST", "/job/moving", {**job, "url": f"{sink.url}/v2/{{id}}"}).status == 200
+    changed_at = time.monotonic()
+    sent = 0
+    while time.monotonic() - changed_at < 4:
+        produce(kafka.bootstrap, name, [json.dumps({"id": f"b{sent + i}"}).encode() for i in range(10)],
+                partitions=2)
+        sent += 10
+        time.sleep(0.2)
+    received = settle(sink, 50 + sent, timeout=30)
+    ids = {got.path.rsplit("/", 1)[1] for got in received}
+    assert ids >= {f"a{i}" for i in range(50)} | {f"b{i}" for i in range(sent)}
+    late_v1 = [got for got in received if got.path.startswith("/v1/") and got.at > changed_at + 2]
+    assert late_v1 == []
+    assert any(got.path.startswith("/v2/") for got in received)
+
+    assert service.request("DELETE", "/job/moving").status == 200
+    deleted_at = time.monotonic()
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"c{i}"}).encode() for i in range(20)], partitions=2)
+    time.sleep(3)
+    assert [got for got in sink.snapshot() if got.at > deleted_at + 2] == []
+
+
+def test_bad_messages_are_dead_lettered_and_the_job_goes_on(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    """Undecodable bytes, a missing URL key and a 400 answer go to the dead-letter topic."""
+    sink = Sink(lambda got: (400, {}, b"no such patient") if "bad400" in got.raw_path
+                else (200, {}, b"ok")).start()
+    try:
+        name = topic(1)
+        dead = f"{name}.dead"
+        values = [b'{"id": "good1"}', b"\xff\xfe\x00\x81 not text", b'{"other": 1}',
+                  b'{"id": "bad400"}', b'{"id": "good2"}']
+        produce(kafka.bootstrap, name, values, headers=[("origin", b"test")])
+        service = services()
+        job = {"id": "dlq", "owner": "ops", "type": "POST", "topic": name, "dead_letter_topic": dead,
+               "datamap": {"id": "$.msg.id"}, "url": f"{sink.url}/patients/{{id}}"}
+        assert service.request("POST", "/job/dlq", job).status == 201
+        received = settle(sink, 3)
+        assert [got.path for got in received] == ["/patients/good1", "/patients/bad400", "/patients/good2"]
+        letters = read_all(kafka.bootstrap, dead, expect=3)
+        assert len(letters) == 3
+        headers = [dict(m.headers()) for m in letters]
+        assert [m.value() for m in letters] == [values[1], values[2], values[3]]
+        assert [int(h["restconsumer.offset"]) for h in headers] == [1, 2, 3]
+        for h in headers:
+            assert h["restconsumer.job"] == b"dlq"
+            assert h["restconsumer.topic"] == name.encode()
+            assert h["restconsumer.partition"] == b"0"
+            assert h["origin"] == b"test"
+        assert b"UTF-8" in headers[0]["restconsumer.reason"]
+        assert b"'id'" in headers[1]["restconsumer.reason"]
+        assert headers[2]["restconsumer.status"] == b"400"
+        assert b"no such patient" in headers[2]["restconsumer.reason"]
+        log = service.log()
+        assert "dead-lettered" in log and f"{name}[0]@3 entity bad400" in log
+    finally:
+        sink.stop()
