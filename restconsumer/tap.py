@@ -41,6 +41,7 @@ ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "allow-hosts": ("RESTCONSUMER_ALLOW_HOSTS", None),
     "ca-file": ("RESTCONSUMER_CA_FILE", None),
     "log-format": ("RESTCONSUMER_LOG_FORMAT", "text"),
+    "reconcile-every": ("RESTCONSUMER_RECONCILE_EVERY", "30"),
 }
 
 
@@ -82,6 +83,8 @@ class Options(usage.Options):
         ["ca-file", None, None, "PEM bundle of CAs for HTTPS endpoints "
                                 "[RESTCONSUMER_CA_FILE, default the system's CAs]"],
         ["log-format", None, None, "text or json [RESTCONSUMER_LOG_FORMAT, default text]"],
+        ["reconcile-every", None, None, "Seconds between two full comparisons of the running jobs "
+                                        "with Redis [RESTCONSUMER_RECONCILE_EVERY, default 30]"],
     ]
 
     def __init__(self) -> None:
@@ -140,6 +143,13 @@ class Options(usage.Options):
         if self["ca-file"] and not Path(self["ca-file"]).is_file():
             raise usage.UsageError(f"--ca-file {self['ca-file']}: no such file")
 
+        try:
+            self["reconcile-seconds"] = float(self["reconcile-every"])
+            if not 0.1 <= self["reconcile-seconds"] <= 86400:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--reconcile-every takes seconds, from 0.1 to 86400") from None
+
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
         if self["log-format"] == "json" and self.parent is not None \
@@ -189,7 +199,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     dead_letters.setServiceParent(top)
     supervisor = Supervisor(reactor, store, kafka, sender, dead_letters)
     supervisor.setServiceParent(top)
-    JobControl(reactor, redis_address, supervisor).setServiceParent(top)
+    JobControl(reactor, redis_address, supervisor,
+               every=options["reconcile-seconds"]).setServiceParent(top)
 
     if options["jobs"]:
         JobsFolder(options["jobs"], store, reactor,

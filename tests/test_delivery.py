@@ -228,3 +228,25 @@ def test_bad_messages_are_dead_lettered_and_the_job_goes_on(
         assert "dead-lettered" in log and f"{name}[0]@3 entity bad400" in log
     finally:
         sink.stop()
+
+
+def test_a_missed_announcement_is_caught_up_by_reconcile(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink,
+        redis_db: Any) -> None:
+    """A job written to Redis with no announcement starts at the next reconcile; a topic change
+    made the same way moves the job to the new topic."""
+    first, second = topic(1), topic(1)
+    service = services("--reconcile-every", "1")
+    job = {"id": "quiet", "owner": "ops", "type": "POST", "topic": first,
+           "datamap": {"id": "$.msg.id"}, "url": f"{sink.url}/q/{{id}}"}
+    created = service.request("POST", "/job/quiet", job).json
+    client = redis_db.client()
+    # Change the job behind the service's back: no message on msg/job:quiet.
+    changed = dict(created)
+    changed.update(topic=[second], hash="changed-elsewhere")
+    client.set("job:quiet", json.dumps(changed))
+    produce(kafka.bootstrap, second, [b'{"id": "on-second"}'])
+    produce(kafka.bootstrap, first, [b'{"id": "on-first"}'])
+    received = settle(sink, 1, timeout=30)
+    assert [got.path for got in received] == ["/q/on-second"]
+    assert f"starting on {second}" in service.log()

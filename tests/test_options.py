@@ -72,6 +72,7 @@ VALUES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "allow-hosts": lambda _: ("env.example", "cli.example,other.example"),
     "ca-file": lambda p: (ca_file(p, "env"), ca_file(p, "cli")),
     "log-format": lambda _: ("json", "text"),
+    "reconcile-every": lambda _: ("5", "0.5"),
 }
 
 # what an option needs besides itself to be valid
@@ -95,6 +96,7 @@ def test_environment_variable_names() -> None:
         "allow-hosts": "RESTCONSUMER_ALLOW_HOSTS",
         "ca-file": "RESTCONSUMER_CA_FILE",
         "log-format": "RESTCONSUMER_LOG_FORMAT",
+        "reconcile-every": "RESTCONSUMER_RECONCILE_EVERY",
     }
 
 
@@ -114,6 +116,7 @@ def test_defaults() -> None:
     assert options["allowed-hosts"] is None
     assert options["ca-file"] is None
     assert options["log-format"] == "text"
+    assert options["reconcile-seconds"] == 30.0
     assert options["kafka-options"] == {}
     assert not options["embedded"]
     assert kafka_config(options) == {"bootstrap.servers": "localhost:9092"}
@@ -384,3 +387,9 @@ def test_make_service_without_jobs_folder() -> None:
 def test_make_service_uses_the_default_reactor() -> None:
     options = parse("--api", "tcp:0:interface=127.0.0.1", "--api-token", "t")
     assert isinstance(tap.makeService(options), MultiService)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "90000"])
+def test_reconcile_every_must_be_sensible_seconds(value: str) -> None:
+    with pytest.raises(usage.UsageError, match="reconcile-every"):
+        parse("--reconcile-every", value)
