@@ -104,10 +104,12 @@ def main() -> None:
             for i in range(args.baseline_requests):
                 m = message(i)
                 f.write(json.dumps({"id": m["id"], "body": body(m)}) + "\n")
-        baseline = json.loads(subprocess.run(
+        # The ceiling is the best of three runs: noise on a shared machine only lowers a run.
+        runs = [json.loads(subprocess.run(
             [sys.executable, str(REPO / "bench" / "agent_baseline.py"), f"{sink}/people/", str(bodies),
-             str(PARTITIONS)], check=True, capture_output=True, text=True).stdout)
-        assert baseline["failures"] == 0
+             str(PARTITIONS)], check=True, capture_output=True, text=True).stdout) for _ in range(3)]
+        assert all(run["failures"] == 0 for run in runs)
+        baseline = max(runs, key=lambda run: run["per_second"])
 
         topic = "bench.people"
         kafka.create_topic(topic, PARTITIONS)
@@ -138,7 +140,8 @@ def main() -> None:
         requests = sum(1 for _ in access_log.open()) - before
         ratio = rate / baseline["per_second"]
         print(f"bare Agent loop (ceiling): {baseline['per_second']:8.0f} requests/s "
-              f"({baseline['requests']} requests, concurrency {PARTITIONS})")
+              f"(best of {', '.join(str(round(run['per_second'])) for run in runs)}; "
+              f"{baseline['requests']} requests each, concurrency {PARTITIONS})")
         print(f"restconsumer, one process: {rate:8.0f} messages/s "
               f"({produced} JSON messages over {PARTITIONS} partitions, 5 datamap paths, json_body)")
         print(f"requests nginx received:   {requests:8d} (for {produced} messages)")
