@@ -72,5 +72,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def to_json(value: Any) -> bytes:
-    """``value`` as compact UTF-8 JSON; Avro's bytes, dates, decimals and UUIDs as strings."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_jsonable).encode()
+    """``value`` as compact UTF-8 JSON; Avro's bytes, dates, decimals and UUIDs as strings.
+
+    A string with a lone surrogate (legal in JSON text, not in UTF-8) is written as its
+    ``\\uXXXX`` escape, so the body is still valid JSON.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"), default=_jsonable).encode("ascii")

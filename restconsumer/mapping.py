@@ -39,6 +39,12 @@ class Outgoing:
     entity_id: Any = None
 
 
+def _indices(node: Index) -> tuple[int, ...]:
+    # jsonpath-ng 1.8 keeps a tuple in ``indices``; older releases one ``index``.
+    indices = getattr(node, "indices", None)
+    return tuple(indices) if indices is not None else (node.index,)
+
+
 def compile_getter(path: JSONPath) -> Callable[[Any], list[Any]]:
     """A function giving every value ``path`` matches in a document.
 
@@ -52,8 +58,8 @@ def compile_getter(path: JSONPath) -> Callable[[Any], list[Any]]:
         right = node.right
         if isinstance(right, Fields) and len(right.fields) == 1 and right.fields[0] != "*":
             steps.append(right.fields[0])
-        elif isinstance(right, Index) and len(getattr(right, "indices", (right.index,))) == 1:
-            steps.append(getattr(right, "indices", (right.index,))[0])
+        elif isinstance(right, Index) and len(indices := _indices(right)) == 1:
+            steps.append(indices[0])
         else:
             break
         node = node.left
@@ -69,7 +75,7 @@ def compile_getter(path: JSONPath) -> Callable[[Any], list[Any]]:
                     return []
                 value = value.get(key, _MISSING)
             else:
-                if not isinstance(value, list) or not -len(value) <= key < len(value):
+                if not isinstance(value, (list, str)) or not -len(value) <= key < len(value):
                     return []
                 value = value[key]
             if value is _MISSING:
@@ -85,7 +91,10 @@ def encode_value(value: Any) -> str:
     if text in (".", ".."):
         # A bare dot segment would move up the path once the server normalises it.
         return text.replace(".", "%2E")
-    return quote(text, safe="")
+    try:
+        return quote(text, safe="")
+    except UnicodeEncodeError as e:
+        raise TemplateError(f"a value is not valid Unicode (lone surrogate): {e}") from e
 
 
 class RequestBuilder:
@@ -152,5 +161,8 @@ class RequestBuilder:
             url += ("&" if self._has_query else "?") + "&".join(query)
         body = None
         if self._body_keys is not None:
-            body = to_json({k: values[k] for k in self._body_keys if k in values})
+            try:
+                body = to_json({k: values[k] for k in self._body_keys if k in values})
+            except (TypeError, ValueError) as e:
+                raise TemplateError(f"the JSON body cannot be made: {e}") from e
         return Outgoing(self.method, url.encode("ascii"), self._headers, body, values.get("id"))

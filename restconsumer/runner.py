@@ -82,7 +82,15 @@ class _Partition:
         try:
             while self.queue and not self.dropped:
                 message = self.queue.popleft()
-                finished = await self.runner.handle(message, self)
+                try:
+                    finished = await self.runner.handle(message, self)
+                except Exception as e:
+                    # A bug must not skip the message: it is dead-lettered like a bad one.
+                    log.failure("job {job_id}: handling {topic}[{partition}]@{offset} failed",
+                                job_id=self.runner.job.id, topic=message.topic(),
+                                partition=message.partition(), offset=message.offset())
+                    finished = await self.runner.dead_letter(
+                        message, self, f"internal error: {type(e).__name__}: {e}")
                 if not finished or self.dropped:
                     break
                 self.runner.loop.finished(self.tp, self.epoch, message.offset() + 1)
@@ -196,7 +204,7 @@ class JobRunner:
         try:
             records = decode(message.value())
         except UndecodableMessage as e:
-            return await self._dead_letter(message, partition, str(e))
+            return await self.dead_letter(message, partition, str(e))
         meta = self._meta(message)
         for index, record in enumerate(records):
             builder = self.builder
@@ -205,7 +213,7 @@ class JobRunner:
                 values = builder.extract(builder.document(record.schema, record.msg, meta))
                 request = builder.build(values)
             except TemplateError as e:
-                if not await self._dead_letter(message, partition, str(e), record=index,
+                if not await self.dead_letter(message, partition, str(e), record=index,
                                                entity=self._entity(record.msg)):
                     return False
                 continue
@@ -227,7 +235,7 @@ class JobRunner:
             if partition.dropped:
                 return False
             self.stats.failed += 1
-            if not await self._dead_letter(message, partition, outcome.reason, record=index,
+            if not await self.dead_letter(message, partition, outcome.reason, record=index,
                                            status=outcome.status, attempts=outcome.attempts,
                                            entity=request.entity_id):
                 return False
@@ -264,7 +272,7 @@ class JobRunner:
         self.stats.last_error = reason
         self.stats.last_error_at = self._clock.seconds()
 
-    async def _dead_letter(self, message: Message, partition: _Partition, reason: str, *,
+    async def dead_letter(self, message: Message, partition: _Partition, reason: str, *,
                            record: int | None = None, status: int | None = None,
                            attempts: int = 0, entity: Any = None) -> bool:
         """Produce ``message`` to the dead-letter topic, trying until Kafka has it or we stop."""

@@ -1,0 +1,652 @@
+"""Unit tests of restconsumer.delivery's policy (SPEC §5): waits, retryable statuses, deliver(), HTTPSender.
+
+deliver() runs on a :class:`twisted.internet.task.Clock` with fake senders; HTTPSender talks to a
+twisted.web server on the loopback interface, in the test's own reactor (pytest-twisted).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import (
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from restconsumer.delivery import Answer, HTTPSender, Outcome, RetryPolicy, deliver, is_retryable_status
+from restconsumer.mapping import Outgoing
+
+Result = int | Answer | BaseException
+
+
+# -- RetryPolicy -----------------------------------------------------------------------------
+
+
+def test_default_policy() -> None:
+    policy = RetryPolicy()
+    assert (policy.max_attempts, policy.initial_wait, policy.max_wait) == (8, 1.0, 30.0)
+
+
+def test_policy_of_job_settings() -> None:
+    policy = RetryPolicy.of({"max_attempts": 3, "initial_wait": 0.5, "max_wait": 4})
+    assert policy == RetryPolicy(3, 0.5, 4.0)
+    assert isinstance(policy.max_wait, float)
+
+
+def test_wait_doubles_from_the_initial_wait_up_to_the_cap() -> None:
+    policy = RetryPolicy(initial_wait=1.0, max_wait=30.0)
+    top = [policy.wait(attempt, None, lambda: 1.0) for attempt in range(1, 10)]
+    assert top == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0]
+    bottom = [policy.wait(attempt, None, lambda: 0.0) for attempt in range(1, 10)]
+    assert bottom == [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0, 15.0]
+
+
+def test_wait_stays_capped_for_huge_attempt_numbers() -> None:
+    policy = RetryPolicy(initial_wait=0.25, max_wait=7.0)
+    for attempt in (50, 1000, 10**6):
+        assert 3.5 <= policy.wait(attempt, None, random.random) <= 7.0
+
+
+def test_jitter_stays_within_half_the_ceiling_and_the_ceiling() -> None:
+    policy = RetryPolicy(initial_wait=0.5, max_wait=20.0)
+    rng = random.Random(1)
+    for attempt in range(1, 12):
+        ceiling = min(20.0, 0.5 * 2 ** (attempt - 1))
+        waits = [policy.wait(attempt, None, rng.random) for _ in range(200)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        # it is jitter, not a constant
+        assert max(waits) - min(waits) > ceiling / 4
+
+
+def test_waits_grow_on_average() -> None:
+    policy = RetryPolicy(initial_wait=1.0, max_wait=30.0)
+    rng = random.Random(2)
+    means = [sum(policy.wait(a, None, rng.random) for _ in range(100)) / 100 for a in range(1, 6)]
+    assert means == sorted(means)
+
+
+def test_retry_after_is_honoured() -> None:
+    policy = RetryPolicy(initial_wait=1.0, max_wait=30.0)
+    assert policy.wait(1, 2.0, lambda: 1.0) >= 2.0
+    assert policy.wait(1, 7.0, lambda: 0.0) >= 7.0
+    assert policy.wait(3, 25.0, lambda: 0.5) >= 25.0
+
+
+def test_retry_after_longer_than_the_cap_is_still_honoured() -> None:
+    assert RetryPolicy(initial_wait=1.0, max_wait=30.0).wait(1, 120.0, lambda: 0.5) >= 120.0
+
+
+def test_short_retry_after_does_not_shorten_the_backoff() -> None:
+    policy = RetryPolicy(initial_wait=1.0, max_wait=30.0)
+    assert policy.wait(5, 0.0, lambda: 0.0) == 8.0
+    assert policy.wait(5, 1.0, lambda: 1.0) == 16.0
+
+
+def test_exhausted() -> None:
+    policy = RetryPolicy(max_attempts=3)
+    assert [policy.exhausted(n) for n in range(1, 6)] == [False, False, True, True, True]
+    assert RetryPolicy(max_attempts=1).exhausted(1)
+
+
+def test_max_attempts_zero_never_exhausts() -> None:
+    policy = RetryPolicy(max_attempts=0)
+    assert not any(policy.exhausted(n) for n in (0, 1, 8, 100, 10**9))
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 501, 502, 503, 504, 599])
+def test_retryable_statuses(status: int) -> None:
+    assert is_retryable_status(status)
+
+
+@pytest.mark.parametrize("status", [200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 405, 409, 410,
+                                    413, 422, 451])
+def test_not_retryable_statuses(status: int) -> None:
+    assert not is_retryable_status(status)
+
+
+# -- deliver() on a Clock --------------------------------------------------------------------
+
+
+class FakeSend:
+    """A ``send`` answering from a script: a status, an :class:`Answer`, or an exception to fail with.
+
+    The last entry repeats once the script is used up.
+    """
+
+    def __init__(self, *script: Result) -> None:
+        self.script = list(script)
+        self.calls = 0
+        self.times: list[float] = []
+        self.clock: Clock | None = None
+
+    def __call__(self) -> Deferred[Answer]:
+        item = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        if self.clock is not None:
+            self.times.append(self.clock.seconds())
+        if isinstance(item, BaseException):
+            return fail(item)
+        if isinstance(item, int):
+            item = Answer(item, None, f"body of {item}".encode())
+        return succeed(item)
+
+
+def start(send: FakeSend, policy: RetryPolicy, clock: Clock, **kwargs: Any) -> Deferred[Outcome]:
+    """deliver() as a Deferred, on ``clock``."""
+    send.clock = clock
+    kwargs.setdefault("rand", lambda: 1.0)
+    return Deferred.fromCoroutine(deliver(send, policy, clock, **kwargs))
+
+
+def run(send: FakeSend, policy: RetryPolicy, clock: Clock | None = None, *, limit: int = 10_000,
+        **kwargs: Any) -> Outcome:
+    """Drive deliver() to its end by advancing the clock one pending wait at a time."""
+    clock = clock or Clock()
+    d = start(send, policy, clock, **kwargs)
+    results: list[Outcome] = []
+    d.addCallback(results.append)
+    for _ in range(limit):
+        if results:
+            break
+        calls = clock.getDelayedCalls()
+        assert calls, "deliver() is neither finished nor waiting"
+        clock.advance(min(c.getTime() for c in calls) - clock.seconds())
+    assert results, "deliver() did not finish"
+    assert not clock.getDelayedCalls()
+    return results[0]
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
+def test_2xx_is_delivered_after_one_attempt(status: int) -> None:
+    send = FakeSend(status)
+    clock = Clock()
+    d = start(send, RetryPolicy(), clock)
+    # No waiting at all: it is over before the clock moves.
+    results: list[Outcome] = []
+    d.addCallback(results.append)
+    assert results, "a 2xx must finish without any wait"
+    [outcome] = results
+    assert outcome.delivered
+    assert outcome.attempts == 1
+    assert outcome.retried == 0
+    assert outcome.status == status
+    assert outcome.waits == []
+    assert send.calls == 1
+    assert not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 300, 301, 302, 304, 307])
+def test_other_4xx_and_3xx_are_not_delivered_and_not_retried(status: int) -> None:
+    send = FakeSend(Answer(status, None, b"the reason"), 200)
+    retries: list[Any] = []
+    outcome = run(send, RetryPolicy(), on_retry=lambda *a: retries.append(a))
+    assert not outcome.delivered
+    assert outcome.attempts == 1
+    assert outcome.retried == 0
+    assert outcome.status == status
+    assert f"HTTP {status}" in outcome.reason
+    assert "the reason" in outcome.reason
+    assert send.calls == 1
+    assert retries == []
+
+
+@pytest.mark.parametrize("status", [503, 429, 408, 500, 502])
+def test_retryable_statuses_are_retried_with_growing_waits_until_success(status: int) -> None:
+    send = FakeSend(status, status, status, 200)
+    retries: list[tuple[int, str, float]] = []
+    outcome = run(send, RetryPolicy(max_attempts=8, initial_wait=1.0, max_wait=30.0),
+                  on_retry=lambda *a: retries.append(a))
+    assert outcome.delivered
+    assert outcome.attempts == 4
+    assert outcome.retried == 3
+    assert outcome.status == 200
+    assert outcome.waits == [1.0, 2.0, 4.0]
+    assert send.times == [0.0, 1.0, 3.0, 7.0]
+    assert [(a, w) for a, _, w in retries] == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    assert all(f"HTTP {status}" in reason for _, reason, _ in retries)
+
+
+@pytest.mark.parametrize("error", [
+    ConnectionRefusedError("nobody listens"),
+    ResponseNeverReceived([Failure(ConnectionLost("gone"))]),
+    TimeoutError("slow"),
+    DNSLookupError("no.such.host"),
+    ConnectionLost("reset"),
+    CancelledError(),
+], ids=lambda e: type(e).__name__)
+def test_connection_errors_are_retried_until_success(error: Exception) -> None:
+    send = FakeSend(error, error, 204)
+    retries: list[tuple[int, str, float]] = []
+    outcome = run(send, RetryPolicy(initial_wait=0.5, max_wait=10.0), on_retry=lambda *a: retries.append(a))
+    assert outcome.delivered
+    assert outcome.attempts == 3
+    assert outcome.status == 204
+    assert outcome.waits == [0.5, 1.0]
+    assert send.times == [0.0, 0.5, 1.5]
+    assert all(type(error).__name__ in reason for _, reason, _ in retries)
+
+
+def test_no_resend_before_the_wait_is_over() -> None:
+    send = FakeSend(503, 200)
+    clock = Clock()
+    d = start(send, RetryPolicy(initial_wait=2.0), clock)
+    results: list[Outcome] = []
+    d.addCallback(results.append)
+    assert send.calls == 1
+    clock.advance(1.99)
+    assert send.calls == 1
+    assert not results
+    clock.advance(0.01)
+    assert send.calls == 2
+    assert results
+    assert results[0].delivered
+
+
+def test_retries_exhausted_by_statuses() -> None:
+    send = FakeSend(503)
+    outcome = run(send, RetryPolicy(max_attempts=5, initial_wait=1.0, max_wait=3.0))
+    assert not outcome.delivered
+    assert outcome.attempts == 5
+    assert send.calls == 5
+    assert outcome.retried == 4
+    assert outcome.status == 503
+    assert "retries exhausted" in outcome.reason
+    assert "HTTP 503" in outcome.reason
+    assert outcome.waits == [1.0, 2.0, 3.0, 3.0]
+
+
+def test_retries_exhausted_by_connection_errors() -> None:
+    send = FakeSend(ConnectionRefusedError())
+    outcome = run(send, RetryPolicy(max_attempts=3, initial_wait=0.1, max_wait=1.0))
+    assert not outcome.delivered
+    assert outcome.attempts == 3
+    assert outcome.status is None
+    assert "retries exhausted" in outcome.reason
+    assert "ConnectionRefusedError" in outcome.reason
+
+
+def test_default_policy_gives_up_after_eight_attempts() -> None:
+    send = FakeSend(500)
+    outcome = run(send, RetryPolicy(), rand=random.Random(3).random)
+    assert outcome.attempts == 8
+    assert "retries exhausted" in outcome.reason
+    assert len(outcome.waits) == 7
+    # Ceilings 1, 2, 4, 8, 16, 30, 30 s; each wait is between half its ceiling and the ceiling.
+    ceilings = [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert all(c / 2 <= w <= c for c, w in zip(ceilings, outcome.waits, strict=True))
+
+
+def test_one_attempt_policy_never_waits() -> None:
+    send = FakeSend(503)
+    outcome = run(send, RetryPolicy(max_attempts=1))
+    assert (outcome.delivered, outcome.attempts, outcome.waits) == (False, 1, [])
+    assert "retries exhausted" in outcome.reason
+
+
+def test_max_attempts_zero_retries_until_it_succeeds() -> None:
+    send = FakeSend(*([503] * 40), 200)
+    outcome = run(send, RetryPolicy(max_attempts=0, initial_wait=1.0, max_wait=5.0))
+    assert outcome.delivered
+    assert outcome.attempts == 41
+    assert max(outcome.waits) == 5.0
+    assert outcome.waits[:4] == [1.0, 2.0, 4.0, 5.0]
+
+
+def test_retry_after_two_seconds_waits_at_least_two_seconds() -> None:
+    send = FakeSend(Answer(503, 2.0, b"busy"), 200)
+    clock = Clock()
+    outcome = run(send, RetryPolicy(initial_wait=0.1, max_wait=30.0), clock)
+    assert outcome.delivered
+    assert outcome.waits[0] >= 2.0
+    assert send.times[1] - send.times[0] >= 2.0
+
+
+def test_retry_after_on_429() -> None:
+    send = FakeSend(Answer(429, 9.0, b"slow down"), 200)
+    outcome = run(send, RetryPolicy(initial_wait=0.1, max_wait=30.0), rand=lambda: 0.0)
+    assert outcome.waits[0] >= 9.0
+    assert send.times[1] >= 9.0
+
+
+def test_cancelled_stops_retrying() -> None:
+    send = FakeSend(503, 200)
+    outcome = run(send, RetryPolicy(), cancelled=lambda: True)
+    assert not outcome.delivered
+    assert outcome.attempts == 1
+    assert send.calls == 1
+    assert "job stopped" in outcome.reason
+    assert "retries exhausted" not in outcome.reason
+
+
+def test_cancelled_later_stops_retrying() -> None:
+    send = FakeSend(ConnectionRefusedError())
+    outcome = run(send, RetryPolicy(max_attempts=0), cancelled=lambda: send.calls >= 3)
+    assert not outcome.delivered
+    assert outcome.attempts == 3
+    assert "job stopped" in outcome.reason
+
+
+def test_cancelled_does_not_stop_a_success() -> None:
+    outcome = run(FakeSend(200), RetryPolicy(), cancelled=lambda: True)
+    assert outcome.delivered
+
+
+def test_cancelling_the_pause_handed_to_sleeping_ends_it() -> None:
+    send = FakeSend(503, 200)
+    clock = Clock()
+    handed: list[Deferred[None] | None] = []
+    d = start(send, RetryPolicy(initial_wait=5.0), clock, sleeping=handed.append)
+    results: list[Outcome] = []
+    d.addCallback(results.append)
+    assert len(handed) == 1
+    pause = handed[0]
+    assert isinstance(pause, Deferred)
+    assert not results
+    clock.advance(1.0)
+    pause.cancel()
+    assert results, "cancelling the pause must end deliver()"
+    [outcome] = results
+    assert not outcome.delivered
+    assert "job stopped" in outcome.reason
+    assert outcome.attempts == 1
+    assert send.calls == 1
+    assert handed[-1] is None
+    assert not clock.getDelayedCalls()
+    clock.advance(100)
+    assert send.calls == 1
+
+
+def test_sleeping_is_told_of_each_wait_and_its_end() -> None:
+    send = FakeSend(503, 503, 200)
+    handed: list[Deferred[None] | None] = []
+    outcome = run(send, RetryPolicy(), sleeping=handed.append)
+    assert outcome.delivered
+    assert len(handed) == 4
+    assert isinstance(handed[0], Deferred)
+    assert handed[1] is None
+    assert isinstance(handed[2], Deferred)
+    assert handed[3] is None
+
+
+# -- HTTPSender against a loopback twisted.web server ----------------------------------------
+
+
+class Endpoint(Resource):
+    """Answers by path: /ok, /echo, /busy, /date, /flaky, /missing, /big, /hang (never answers)."""
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.seen: list[tuple[bytes, bytes, dict[bytes, list[bytes]], bytes]] = []
+        self.hanging: list[Any] = []
+        self.flaky = 0
+
+    def render(self, request: Any) -> bytes | int:
+        body = request.content.read()
+        headers = {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()}
+        self.seen.append((request.method, request.uri, headers, body))
+        path = request.path
+        if path == b"/ok":
+            return b"fine"
+        if path == b"/echo":
+            request.setResponseCode(201)
+            return body
+        if path == b"/busy":
+            request.setResponseCode(503)
+            request.setHeader(b"Retry-After", b"7")
+            return b"busy"
+        if path == b"/date":
+            request.setResponseCode(429)
+            request.setHeader(b"Retry-After", formatdate(self.reactor.seconds() + 10, usegmt=True).encode())
+            return b"later"
+        if path == b"/flaky":
+            self.flaky += 1
+            request.setResponseCode(200 if self.flaky > 2 else 503)
+            return b"flaky"
+        if path == b"/missing":
+            request.setResponseCode(404)
+            return b"nope"
+        if path == b"/big":
+            return b"x" * 5000
+        if path == b"/hang":
+            self.hanging.append(request)
+            return NOT_DONE_YET
+        if path == b"/stall":
+            # Headers and the start of the body, then nothing more.
+            self.hanging.append(request)
+            request.setHeader(b"Content-Length", b"1000")
+            request.write(b"partial")
+            return NOT_DONE_YET
+        request.setResponseCode(500)
+        return b"unexpected path"
+
+
+class TrackingSite(Site):
+    """A Site that knows its open connections, so a test can wait until all are closed."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.open: set[Any] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Failure) -> None:
+            self.open.discard(protocol)
+            lost(reason)
+
+        protocol.connectionLost = connection_lost
+        self.open.add(protocol)
+        return protocol
+
+
+class Server:
+    """A loopback twisted.web server and an HTTPSender talking to it."""
+
+    def __init__(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor: Any = reactor
+        self.endpoint = Endpoint(reactor)
+        self.site = TrackingSite(self.endpoint)
+        self.port: Any = None
+        self.sender = HTTPSender(reactor)
+
+    async def start(self) -> Server:
+        from twisted.internet.endpoints import serverFromString
+
+        self.port = await serverFromString(self.reactor, "tcp:0:interface=127.0.0.1").listen(self.site)
+        self.sender.startService()
+        return self
+
+    def url(self, path: str) -> bytes:
+        return f"http://127.0.0.1:{self.port.getHost().port}{path}".encode()
+
+    def get(self, path: str) -> Outgoing:
+        return Outgoing(b"GET", self.url(path), {}, None)
+
+    async def sleep(self, seconds: float) -> None:
+        await deferLater(self.reactor, seconds, lambda: None)
+
+    async def close(self) -> None:
+        await self.sender.stopService()
+        await self.port.stopListening()
+        deadline = time.monotonic() + 5
+        while self.site.open and time.monotonic() < deadline:
+            await self.sleep(0.01)
+        assert not self.site.open, "server connections still open"
+
+
+async def with_server(test: Callable[[Server], Any]) -> None:
+    """Run ``test`` against a fresh server, always closing it."""
+    server = await Server().start()
+    try:
+        await test(server)
+    finally:
+        await server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_gets_a_200_with_its_body() -> None:
+    async def test(server: Server) -> None:
+        answer = await server.sender.send(server.get("/ok"), timeout=5)
+        assert answer == Answer(200, None, b"fine")
+        # The connection is reused for the next request.
+        again = await server.sender.send(server.get("/ok"), timeout=5)
+        assert again.status == 200
+        assert len(server.endpoint.seen) == 2
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_sends_method_url_headers_and_body() -> None:
+    async def test(server: Server) -> None:
+        request = Outgoing(b"POST", server.url("/echo?a=1&b=x%20y"),
+                           {b"Content-Type": [b"application/json"], b"X-Api-Key": [b"k-1"]},
+                           '{"name":"Zoë"}'.encode())
+        answer = await server.sender.send(request, timeout=5)
+        assert answer.status == 201
+        assert answer.body == '{"name":"Zoë"}'.encode()
+        [(method, uri, headers, body)] = server.endpoint.seen
+        assert method == b"POST"
+        assert uri == b"/echo?a=1&b=x%20y"
+        assert headers[b"content-type"] == [b"application/json"]
+        assert headers[b"x-api-key"] == [b"k-1"]
+        assert headers[b"content-length"] == [str(len(body)).encode()]
+        assert body == '{"name":"Zoë"}'.encode()
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_reads_retry_after_seconds() -> None:
+    async def test(server: Server) -> None:
+        answer = await server.sender.send(server.get("/busy"), timeout=5)
+        assert answer.status == 503
+        assert answer.retry_after == 7.0
+        assert answer.body == b"busy"
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_reads_retry_after_as_an_http_date() -> None:
+    async def test(server: Server) -> None:
+        answer = await server.sender.send(server.get("/date"), timeout=5)
+        assert answer.status == 429
+        assert answer.retry_after is not None
+        assert 7.0 <= answer.retry_after <= 10.5
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_gets_a_404() -> None:
+    async def test(server: Server) -> None:
+        answer = await server.sender.send(server.get("/missing"), timeout=5)
+        assert answer == Answer(404, None, b"nope")
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_keeps_only_the_start_of_a_long_body() -> None:
+    async def test(server: Server) -> None:
+        answer = await server.sender.send(server.get("/big"), timeout=5)
+        assert answer.status == 200
+        # Only the start of the body is kept (it is for logs and dead-letter reasons).
+        assert 0 < len(answer.body) < 5000
+        assert answer.body == b"x" * len(answer.body)
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_times_out_when_the_server_never_answers() -> None:
+    async def test(server: Server) -> None:
+        began = time.monotonic()
+        with pytest.raises(Exception) as caught:
+            await server.sender.send(server.get("/hang"), timeout=0.3)
+        elapsed = time.monotonic() - began
+        assert 0.25 <= elapsed < 5
+        assert len(server.endpoint.hanging) == 1
+
+        # deliver() treats that failure as a network error worth retrying.
+        error = caught.value
+        # Twisted reports a request cancelled before any response as ResponseNeverReceived.
+        assert isinstance(error, (ResponseNeverReceived, CancelledError, TimeoutError))
+        retried: list[str] = []
+        outcome = await Deferred.fromCoroutine(deliver(
+            lambda: fail(error), RetryPolicy(max_attempts=2, initial_wait=0.01, max_wait=0.01),
+            server.reactor, on_retry=lambda a, reason, w: retried.append(reason)))
+        assert not outcome.delivered
+        assert outcome.status is None
+        assert "retries exhausted" in outcome.reason
+        assert len(retried) == 1
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliver_retries_a_hanging_server_through_the_sender() -> None:
+    async def test(server: Server) -> None:
+        began = time.monotonic()
+        outcome = await Deferred.fromCoroutine(deliver(
+            lambda: server.sender.send(server.get("/hang"), timeout=0.2),
+            RetryPolicy(max_attempts=3, initial_wait=0.05, max_wait=0.05), server.reactor))
+        assert not outcome.delivered
+        assert outcome.attempts == 3
+        assert outcome.status is None
+        assert "retries exhausted" in outcome.reason
+        assert len(server.endpoint.hanging) == 3
+        assert time.monotonic() - began >= 0.6
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliver_through_the_sender_stops_on_404_and_retries_503() -> None:
+    async def test(server: Server) -> None:
+        outcome = await Deferred.fromCoroutine(deliver(
+            lambda: server.sender.send(server.get("/missing"), timeout=5), RetryPolicy(), server.reactor))
+        assert (outcome.delivered, outcome.attempts, outcome.status) == (False, 1, 404)
+        assert "nope" in outcome.reason
+
+        outcome = await Deferred.fromCoroutine(deliver(
+            lambda: server.sender.send(server.get("/flaky"), timeout=5),
+            RetryPolicy(initial_wait=0.02, max_wait=0.05), server.reactor))
+        assert (outcome.delivered, outcome.attempts, outcome.status) == (True, 3, 200)
+        assert len(outcome.waits) == 2
+
+    await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_timeout_during_the_body_closes_the_connection() -> None:
+    async def test(server: Server) -> None:
+        with pytest.raises(CancelledError):
+            await server.sender.send(server.get("/stall"), timeout=0.3)
+        deadline = time.monotonic() + 3
+        while server.site.open and time.monotonic() < deadline:
+            await server.sleep(0.02)
+        assert not server.site.open, "the stalled connection was left open"
+
+    await with_server(test)
