@@ -47,8 +47,10 @@ class API:
 
     def __init__(self, store: JobStore, auth: Authenticator,
                  kafka_check: Callable[[], Deferred[dict[str, Any]]], *,
-                 allow_hosts: frozenset[str] | None = None, max_body: int = MAX_BODY) -> None:
+                 allow_hosts: frozenset[str] | None = None, max_body: int = MAX_BODY,
+                 demo_sink: bool = False) -> None:
         self.store = store
+        self.demo_sink = demo_sink
         self.auth = auth
         self.kafka_check = kafka_check
         self.allow_hosts = allow_hosts
@@ -141,6 +143,18 @@ class API:
         ready = redis_state["ok"] and kafka_state["ok"]
         body = {"status": "ok" if ready else "unavailable", "redis": redis_state, "kafka": kafka_state}
         return _json(request, 200 if ready else 503, body)
+
+    @app.route("/embedded/echo/", branch=True,
+               methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    def echo(self, request: IRequest) -> bytes:
+        """``--embedded`` only: a demo endpoint for jobs to call; logs what it got, answers 200."""
+        if not self.demo_sink:
+            raise NotFound()
+        body = request.content.read(self.max_body)
+        self.log.info("demo endpoint got {method} {uri} {body}", method=request.method.decode(),
+                      uri=request.uri.decode("utf-8", "replace"),
+                      body=body.decode("utf-8", "replace")[:500])
+        return _json(request, 200, {"received": len(body)})
 
     @app.route("/jobs", methods=["GET"])
     async def list_jobs(self, request: IRequest) -> bytes:

@@ -6,6 +6,8 @@ Redis child saves nothing; both vanish when the service stops.
 
 from __future__ import annotations
 
+import itertools
+import json
 import shutil
 import socket
 from typing import Any
@@ -15,10 +17,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["EmbeddedKafka", "EmbeddedRedis", "free_port"]
+__all__ = ["DemoFeed", "EmbeddedKafka", "EmbeddedRedis", "free_port"]
 
 
 def free_port() -> int:
@@ -105,3 +108,39 @@ class EmbeddedRedis(Service):
         return child.ended
 
 
+
+
+class DemoFeed(Service):
+    """Produces a made-up person to ``demo.people`` every few seconds, for the example job."""
+
+    log = Logger()
+    names = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Tony")
+
+    def __init__(self, reactor: Any, bootstrap: str, topic: str = "demo.people",
+                 every: float = 3.0) -> None:
+        self._producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3})
+        self._topic = topic
+        self._every = every
+        self._count = itertools.count(1)
+        self._timer = LoopingCall(self._produce)
+        self._timer.clock = reactor
+
+    def startService(self) -> None:
+        """Start producing."""
+        super().startService()
+        self.log.info("demo feed: a message to {topic} every {every} s", topic=self._topic,
+                      every=self._every)
+        self._timer.start(self._every, now=False)
+
+    def stopService(self) -> None:
+        """Stop producing."""
+        super().stopService()
+        if self._timer.running:
+            self._timer.stop()
+
+    def _produce(self) -> None:
+        n = next(self._count)
+        person = {"id": f"person-{n}", "name": self.names[n % len(self.names)], "age": 20 + n % 50}
+        # produce() only queues the message and poll(0) never waits: fine on the reactor.
+        self._producer.produce(self._topic, json.dumps(person).encode())
+        self._producer.poll(0)

@@ -17,7 +17,7 @@ from restconsumer.api import API
 from restconsumer.auth import Authenticator, load_tokens
 from restconsumer.control import JobControl
 from restconsumer.delivery import DeadLetters, HTTPSender
-from restconsumer.embedded import EmbeddedKafka, EmbeddedRedis
+from restconsumer.embedded import DemoFeed, EmbeddedKafka, EmbeddedRedis
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
 from restconsumer.server import APIServer, DrainingSite, OrderedServices
@@ -216,7 +216,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Printed this once only: it is the one way to learn the generated token.
         token_note = (f"No API credentials configured: generated API token (shown once): "
                       f"{auth.token}  -- use: Authorization: Bearer <token>")
-    api = API(store, auth, probe.check, allow_hosts=options["allowed-hosts"])
+    if options["embedded"]:
+        DemoFeed(reactor, options["kafka"]).setServiceParent(top)
+    api = API(store, auth, probe.check, allow_hosts=options["allowed-hosts"],
+              demo_sink=options["embedded"])
     endpoint = endpoints.serverFromString(reactor, options["api"])
     APIServer(endpoint, DrainingSite(api.app.resource()), reactor,
               description=f"Kafka {options['kafka']}, Redis {redis_address}",

@@ -161,6 +161,8 @@ def test_errors_are_json(services: Start) -> None:
     huge = service.request("POST", "/job/demo", raw=b"[" + b"1," * (600 * 1024) + b"1]")
     assert huge.status == 413 and huge.json["error"] == "request body too large"
     assert service.request("GET", "/job/nothing-here").json["error"] == "no such job"
+    # The demo endpoint exists only with --embedded.
+    assert service.request("POST", "/embedded/echo/x", {"a": 1}).status == 404
 
 
 def test_every_change_is_published(services: Start, redis_db: RedisServer) -> None:

@@ -29,10 +29,14 @@ def test_embedded_runs_the_example_job_and_leaves_nothing_behind(tmp_path: Path)
         assert [j["id"] for j in listed] == ["demo-echo"]
         assert listed[0]["token"] == "***"
 
-        job = {"id": "demo", "owner": "me", "type": "POST", "topic": "demo.people",
-               "datamap": {"id": "$.msg.id"}, "url": "http://127.0.0.1:9/people/{id}"}
+        # The demo feed's messages flow through a job to the demo endpoint of the API.
+        job = {"id": "demo", "owner": "me", "type": "PUT", "topic": "demo.people",
+               "datamap": {"id": "$.msg.id", "name": "$.msg.name"}, "json_body": ["name"],
+               "url": f"http://127.0.0.1:{service.port}/embedded/echo/mine/{{id}}"}
         assert service.request("POST", "/job/demo", job, token=token).status == 201
         assert [j["id"] for j in service.request("GET", "/jobs/me", token=token).json] == ["demo"]
+        wait_for(lambda: re.search(r'demo endpoint got PUT /embedded/echo/mine/person-\d+ \{"name":',
+                                   service.log()), 30, "a demo message delivered")
     finally:
         code = service.stop()
     assert code in (0, -15)
