@@ -231,7 +231,7 @@ def is_retryable_status(status: int) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped; ``max_attempts`` 0 means no limit."""
+    """Exponential backoff with jitter, capped; ``max_attempts`` 0 means no limit."""
 
     max_attempts: int = 8
     initial_wait: float = 1.0
@@ -246,8 +246,9 @@ class RetryPolicy:
     def wait(self, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
         """Seconds before attempt ``attempt + 1``, after ``attempt`` failed ones."""
         ceiling = min(self.max_wait, self.initial_wait * (2 ** min(attempt - 1, 30)))
-        # Half fixed, half random: waits still grow, yet instances do not retry in step.
-        wait = ceiling / 2 + rand() * ceiling / 2
+        # Within 20 % below the doubling schedule: instances do not retry in step, and
+        # the default policy still spans its ~1.5 minutes of waits.
+        wait = ceiling * (0.8 + 0.2 * rand())
         if retry_after is not None:
             wait = max(wait, min(retry_after, max(self.max_wait, retry_after)))
         return wait
