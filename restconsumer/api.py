@@ -8,14 +8,18 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from restconsumer.auth import Authenticator, Principal
-from restconsumer.model import InvalidJob, redact, validate
+from restconsumer.model import InvalidJob, load, redact, validate
+from restconsumer.offsets import OffsetError, OffsetMover, OffsetRequest
+from restconsumer.status import StatusReporter, job_status
 from restconsumer.store import JobStore, StoreUnavailable
+from restconsumer.supervisor import Supervisor
 
 __all__ = ["API", "MAX_BODY", "APIError"]
 
@@ -47,9 +51,14 @@ class API:
 
     def __init__(self, store: JobStore, auth: Authenticator,
                  kafka_check: Callable[[], Deferred[dict[str, Any]]], *,
-                 allow_hosts: frozenset[str] | None = None, max_body: int = MAX_BODY,
-                 demo_sink: bool = False) -> None:
+                 supervisor: Supervisor, reporter: StatusReporter, mover: OffsetMover,
+                 clock: IReactorTime, allow_hosts: frozenset[str] | None = None,
+                 max_body: int = MAX_BODY, demo_sink: bool = False) -> None:
         self.store = store
+        self.supervisor = supervisor
+        self.reporter = reporter
+        self.mover = mover
+        self.clock = clock
         self.demo_sink = demo_sink
         self.auth = auth
         self.kafka_check = kafka_check
@@ -95,6 +104,12 @@ class API:
     def _api_error(self, request: IRequest, failure: Failure) -> bytes:
         e: APIError = failure.value
         return _json(request, e.status, {"error": e.error, "details": e.details})
+
+    @app.handle_errors(OffsetError)
+    def _offset_error(self, request: IRequest, failure: Failure) -> bytes:
+        e: OffsetError = failure.value
+        error = {400: "bad set_offset", 409: "conflict", 503: "offsets not moved"}.get(e.status, "error")
+        return _json(request, e.status, {"error": error, "details": [str(e)]})
 
     @app.handle_errors(StoreUnavailable)
     def _store_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -193,7 +208,7 @@ class API:
             raise APIError(400, "invalid job", [p.as_dict() for p in e.problems]) from e
         if not principal.may_see(job.owner):
             raise APIError(403, "forbidden", [f"this token may not create jobs for {job.owner}"])
-        await self.store.put(job)
+        await self.store.put(job, new=previous is None)
         self.log.info("job {job_id} {what} (hash {hash})", job_id=job.id,
                       what="created" if previous is None else "updated", hash=job.hash[:12])
         return _json(request, 201 if previous is None else 200, job.public())
@@ -207,3 +222,48 @@ class API:
         self.log.info("job {job_id} deleted", job_id=job_id)
         return _json(request, 200, {"id": job_id, "deleted": True})
 
+
+    @app.route("/job/<job_id>/stop", methods=["POST"])
+    async def stop_job(self, request: IRequest, job_id: str) -> bytes:
+        """Stop a job on every instance; it stays stopped across restarts."""
+        principal = self._principal(request)
+        await self._visible_job(principal, job_id)
+        await self.store.set_stopped(job_id, True)
+        self.log.info("job {job_id} stopped by request", job_id=job_id)
+        return _json(request, 200, {"id": job_id, "state": "stopped"})
+
+    @app.route("/job/<job_id>/start", methods=["POST"])
+    async def start_job(self, request: IRequest, job_id: str) -> bytes:
+        """Run a stopped job again, from where it stopped."""
+        principal = self._principal(request)
+        await self._visible_job(principal, job_id)
+        await self.store.set_stopped(job_id, False)
+        self.log.info("job {job_id} started by request", job_id=job_id)
+        return _json(request, 200, {"id": job_id, "state": "running"})
+
+    @app.route("/job/<job_id>/set_offset/<offset>", methods=["POST"])
+    async def set_offset(self, request: IRequest, job_id: str, offset: str) -> bytes:
+        """Move the job's committed offsets (all partitions, or ``?topic=&partition=``)."""
+        principal = self._principal(request)
+        stored = await self._visible_job(principal, job_id)
+        args = request.args
+
+        def arg(name: bytes) -> str | None:
+            values = args.get(name)
+            return values[0].decode("utf-8", "replace") if values else None
+
+        job = load(stored)
+        wanted = OffsetRequest.parse(offset, arg(b"topic"), arg(b"partition"), job)
+        moved = await self.mover.move(job, wanted)
+        return _json(request, 200, {"id": job_id, "offsets": moved})
+
+    @app.route("/job/<job_id>/status", methods=["GET"])
+    async def status(self, request: IRequest, job_id: str) -> bytes:
+        """State, counters, lag per partition, rate and last error of a job."""
+        principal = self._principal(request)
+        await self._visible_job(principal, job_id)
+        record = await self.store.record(job_id)
+        if record is None:
+            raise APIError(404, "no such job", [job_id])
+        body = await job_status(job_id, record, self.store, self.supervisor, self.reporter, self.clock)
+        return _json(request, 200, body)

@@ -79,7 +79,11 @@ class KafkaLoop:
         self._closed: Deferred[None] | None = None
         self._later: Any = None
         self._last_error = 0.0
+        self._base: dict[TP, int] = {}
+        self._lag_at = 0.0
         self.assignment: list[TP] = []
+        #: Messages not yet finished, per assigned partition (refreshed about every second).
+        self.lag: dict[TP, int] = {}
 
     # -- reactor side --------------------------------------------------------------------
 
@@ -170,6 +174,13 @@ class KafkaLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        try:
+            # Where each partition starts, for the lag until something is finished there.
+            for tp in consumer.committed(partitions, timeout=5):
+                if tp.offset >= 0:
+                    self._base[(tp.topic, tp.partition)] = tp.offset
+        except KafkaException as e:
+            log.warn("job {name}: cannot read committed offsets: {error}", name=self.name, error=str(e))
         with self._lock:
             self._assigned.update(tps)
             self.assignment = sorted(self._assigned)
@@ -187,7 +198,9 @@ class KafkaLoop:
                 self._pause.discard(tp)
                 self._resume.discard(tp)
                 self._assigned.discard(tp)
+                self._base.pop(tp, None)
             self.assignment = sorted(self._assigned)
+            self.lag = {tp: n for tp, n in self.lag.items() if tp in self._assigned}
         if tps:
             self._reactor.callFromThread(self._handler.revoked, tps)
 
@@ -226,6 +239,9 @@ class KafkaLoop:
         except KafkaException as e:
             log.warn("job {name}: pause/resume failed: {error}", name=self.name, error=str(e))
         self._commit()
+        if time.monotonic() - self._lag_at >= 1.0:
+            self._lag_at = time.monotonic()
+            self._measure_lag(consumer)
         batch = consumer.consume(num_messages=self._batch, timeout=self._poll_timeout)
         messages = []
         for message in batch:
@@ -240,6 +256,22 @@ class KafkaLoop:
             for tp in epochs:
                 epochs[tp] = self._epoch.get(tp, 0)
         return messages, epochs
+
+    def _measure_lag(self, consumer: Consumer) -> None:
+        with self._lock:
+            assigned = list(self._assigned)
+            done = {tp: self._finished.get(tp, self._base.get(tp)) for tp in assigned}
+        lag = {}
+        for tp in assigned:
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+            except KafkaException:
+                continue
+            if high < 0:
+                continue
+            start = done[tp] if done[tp] is not None else max(low, 0)
+            lag[tp] = max(0, high - start)
+        self.lag = lag
 
     def _close(self) -> None:
         if self._consumer is None:

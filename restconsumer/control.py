@@ -72,7 +72,7 @@ class JobControl(Service):
         factory.password = a.password
         factory.username = a.username
         factory.replyTimeout = 10
-        factory.maxDelay = 5
+        factory.maxDelay = 2
         endpoint: Any = HostnameEndpoint(self._reactor, a.host, a.port, timeout=5)
         if a.tls:
             endpoint = wrapClientTLS(optionsForClientTLS(a.host), endpoint)

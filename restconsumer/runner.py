@@ -176,7 +176,6 @@ class JobRunner:
                     partition.drop()
                 partition = partitions[tp] = _Partition(self, tp, epoch)
             partition.add(message)
-        self.stats.consumed += len(batch)
 
     def revoked(self, partitions: list[TP]) -> None:
         """Let go of partitions given to another consumer."""
@@ -201,6 +200,7 @@ class JobRunner:
 
     async def handle(self, message: Message, partition: _Partition) -> bool:
         """Deliver or dead-letter every record of ``message``; False if stopped half-way."""
+        self.stats.consumed += 1
         try:
             records = decode(message.value())
         except UndecodableMessage as e:

@@ -18,15 +18,43 @@ from twisted.logger import Logger
 
 from restconsumer.model import Job
 
-__all__ = ["JOB_SET", "JobStore", "RedisAddress", "StoreUnavailable", "channel", "job_key"]
+__all__ = ["JOB_SET", "STOPPED_SET", "JobRecord", "JobStore", "RedisAddress", "StoreUnavailable",
+           "channel", "job_key"]
 
 JOB_SET = "list_jobs"
+STOPPED_SET = "stopped_jobs"
 CHANNEL_PATTERN = "msg/job:*"
 
 
 def job_key(job_id: str) -> str:
     """The Redis key of a job."""
     return f"job:{job_id}"
+
+
+def _offsets_key(job_id: str) -> str:
+    return f"job:{job_id}:set_offset"
+
+
+def _stats_key(job_id: str) -> str:
+    return f"job:{job_id}:stats"
+
+
+def _instances_key(job_id: str) -> str:
+    return f"job:{job_id}:instances"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A stored job with its run state: stopped by an operator, or halted for set_offset."""
+
+    job: dict[str, Any]
+    stopped: bool = False
+    moving_offsets: bool = False
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the job should be consuming now."""
+        return not self.stopped and not self.moving_offsets
 
 
 def channel(job_id: str) -> str:
@@ -98,6 +126,8 @@ class JobStore(Service):
             username=a.username, ssl_context_factory=a.tls, connectTimeout=self._connect_timeout,
             replyTimeout=self._reply_timeout,
         )
+        # Come back within a couple of seconds of Redis (the default waits up to 10 s).
+        self._redis._factory.maxDelay = 2
 
     def stopService(self) -> Deferred[Any]:
         """Close every connection; fires when they are closed."""
@@ -135,8 +165,76 @@ class JobStore(Service):
         values = await self._call("mget", [job_key(i) for i in ids])
         return [job for i, raw in zip(ids, values, strict=False) if (job := self._decode(i, raw)) is not None]
 
-    async def put(self, job: Job) -> None:
-        """Store a job and announce the change."""
+    async def records(self) -> dict[str, JobRecord]:
+        """Every stored job with its run state, by id."""
+        jobs = await self.all()
+        if not jobs:
+            return {}
+        stopped = set(await self._call("smembers", STOPPED_SET))
+        moving = await self._call("mget", [_offsets_key(j["id"]) for j in jobs])
+        return {j["id"]: JobRecord(j, j["id"] in stopped, m is not None)
+                for j, m in zip(jobs, moving, strict=True)}
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        """One stored job with its run state, or None."""
+        job = await self.get(job_id)
+        if job is None:
+            return None
+        stopped = bool(await self._call("sismember", STOPPED_SET, job_id))
+        moving = await self._call("get", _offsets_key(job_id))
+        return JobRecord(job, stopped, moving is not None)
+
+    async def set_stopped(self, job_id: str, stopped: bool) -> None:
+        """Keep a job stopped (or not) across restarts, and announce it."""
+        if stopped:
+            await self._call("sadd", STOPPED_SET, job_id)
+        else:
+            await self._call("srem", STOPPED_SET, job_id)
+        await self.announce(job_id, "stop" if stopped else "start")
+
+    async def begin_offset_move(self, job_id: str, token: str, ttl: int) -> bool:
+        """Halt the job everywhere while its offsets move; False if a move is under way.
+
+        The mark expires after ``ttl`` seconds, so a crashed mover never halts a job for good.
+        """
+        taken = await self._call("set", _offsets_key(job_id), token, ttl, None, True)
+        if taken:
+            await self.announce(job_id, "set_offset")
+        return bool(taken)
+
+    async def end_offset_move(self, job_id: str, token: str) -> None:
+        """Let the job run again after its offsets moved."""
+        if await self._call("get", _offsets_key(job_id)) == token:
+            await self._call("delete", _offsets_key(job_id))
+        await self.announce(job_id, "start")
+
+    async def add_stats(self, job_id: str, deltas: dict[str, int]) -> None:
+        """Add to a job's counters (kept across instances and restarts, until it is deleted)."""
+        for name, delta in deltas.items():
+            if delta:
+                await self._call("hincrby", _stats_key(job_id), name, delta)
+
+    async def put_instance_state(self, job_id: str, instance: str, state: dict[str, Any]) -> None:
+        """What one instance reports of a job: rate, lag of its partitions, last error."""
+        await self._call("hset", _instances_key(job_id), instance, json.dumps(state))
+        await self._call("expire", _instances_key(job_id), 3600)
+
+    async def stats(self, job_id: str) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+        """A job's counters, and each instance's latest report."""
+        totals = await self._call("hgetall", _stats_key(job_id)) or {}
+        reports = await self._call("hgetall", _instances_key(job_id)) or {}
+        instances = {}
+        for name, raw in reports.items():
+            try:
+                instances[str(name)] = json.loads(raw)
+            except (TypeError, ValueError):
+                continue
+        return {str(k): int(v) for k, v in totals.items()}, instances
+
+    async def put(self, job: Job, *, new: bool = False) -> None:
+        """Store a job and announce the change; a ``new`` job starts with fresh counters."""
+        if new:
+            await self._call("delete", [_stats_key(job.id), _instances_key(job.id)])
         await self._call("set", job_key(job.id), json.dumps(job.stored(), ensure_ascii=False))
         await self._call("sadd", JOB_SET, job.id)
         await self.announce(job.id, "update")
@@ -151,9 +249,11 @@ class JobStore(Service):
         return bool(created)
 
     async def delete(self, job_id: str) -> bool:
-        """Remove a job and announce it; False if there was none."""
+        """Remove a job, its run state and counters, and announce it; False if there was none."""
         removed = await self._call("delete", job_key(job_id))
         await self._call("srem", JOB_SET, job_id)
+        await self._call("srem", STOPPED_SET, job_id)
+        await self._call("delete", [_stats_key(job_id), _instances_key(job_id)])
         if removed:
             await self.announce(job_id, "delete")
         return bool(removed)

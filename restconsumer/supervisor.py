@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from restconsumer.delivery import DeadLetters, HTTPSender
 from restconsumer.model import InvalidJob, Job, load
 from restconsumer.runner import JobRunner
-from restconsumer.store import JobStore, StoreUnavailable
+from restconsumer.store import JobRecord, JobStore, StoreUnavailable
 
 __all__ = ["Supervisor"]
 
@@ -38,44 +38,57 @@ class Supervisor(Service):
         self._runner_factory = runner_factory
         self.runners: dict[str, JobRunner] = {}
         self._locks: dict[str, DeferredLock] = {}
+        #: Told of every runner once it has stopped (its last counts are reported).
+        self.on_stopped: Callable[[JobRunner], None] | None = None
 
     def stopService(self) -> Deferred[Any]:
         """Stop every job: requests under way end, finished offsets are committed."""
         super().stopService()
         runners, self.runners = list(self.runners.values()), {}
-        return gatherResults([r.stop() for r in runners], consumeErrors=True)
+        return gatherResults([self._stop(r) for r in runners], consumeErrors=True)
+
+    def _stop(self, runner: JobRunner) -> Deferred[None]:
+        def stopped(result: Any) -> Any:
+            if self.on_stopped is not None:
+                self.on_stopped(runner)
+            return result
+
+        return runner.stop().addBoth(stopped)
 
     async def reconcile(self) -> None:
         """Bring the running jobs in line with every job in the store."""
         if not self.running:
             return
         try:
-            stored = {job["id"]: job for job in await self._store.all() if "id" in job}
+            records = await self._store.records()
         except StoreUnavailable as e:
             log.warn("reconcile skipped: {reason}", reason=str(e))
             return
-        for job_id in set(self.runners) | set(stored):
-            await self.sync(job_id, stored.get(job_id))
+        for job_id in set(self.runners) | set(records):
+            await self.sync(job_id, records.get(job_id))
 
     def changed(self, job_id: str) -> None:
         """A change to ``job_id`` was announced: look it up and act on it."""
         Deferred.fromCoroutine(self.sync(job_id)).addErrback(
             lambda f: log.failure("job {job_id}: applying a change failed", f, job_id=job_id))
 
-    async def sync(self, job_id: str, stored: Any = _LOOK_UP) -> None:
-        """Make the runner of ``job_id`` match its stored definition (None: not stored)."""
+    async def sync(self, job_id: str, record: Any = _LOOK_UP) -> None:
+        """Make the runner of ``job_id`` match its stored record (None: not stored)."""
         lock = self._locks.setdefault(job_id, DeferredLock())
         await lock.acquire()
         try:
             if not self.running:
                 return
-            if stored is _LOOK_UP:
+            if record is _LOOK_UP:
                 try:
-                    stored = await self._store.get(job_id)
+                    record = await self._store.record(job_id)
                 except StoreUnavailable as e:
                     log.warn("job {job_id}: change not applied yet: {reason}", job_id=job_id,
                              reason=str(e))
                     return
+            if record is not None and not record.runnable:
+                record = None
+            stored = record.job if isinstance(record, JobRecord) else None
             runner = self.runners.get(job_id)
             if runner is not None and stored is not None and stored.get("hash") == runner.job.hash:
                 return
@@ -105,7 +118,7 @@ class Supervisor(Service):
                 runner.update(job)
                 return
             del self.runners[job_id]
-            await runner.stop()
+            await self._stop(runner)
         if job is not None and self.running:
             runner = self._runner_factory(job, self._reactor, self._kafka, self._sender,
                                           self._dead_letters)

@@ -20,7 +20,9 @@ from restconsumer.delivery import DeadLetters, HTTPSender
 from restconsumer.embedded import DemoFeed, EmbeddedKafka, EmbeddedRedis
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
+from restconsumer.offsets import OffsetMover
 from restconsumer.server import APIServer, DrainingSite, OrderedServices
+from restconsumer.status import StatusReporter
 from restconsumer.store import JobStore, RedisAddress
 from restconsumer.supervisor import Supervisor
 
@@ -198,7 +200,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     dead_letters = DeadLetters(reactor, kafka)
     dead_letters.setServiceParent(top)
     supervisor = Supervisor(reactor, store, kafka, sender, dead_letters)
+    # The reporter stops after the jobs, so that their last counts reach Redis.
+    reporter = StatusReporter(store, supervisor, reactor)
+    reporter.setServiceParent(top)
     supervisor.setServiceParent(top)
+    mover = OffsetMover(reactor, reactor, kafka, store)
+    mover.setServiceParent(top)
     JobControl(reactor, redis_address, supervisor,
                every=options["reconcile-seconds"]).setServiceParent(top)
 
@@ -218,8 +225,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                       f"{auth.token}  -- use: Authorization: Bearer <token>")
     if options["embedded"]:
         DemoFeed(reactor, options["kafka"]).setServiceParent(top)
-    api = API(store, auth, probe.check, allow_hosts=options["allowed-hosts"],
-              demo_sink=options["embedded"])
+    api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
+              clock=reactor, allow_hosts=options["allowed-hosts"], demo_sink=options["embedded"])
     endpoint = endpoints.serverFromString(reactor, options["api"])
     APIServer(endpoint, DrainingSite(api.app.resource()), reactor,
               description=f"Kafka {options['kafka']}, Redis {redis_address}",

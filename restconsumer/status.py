@@ -1,0 +1,179 @@
+"""What jobs are doing: counters kept in Redis across instances, and each instance's report.
+
+Every instance adds what its runners did to the job's counters in Redis about every
+second, and reports the rate, lag and last error of its partitions. ``GET /job/{id}/status``
+adds the answering instance's not yet reported counts, so it is exact for what that
+instance did, and at most a second behind for the others.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from restconsumer.runner import JobRunner
+from restconsumer.store import JobRecord, JobStore, StoreUnavailable
+from restconsumer.supervisor import Supervisor
+
+__all__ = ["COUNTERS", "StatusReporter", "job_status"]
+
+log = Logger()
+
+COUNTERS = ("consumed", "delivered", "retried", "dead_lettered", "failed")
+#: A report older than this comes from an instance that is gone or no longer runs the job.
+FRESH = 15.0
+RATE_WINDOW = 10.0
+
+
+def _instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _counts(runner: JobRunner) -> dict[str, int]:
+    stats = runner.stats
+    return {name: getattr(stats, name) for name in COUNTERS}
+
+
+def _rate(runner: JobRunner, now: float) -> float:
+    times = runner.stats.delivered_times
+    recent = sum(1 for t in times if now - t <= RATE_WINDOW)
+    return round(recent / RATE_WINDOW, 2)
+
+
+class StatusReporter(Service):
+    """Writes this instance's counters and reports to Redis, about every ``every`` seconds."""
+
+    def __init__(self, store: JobStore, supervisor: Supervisor, clock: IReactorTime, *,
+                 every: float = 1.0) -> None:
+        self.instance = _instance_name()
+        self._store = store
+        self._supervisor = supervisor
+        self._clock = clock
+        self._every = every
+        self._reported: dict[int, dict[str, int]] = {}
+        self._timer = LoopingCall(self.flush)
+        self._timer.clock = clock
+        self._finals: set[Deferred[None]] = set()
+        supervisor.on_stopped = self._runner_stopped
+
+    def startService(self) -> None:
+        """Start reporting."""
+        super().startService()
+        self._timer.start(self._every, now=False).addErrback(
+            lambda f: log.failure("status reporting stopped", f))
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop reporting, once the last reports of stopped jobs are written (or given up)."""
+        super().stopService()
+        if self._timer.running:
+            self._timer.stop()
+        return DeferredList(list(self._finals))
+
+    def unreported(self, runner: JobRunner) -> dict[str, int]:
+        """What ``runner`` did since its last report."""
+        done = self._reported.get(id(runner), {})
+        return {name: value - done.get(name, 0) for name, value in _counts(runner).items()}
+
+    async def _report(self, runner: JobRunner, state: bool = True) -> None:
+        counts = _counts(runner)
+        deltas = self.unreported(runner)
+        if any(deltas.values()):
+            # Marked reported first: a second flush meanwhile must not add them again.
+            self._reported[id(runner)] = counts
+            try:
+                await self._store.add_stats(runner.job.id, deltas)
+            except Exception:
+                previous = {k: counts[k] - deltas[k] for k in counts}
+                self._reported[id(runner)] = previous
+                raise
+        if state:
+            await self._store.put_instance_state(runner.job.id, self.instance, self.local(runner))
+
+    def local(self, runner: JobRunner) -> dict[str, Any]:
+        """This instance's live report of one job."""
+        now = self._clock.seconds()
+        stats = runner.stats
+        return {
+            "at": now,
+            "partitions": [f"{t}[{p}]" for t, p in runner.loop.assignment],
+            "lag": {f"{t}[{p}]": n for (t, p), n in sorted(runner.loop.lag.items())},
+            "rate": _rate(runner, now),
+            "last_error": None if stats.last_error is None else
+            {"reason": stats.last_error, "at": stats.last_error_at},
+        }
+
+    async def flush(self) -> None:
+        """Report every running job of this instance (errors are logged, never raised)."""
+        for runner in list(self._supervisor.runners.values()):
+            try:
+                await self._report(runner)
+            except StoreUnavailable:
+                return  # counted again at the next flush: nothing is lost
+            except Exception:
+                log.failure("job {job_id}: reporting its status failed", job_id=runner.job.id)
+
+    def _runner_stopped(self, runner: JobRunner) -> None:
+        # Its last counts still have to reach Redis; while shutting down, one try only.
+        async def final() -> None:
+            for _ in range(30 if self.running else 1):
+                try:
+                    await self._report(runner, state=False)
+                    break
+                except StoreUnavailable:
+                    if not self.running:
+                        log.warn("job {job_id}: last counts not reported: Redis is away",
+                                 job_id=runner.job.id)
+                        break
+                    await deferLater(self._clock, 1.0, lambda: None)
+            self._reported.pop(id(runner), None)
+
+        d = Deferred.fromCoroutine(final()).addErrback(
+            lambda f: log.failure("job {job_id}: final status report failed", f, job_id=runner.job.id))
+        self._finals.add(d)
+        d.addBoth(lambda _: self._finals.discard(d))
+
+
+async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor: Supervisor,
+                     reporter: StatusReporter, clock: IReactorTime) -> dict[str, Any]:
+    """The status of one job as ``GET /job/{id}/status`` shows it."""
+    totals, reports = await store.stats(job_id)
+    counters = {name: int(totals.get(name, 0)) for name in COUNTERS}
+    runner = supervisor.runners.get(job_id)
+    now = clock.seconds()
+    if runner is not None:
+        for name, delta in reporter.unreported(runner).items():
+            counters[name] += delta
+        reports[reporter.instance] = reporter.local(runner)
+    fresh = {name: r for name, r in reports.items()
+             if isinstance(r, dict) and now - float(r.get("at", 0)) <= FRESH and r.get("partitions")}
+    lag: dict[str, int] = {}
+    for report in fresh.values():
+        lag.update(report.get("lag") or {})
+    errors = [r["last_error"] for r in reports.values()
+              if isinstance(r, dict) and isinstance(r.get("last_error"), dict)]
+    last_error = max(errors, key=lambda e: e.get("at") or 0, default=None)
+    if record.stopped:
+        state = "stopped"
+    elif record.moving_offsets:
+        state = "moving offsets"
+    else:
+        state = "running" if fresh else "starting"
+    return {
+        "id": job_id,
+        "state": state,
+        "counters": counters,
+        "lag": dict(sorted(lag.items())),
+        "total_lag": sum(lag.values()),
+        "rate": round(sum(float(r.get("rate", 0)) for r in fresh.values()), 2),
+        "last_error": last_error,
+        "instances": [{"instance": name, "partitions": r.get("partitions", []),
+                       "rate": r.get("rate", 0)} for name, r in sorted(fresh.items())],
+    }
