@@ -32,8 +32,8 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         d = txredisapi.SubscriberProtocol.connectionMade(self)
         d.addCallback(lambda _: self.psubscribe(CHANNEL_PATTERN))
         d.addCallback(lambda _: self.factory.control.subscribed())
-        d.addErrback(lambda f: log.failure("subscribing to {pattern} failed", f,
-                                           pattern=CHANNEL_PATTERN))
+        d.addErrback(lambda f: log.warn("subscribing to {pattern} failed: {reason}; retrying",
+                                        pattern=CHANNEL_PATTERN, reason=f.getErrorMessage()))
         return d
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
@@ -60,11 +60,19 @@ class JobControl(Service):
         self._factory: txredisapi.SubscriberFactory | None = None
         self._timer = LoopingCall(self._reconcile)
         self._timer.clock = reactor
+        self._watcher = LoopingCall(self._watch)
+        self._watcher.clock = reactor
         self.connected = False
 
     def startService(self) -> None:
         """Subscribe (reconnecting by itself) and start the periodic reconcile."""
         super().startService()
+        self._subscribe()
+        self._timer.start(self._every, now=True).addErrback(
+            lambda f: log.failure("periodic reconcile stopped", f))
+        self._watcher.start(2.0, now=False)
+
+    def _subscribe(self) -> None:
         a = self._address
         factory = txredisapi.SubscriberFactory()
         factory.protocol = _Subscriber
@@ -78,16 +86,23 @@ class JobControl(Service):
             endpoint = wrapClientTLS(optionsForClientTLS(a.host), endpoint)
         factory.startConnecting(endpoint)
         self._factory = factory
-        self._timer.start(self._every, now=True).addErrback(
-            lambda f: log.failure("periodic reconcile stopped", f))
 
     def stopService(self) -> Deferred[Any]:
         """Unsubscribe and stop reconciling."""
         super().stopService()
-        if self._timer.running:
-            self._timer.stop()
+        for timer in (self._timer, self._watcher):
+            if timer.running:
+                timer.stop()
         factory, self._factory = self._factory, None
         return factory.disconnect() if factory is not None else succeed(None)
+
+    def _watch(self) -> None:
+        # txredisapi stops reconnecting when a connection dies during its AUTH: start afresh.
+        if self._factory is not None and self._factory.stopped and self.running:
+            log.warn("job control: the subscriber gave up; starting a new one")
+            old = self._factory
+            self._subscribe()
+            old.disconnect().addErrback(lambda _: None)
 
     def _reconcile(self) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._supervisor.reconcile())

@@ -14,6 +14,8 @@ from urllib.parse import unquote, urlsplit
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from restconsumer.model import Job
@@ -109,8 +111,14 @@ class JobStore(Service):
 
     log = Logger()
 
-    def __init__(self, address: RedisAddress, *, poolsize: int = 4, reply_timeout: float = 5.0,
-                 connect_timeout: float = 2.0) -> None:
+    def __init__(self, address: RedisAddress, *, clock: IReactorTime | None = None,
+                 poolsize: int = 4, reply_timeout: float = 5.0, connect_timeout: float = 2.0,
+                 watch_every: float = 2.0) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self._clock = clock
+        self._watch_every = watch_every
+        self._watch: LoopingCall | None = None
         self.address = address
         self._poolsize = poolsize
         self._reply_timeout = reply_timeout
@@ -118,20 +126,39 @@ class JobStore(Service):
         self._redis: Any = None
 
     def startService(self) -> None:
-        """Start connecting to Redis."""
+        """Start connecting to Redis, and watch that the pool keeps trying."""
         super().startService()
+        self._connect()
+        self._watch = LoopingCall(self._check_pool)
+        self._watch.clock = self._clock
+        self._watch.start(self._watch_every, now=False)
+
+    def _connect(self) -> None:
         a = self.address
         self._redis = txredisapi.lazyConnectionPool(
-            host=a.host, port=a.port, dbid=a.db, poolsize=self._poolsize, password=a.password,
-            username=a.username, ssl_context_factory=a.tls, connectTimeout=self._connect_timeout,
-            replyTimeout=self._reply_timeout,
+            host=a.host, port=a.port, dbid=a.db or None, poolsize=self._poolsize,
+            password=a.password, username=a.username, ssl_context_factory=a.tls,
+            connectTimeout=self._connect_timeout, replyTimeout=self._reply_timeout,
         )
         # Come back within a couple of seconds of Redis (the default waits up to 10 s).
         self._redis._factory.maxDelay = 2
 
+    def _check_pool(self) -> Deferred[Any] | None:
+        # txredisapi gives up for good when a connection is lost during its AUTH or
+        # SELECT (a proxy that accepts while Redis is down does that): start afresh.
+        if self._redis is None or not self._redis._factory.stopped:
+            return None
+        self.log.warn("Redis at {address}: the connection pool gave up; starting a new one",
+                      address=str(self.address))
+        old = self._redis
+        self._connect()
+        return old.disconnect().addErrback(lambda _: None)
+
     def stopService(self) -> Deferred[Any]:
         """Close every connection; fires when they are closed."""
         super().stopService()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         redis, self._redis = self._redis, None
         return redis.disconnect() if redis is not None else succeed(None)
 

@@ -12,10 +12,12 @@ from tests.infra.ports import free_port, wait_for
 
 
 class RedisServer:
-    """A redis-server child that saves nothing, started and stopped by the tests."""
+    """A redis-server child started and stopped by the tests; with ``persist``, what it holds
+    survives a restart (an append-only file in ``workdir``), as a production Redis would."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persist: bool = False) -> None:
         self.workdir = workdir
+        self.persist = persist
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -28,7 +30,8 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+             "--dir", str(self.workdir)],
             stdout=open(self.workdir / "redis.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )

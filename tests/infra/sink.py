@@ -42,7 +42,7 @@ def ok(_: Received) -> tuple[int, dict[str, str], bytes]:
 class Sink:
     """A threaded HTTP/1.1 server; ``respond`` decides each answer (200 by default)."""
 
-    def __init__(self, respond: Responder = ok) -> None:
+    def __init__(self, respond: Responder = ok, port: int = 0) -> None:
         self.respond = respond
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -77,7 +77,7 @@ class Sink:
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # a client that vanished (a killed service) is not the test's concern
 
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
