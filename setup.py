@@ -8,7 +8,7 @@ setup(
     description="Kafka messages turned into REST requests, as declared by jobs kept in Redis",
     python_requires=">=3.11",
     packages=[*find_packages(include=["restconsumer", "restconsumer.*"]), "twisted.plugins"],
-    include_package_data=False,
+    package_data={"restconsumer": ["openapi.json"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "klein>=24.8",
@@ -17,6 +17,7 @@ setup(
         "confluent-kafka>=2.6",
         "jsonpath-ng>=1.6",
         "fastavro>=1.9",
+        "cryptography>=42",
     ],
     extras_require={
         "test": [
@@ -26,6 +27,8 @@ setup(
             "hypothesis>=6",
             "redis>=5",
             "ruff>=0.6",
+            "jsonschema>=4",
+            "schemathesis>=4.0",
         ],
     },
 )

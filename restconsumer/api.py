@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from klein import Klein
@@ -25,6 +26,8 @@ __all__ = ["API", "MAX_BODY", "APIError"]
 
 #: The largest request body the API reads, in bytes.
 MAX_BODY = 1024 * 1024
+#: The OpenAPI 3 description, served as it is.
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
 
 
 class APIError(Exception):
@@ -170,6 +173,12 @@ class API:
                       uri=request.uri.decode("utf-8", "replace"),
                       body=body.decode("utf-8", "replace")[:500])
         return _json(request, 200, {"received": len(body)})
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """The OpenAPI 3 description of this API; no auth."""
+        request.setHeader(b"Content-Type", b"application/json")
+        return OPENAPI
 
     @app.route("/jobs", methods=["GET"])
     async def list_jobs(self, request: IRequest) -> bytes:

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 from confluent_kafka import KafkaError, Producer
 from twisted.application.service import Service
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -30,7 +31,6 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
-    RedirectAgent,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
@@ -42,10 +42,12 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPoli
 from zope.interface import implementer
 
 from restconsumer.mapping import Outgoing
+from restconsumer.model import is_secret_header
 
 __all__ = [
     "Answer",
     "DeadLetters",
+    "DestinationRefused",
     "HTTPSender",
     "Outcome",
     "RetryPolicy",
@@ -133,8 +135,38 @@ class _Endpoints:
         return endpoint
 
 
+class DestinationRefused(Exception):
+    """A redirect pointed outside the allowed hosts; never retried."""
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_HOPS = 10
+
+
+@dataclass
+class _Route:
+    """The pool and agent of one trust setting."""
+
+    pool: HTTPConnectionPool
+    agent: IAgent
+
+
+def _origin(url: bytes) -> tuple[str, str, int | None]:
+    parts = urlsplit(url.decode("ascii", "replace"))
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
 class HTTPSender(Service):
-    """Sends requests over a persistent connection pool; HTTPS verified (optionally by a CA file).
+    """Sends requests over persistent connection pools; HTTPS is always verified.
+
+    Certificates are checked against the system's CAs, or ``ca_file``, or a job's own
+    ``ca_cert``; each trust setting has its own pool, so a connection verified for one
+    job is never reused by a job that trusts differently.
+
+    Redirects are followed only when a job asks: 307 and 308 keep the method and body,
+    301, 302 and 303 turn into a GET without body (as curl does); credentials are not
+    sent on to another origin; with ``allow_hosts``, a hop outside it ends the request
+    (:class:`DestinationRefused`); after 10 hops the last 3xx is the answer.
 
     Twisted's ``Agent`` (on which treq is built) is used directly: the URL was already built
     and encoded by the request builder, and treq's per-request URL re-parsing, cookie and
@@ -142,44 +174,82 @@ class HTTPSender(Service):
     """
 
     def __init__(self, reactor: Any, *, ca_file: str | None = None,
-                 per_host: int = 32) -> None:
+                 allow_hosts: frozenset[str] | None = None, per_host: int = 32) -> None:
         self._reactor = reactor
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = per_host
-        self._pool.retryAutomatically = False
-        trust = None
+        self._per_host = per_host
+        self._allow_hosts = allow_hosts
+        default_trust = None
         if ca_file:
             with open(ca_file, "rb") as f:
-                trust = ssl.trustRootFromCertificates(
-                    [ssl.Certificate.loadPEM(pem) for pem in _split_pem(f.read())])
-        self._agent: IAgent = Agent.usingEndpointFactory(
-            reactor, _Endpoints(reactor, BrowserLikePolicyForHTTPS(trust)), pool=self._pool)
-        self._redirecting: IAgent = RedirectAgent(self._agent)
+                default_trust = _trust(f.read())
+        self._routes: dict[str | None, _Route] = {None: self._route(default_trust)}
 
-    def stopService(self) -> Deferred[None]:
+    def _route(self, trust: Any) -> _Route:
+        pool = HTTPConnectionPool(self._reactor, persistent=True)
+        pool.maxPersistentPerHost = self._per_host
+        pool.retryAutomatically = False
+        agent: IAgent = Agent.usingEndpointFactory(
+            self._reactor, _Endpoints(self._reactor, BrowserLikePolicyForHTTPS(trust)), pool=pool)
+        return _Route(pool, agent)
+
+    def stopService(self) -> Deferred[Any]:
         """Close the pooled connections."""
         super().stopService()
-        return self._pool.closeCachedConnections()
+        return DeferredList([r.pool.closeCachedConnections() for r in self._routes.values()])
 
-    def send(self, request: Outgoing, timeout: float,
-             follow_redirects: bool = False) -> Deferred[Answer]:
+    def send(self, request: Outgoing, timeout: float, follow_redirects: bool = False,
+             ca_cert: str | None = None) -> Deferred[Answer]:
         """Send one request; fires with the :class:`Answer`, fails on network errors."""
-        agent = self._redirecting if follow_redirects else self._agent
-        body = _Body(request.body) if request.body is not None else None
-        d = agent.request(request.method, request.url, Headers(request.headers), body)
+        route = self._routes.get(ca_cert)
+        if route is None:
+            route = self._routes[ca_cert] = self._route(_trust(ca_cert.encode("ascii")))
+        if follow_redirects:
+            d = Deferred.fromCoroutine(self._follow(route.agent, request))
+        else:
+            body = _Body(request.body) if request.body is not None else None
+            d = route.agent.request(request.method, request.url, Headers(request.headers), body)
+            d.addCallback(self._answer)
         timer = self._reactor.callLater(timeout, d.cancel)
-
-        def answered(response: IResponse) -> Deferred[Answer]:
-            retry_after = _retry_after(response, self._reactor)
-            return _read_body(response).addCallback(
-                lambda data: Answer(response.code, retry_after, data))
 
         def done(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
             return result
 
-        return d.addCallback(answered).addBoth(done)
+        return d.addBoth(done)
+
+    def _answer(self, response: IResponse) -> Deferred[Answer]:
+        retry_after = _retry_after(response, self._reactor)
+        return _read_body(response).addCallback(lambda data: Answer(response.code, retry_after, data))
+
+    async def _follow(self, agent: IAgent, request: Outgoing) -> Answer:
+        method, url, body = request.method, request.url, request.body
+        headers = {k: list(v) for k, v in request.headers.items()}
+        for hop in range(_MAX_HOPS + 1):
+            producer = _Body(body) if body is not None else None
+            response = await agent.request(method, url, Headers(headers), producer)
+            location = response.headers.getRawHeaders(b"Location")
+            if response.code not in _REDIRECTS or not location or hop == _MAX_HOPS:
+                return await self._answer(response)
+            await _read_body(response)  # so that the connection can be reused
+            target = urljoin(url.decode("ascii", "replace"), location[0].decode("latin-1")).encode()
+            scheme, host, _ = _origin(target)
+            if scheme not in ("http", "https"):
+                raise DestinationRefused(f"redirect to a {scheme!r} URL")
+            if self._allow_hosts is not None and host not in self._allow_hosts:
+                raise DestinationRefused(f"redirect to {host!r}, which is not an allowed host")
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items()
+                           if not is_secret_header(k.decode("latin-1"))}
+            if response.code in (301, 302, 303) and method not in (b"GET", b"HEAD"):
+                method, body = b"GET", None
+                headers.pop(b"Content-Type", None)
+            url = target
+        raise AssertionError("unreachable")
+
+
+def _trust(pem: bytes) -> Any:
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(c) for c in _split_pem(pem)])
 
 
 class _BodyReader(Protocol):
@@ -289,6 +359,8 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
         retry_after = None
         try:
             answer = await send()
+        except DestinationRefused as e:
+            return Outcome(False, attempts, None, str(e), attempts - 1, waits)
         except _NETWORK_ERRORS as e:
             reason = f"{type(e).__name__}: {_describe(e)}"
         else:

@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.x509 import load_pem_x509_certificates
 from jsonpath_ng import JSONPath
 from jsonpath_ng.ext import parse as _parse_jsonpath
 
@@ -48,7 +49,7 @@ DEFAULT_TIMEOUT = 30.0
 FIELDS = (
     "id", "owner", "type", "topic", "datamap", "url", "basic_auth", "token",
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
-    "retry", "timeout", "follow_redirects", "dead_letter_topic",
+    "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -241,6 +242,16 @@ def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[s
         problems.append(Problem("url", f"host '{parts.hostname}' is not in the allowed hosts"))
 
 
+def _check_ca_cert(value: Any, problems: list[Problem]) -> None:
+    if not isinstance(value, str) or "BEGIN CERTIFICATE" not in value:
+        problems.append(Problem("ca_cert", "must be PEM text with at least one certificate"))
+        return
+    try:
+        load_pem_x509_certificates(value.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as e:
+        problems.append(Problem("ca_cert", f"is not a valid PEM certificate: {e}"))
+
+
 def _check_key_list(value: Any, name: str, datamap_keys: set[str] | None,
                     problems: list[Problem]) -> None:
     if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
@@ -392,6 +403,9 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
 
     if "follow_redirects" in definition and not isinstance(definition["follow_redirects"], bool):
         problems.append(Problem("follow_redirects", "must be true or false"))
+
+    if "ca_cert" in definition:
+        _check_ca_cert(definition["ca_cert"], problems)
 
     if "headers" in definition:
         _check_headers(definition["headers"], problems)

@@ -127,6 +127,7 @@ class JobRunner:
         self.policy = RetryPolicy.of(job.retry)
         self._timeout = float(job.definition.get("timeout", DEFAULT_TIMEOUT))
         self._redirects = bool(job.definition.get("follow_redirects", False))
+        self._ca_cert = job.definition.get("ca_cert")
         self._ratelimit = float(job.definition.get("ratelimit", 0))
 
     def start(self) -> None:
@@ -220,7 +221,7 @@ class JobRunner:
             if self._ratelimit > 0 and not await self._wait_turn(partition):
                 return False
             outcome = await deliver(
-                lambda r=request: self._sender.send(r, self._timeout, self._redirects),
+                lambda r=request: self._sender.send(r, self._timeout, self._redirects, self._ca_cert),
                 self.policy, self._clock,
                 on_retry=lambda attempt, reason, wait, r=request: self._retrying(
                     message, r.entity_id, attempt, reason, wait),

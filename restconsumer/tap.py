@@ -195,7 +195,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     store = JobStore(redis_address)
     store.setServiceParent(top)
     kafka = kafka_config(options)
-    sender = HTTPSender(reactor, ca_file=options["ca-file"])
+    sender = HTTPSender(reactor, ca_file=options["ca-file"], allow_hosts=options["allowed-hosts"])
     sender.setServiceParent(top)
     dead_letters = DeadLetters(reactor, kafka)
     dead_letters.setServiceParent(top)

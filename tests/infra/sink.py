@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -42,7 +44,8 @@ def ok(_: Received) -> tuple[int, dict[str, str], bytes]:
 class Sink:
     """A threaded HTTP/1.1 server; ``respond`` decides each answer (200 by default)."""
 
-    def __init__(self, respond: Responder = ok, port: int = 0) -> None:
+    def __init__(self, respond: Responder = ok, port: int = 0,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.respond = respond
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -81,6 +84,11 @@ class Sink:
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.url = f"https://localhost:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> Sink:
