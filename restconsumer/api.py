@@ -71,6 +71,8 @@ class API:
     # -- helpers -----------------------------------------------------------------------
 
     def _principal(self, request: IRequest) -> Principal:
+        if getattr(request, "too_large", False):
+            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
         principal = self.auth.authenticate(request.getHeader(b"Authorization"))
         if principal is None:
             request.setHeader(b"WWW-Authenticate", self.auth.challenge.encode())
@@ -79,6 +81,8 @@ class API:
         return principal
 
     def _body(self, request: IRequest) -> Any:
+        if getattr(request, "too_large", False):
+            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
         length = request.getHeader(b"Content-Length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
@@ -87,8 +91,8 @@ class API:
             raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
         try:
             return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise APIError(400, "malformed JSON", [str(e)]) from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise APIError(400, "malformed JSON", [str(e) or type(e).__name__]) from e
 
     async def _visible_job(self, principal: Principal, job_id: str) -> dict[str, Any]:
         stored = await self.store.get(job_id)

@@ -99,7 +99,7 @@ class Authenticator:
             return None
         try:
             user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # ValueError: not even ASCII
             return None
         ok_user = _same(user, self.user)
         ok_password = _same(password, self.password)

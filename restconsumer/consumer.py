@@ -125,9 +125,10 @@ class KafkaLoop:
         def close(_: Any) -> Deferred[None]:
             return deferToThreadPool(self._reactor, self._pool, self._close)
 
-        def stop_thread(result: Any) -> Any:
-            self._pool.stop()
-            return result
+        def stop_thread(result: Any) -> Deferred[Any]:
+            # Joining the thread is done off the reactor thread.
+            pool = self._reactor.getThreadPool()
+            return deferToThreadPool(self._reactor, pool, self._pool.stop).addBoth(lambda _: result)
 
         self._closed = waiting.addCallback(close).addErrback(
             lambda f: log.failure("job {name}: closing the consumer failed", f, name=self.name)
@@ -168,7 +169,7 @@ class KafkaLoop:
     # -- consumer thread -----------------------------------------------------------------
 
     def _create(self) -> None:
-        self._consumer = Consumer(self._config)
+        self._consumer = Consumer({**self._config, "on_commit": self._on_commit})
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
 
@@ -189,7 +190,7 @@ class KafkaLoop:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
-        self._commit(only=set(tps), asynchronous=False)
+        self._commit(only=set(tps), asynchronous=False, force=True)
         with self._lock:
             for tp in tps:
                 self._epoch[tp] = self._epoch.get(tp, 0) + 1
@@ -204,11 +205,27 @@ class KafkaLoop:
         if tps:
             self._reactor.callFromThread(self._handler.revoked, tps)
 
-    def _commit(self, only: set[TP] | None = None, asynchronous: bool = True) -> None:
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        # Runs on the consumer thread, inside consume(): an asynchronous commit that failed
+        # is forgotten, so that the next hop makes it again.
+        failed = [(p.topic, p.partition) for p in partitions if error is not None or p.error]
+        if not failed:
+            return
+        with self._lock:
+            for tp in failed:
+                self._committed.pop(tp, None)
+        if time.monotonic() - self._last_error > 30:
+            self._last_error = time.monotonic()
+            log.warn("job {name}: a commit failed ({error}); it is made again", name=self.name,
+                     error=str(error) if error is not None else "partition error")
+
+    def _commit(self, only: set[TP] | None = None, asynchronous: bool = True,
+                force: bool = False) -> None:
         assert self._consumer is not None
         with self._lock:
             due = {tp: off for tp, off in self._finished.items()
-                   if (only is None or tp in only) and self._committed.get(tp) != off}
+                   if tp in self._assigned and (only is None or tp in only)
+                   and (force or self._committed.get(tp) != off)}
         if not due:
             return
         offsets = [TopicPartition(t, p, off) for (t, p), off in due.items()]
@@ -277,7 +294,7 @@ class KafkaLoop:
         if self._consumer is None:
             return
         try:
-            self._commit(asynchronous=False)
+            self._commit(asynchronous=False, force=True)
         finally:
             self._consumer.close()
             self._consumer = None

@@ -19,7 +19,13 @@ from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionLost,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -57,8 +63,9 @@ __all__ = [
 
 log = Logger()
 
-_NETWORK_ERRORS = (ConnectError, ConnectionLost, DNSLookupError, TimeoutError, ResponseFailed,
-                   RequestTransmissionFailed, RequestNotSent, CancelledError)
+_NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, ConnectionLost, DNSLookupError,
+                   TimeoutError, ResponseFailed, RequestTransmissionFailed, RequestNotSent,
+                   CancelledError)
 
 
 @implementer(IBodyProducer)
@@ -97,11 +104,11 @@ def _retry_after(response: IResponse, clock: IReactorTime) -> float | None:
     if not values:
         return None
     text = values[0].decode("latin-1").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
         return max(0.0, parsedate_to_datetime(text).timestamp() - clock.seconds())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
 
@@ -136,7 +143,8 @@ class _Endpoints:
 
 
 class DestinationRefused(Exception):
-    """A redirect pointed outside the allowed hosts; never retried."""
+    """The request may not go where it would go (a redirect outside the allowed hosts, a
+    CA that cannot be used); never retried."""
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -202,7 +210,11 @@ class HTTPSender(Service):
         """Send one request; fires with the :class:`Answer`, fails on network errors."""
         route = self._routes.get(ca_cert)
         if route is None:
-            route = self._routes[ca_cert] = self._route(_trust(ca_cert.encode("ascii")))
+            try:
+                trust = _trust(ca_cert.encode("ascii"))  # type: ignore[union-attr]
+            except Exception as e:  # a PEM cryptography read but pyOpenSSL will not
+                return fail(DestinationRefused(f"the job's ca_cert cannot be used: {e}"))
+            route = self._routes[ca_cert] = self._route(trust)
         if follow_redirects:
             d = Deferred.fromCoroutine(self._follow(route.agent, request))
         else:

@@ -33,8 +33,8 @@ def read_folder(folder: str | Path) -> list[JobFile]:
     for path in sorted(Path(folder).glob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            files.append(JobFile(path.name, [], f"cannot be read as JSON: {e}"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            files.append(JobFile(path.name, [], f"cannot be read as JSON: {e or type(e).__name__}"))
             continue
         files.append(JobFile(path.name, data if isinstance(data, list) else [data]))
     return files

@@ -42,6 +42,10 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 REDACTED = "***"
 
+#: Limits that keep compiling a job's JSONPaths (~20 ms each) short.
+MAX_DATAMAP = 100
+MAX_PATH = 1000
+
 DEFAULT_RETRY = {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0}
 DEFAULT_TIMEOUT = 30.0
 
@@ -183,6 +187,14 @@ def _fold_keys(raw: Mapping[str, Any], known: Iterable[str], aliases: Mapping[st
     return folded
 
 
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -204,6 +216,8 @@ def _check_headers(value: Any, problems: list[Problem]) -> None:
             problems.append(Problem(where, "must be a string"))
         elif "\n" in item or "\r" in item:
             problems.append(Problem(where, "must not contain line breaks"))
+        elif not _latin1(item):
+            problems.append(Problem(where, "must be Latin-1 text (HTTP header values are)"))
 
 
 def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[str] | None,
@@ -262,9 +276,23 @@ def _check_key_list(value: Any, name: str, datamap_keys: set[str] | None,
             problems.append(Problem(f"{name}[{i}]", f"'{key}' is not a key of the datamap"))
 
 
+def _origin(url: Any) -> tuple[str, str, int | None] | None:
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(PLACEHOLDER.sub("x", url))
+        return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return None
+
+
 def _restore_secrets(folded: dict[str, Any], previous: Mapping[str, Any] | None) -> None:
-    """Keep a stored secret where the client sent back the ``***`` it was shown."""
-    if not previous:
+    """Keep a stored secret where the client sent back the ``***`` it was shown.
+
+    Only while the URL keeps its scheme, host and port: a stored secret is never sent on
+    to a destination it was not given for.
+    """
+    if not previous or _origin(folded.get("url")) != _origin(previous.get("url")):
         return
     auth, old_auth = folded.get("basic_auth"), previous.get("basic_auth")
     if isinstance(auth, dict) and isinstance(old_auth, Mapping):
@@ -279,6 +307,24 @@ def _restore_secrets(folded: dict[str, Any], previous: Mapping[str, Any] | None)
         for key, value in list(headers.items()):
             if value == REDACTED and str(key).lower() in old:
                 headers[key] = old[str(key).lower()]
+
+
+def _refuse_hidden(folded: Mapping[str, Any], problems: list[Problem]) -> None:
+    """A ``***`` that could not be restored is the mask, not a secret: ask for the real one."""
+    why = "is *** (a hidden value): send the secret itself (*** keeps the stored one only " \
+          "while the URL's scheme, host and port stay)"
+    auth = folded.get("basic_auth")
+    if isinstance(auth, Mapping):
+        for key, value in auth.items():
+            if str(key).lower() in ("pw", "password") and value == REDACTED:
+                problems.append(Problem("basic_auth.pw", why))
+    if folded.get("token") == REDACTED:
+        problems.append(Problem("token", why))
+    headers = folded.get("headers")
+    if isinstance(headers, Mapping):
+        for key, value in headers.items():
+            if value == REDACTED and is_secret_header(str(key)):
+                problems.append(Problem(f"headers.{key}", why))
 
 
 def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any] | None = None,
@@ -301,6 +347,7 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
     if isinstance(folded.get("headers"), Mapping):
         folded["headers"] = dict(folded["headers"])
     _restore_secrets(folded, previous)
+    _refuse_hidden(folded, problems)
 
     for name in REQUIRED:
         if folded.get(name) is None:
@@ -347,12 +394,18 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
             problems.append(Problem("datamap", "must be an object of key: JSONPath"))
         else:
             datamap_keys = set(datamap)
+            if len(datamap) > MAX_DATAMAP:
+                problems.append(Problem("datamap", f"has {len(datamap)} keys; at most {MAX_DATAMAP}"))
+                datamap = {}
             for key, expr in datamap.items():
                 where = f"datamap.{key}"
                 if not key or "{" in key or "}" in key:
                     problems.append(Problem(where, "keys must be non-empty and have no braces"))
                 if not isinstance(expr, str) or not expr.strip():
                     problems.append(Problem(where, "must be a JSONPath string"))
+                    continue
+                if len(expr) > MAX_PATH:
+                    problems.append(Problem(where, f"is longer than {MAX_PATH} characters"))
                     continue
                 try:
                     paths[key] = parse_jsonpath(expr)

@@ -52,7 +52,7 @@ class OffsetRequest:
         problems = []
         where: str | int = offset
         if offset not in ("beginning", "end"):
-            if not offset.isdigit():
+            if not (offset.isascii() and offset.isdigit()):
                 problems.append(f"offset must be a number, 'beginning' or 'end', not {offset!r}")
             else:
                 where = int(offset)
@@ -60,7 +60,7 @@ class OffsetRequest:
             problems.append(f"topic {topic!r} is not one the job reads ({', '.join(job.topics)})")
         number = None
         if partition is not None:
-            if not partition.isdigit():
+            if not (partition.isascii() and partition.isdigit()):
                 problems.append(f"partition must be a number, not {partition!r}")
             else:
                 number = int(partition)
@@ -107,23 +107,31 @@ class OffsetMover(Service):
         if not await self._store.begin_offset_move(job.id, token, ttl):
             raise OffsetError(409, f"a set_offset of job {job.id} is under way")
         try:
-            group = f"restconsumer.{job.id}"
-            deadline = self._clock.seconds() + self._empty_timeout
-            while True:
-                members = await self._call(self._members, group)
-                if members == 0:
-                    break
-                if self._clock.seconds() > deadline:
-                    raise OffsetError(503, f"{members} consumers of group {group} did not let go "
-                                           f"within {self._empty_timeout:.0f} s; nothing was moved")
-                await deferLater(self._clock, 0.25, lambda: None)
-            moved = await self._call(self._move, group, job.topics, request)
+            moved = await self._move_when_empty(job, request)
         finally:
-            await self._store.end_offset_move(job.id, token)
+            try:
+                await self._store.end_offset_move(job.id, token)
+            except Exception as e:
+                # The mark expires by itself; the offsets (if moved) stay moved.
+                log.warn("job {job_id}: set_offset could not lift its mark ({error}); the job "
+                         "resumes when it expires", job_id=job.id, error=str(e))
         log.info("job {job_id}: offsets moved to {where}: {offsets}", job_id=job.id,
                  where=request.where, offsets=", ".join(f"{o['topic']}[{o['partition']}]={o['offset']}"
                                                         for o in moved))
         return moved
+
+    async def _move_when_empty(self, job: Job, request: OffsetRequest) -> list[dict[str, Any]]:
+        group = f"restconsumer.{job.id}"
+        deadline = self._clock.seconds() + self._empty_timeout
+        while True:
+            members = await self._call(self._members, group)
+            if members == 0:
+                break
+            if self._clock.seconds() > deadline:
+                raise OffsetError(503, f"{members} consumers of group {group} did not let go "
+                                       f"within {self._empty_timeout:.0f} s; nothing was moved")
+            await deferLater(self._clock, 0.25, lambda: None)
+        return await self._call(self._move, group, job.topics, request)
 
     # -- admin thread --------------------------------------------------------------------
 

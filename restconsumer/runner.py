@@ -20,8 +20,8 @@ from twisted.logger import Logger
 
 from restconsumer.consumer import TP, KafkaLoop, consumer_config
 from restconsumer.decode import UndecodableMessage, decode
-from restconsumer.delivery import DeadLetters, HTTPSender, RetryPolicy, deliver
-from restconsumer.mapping import RequestBuilder, TemplateError
+from restconsumer.delivery import Answer, DeadLetters, HTTPSender, RetryPolicy, deliver
+from restconsumer.mapping import Outgoing, RequestBuilder, TemplateError
 from restconsumer.model import DEFAULT_TIMEOUT, Job
 
 __all__ = ["JobRunner", "JobStats"]
@@ -48,8 +48,10 @@ class JobStats:
 class _Partition:
     """The queue and worker of one assigned partition, for one assignment epoch."""
 
-    def __init__(self, runner: JobRunner, tp: TP, epoch: int) -> None:
+    def __init__(self, runner: JobRunner, tp: TP, epoch: int,
+                 after: Deferred[None] | None = None) -> None:
         self.runner = runner
+        self._after = after
         self.tp = tp
         self.epoch = epoch
         self.queue: deque[Message] = deque()
@@ -78,8 +80,22 @@ class _Partition:
     def sleeping(self, pause: Deferred[None] | None) -> None:
         self.sleep = pause
 
+    def done(self) -> Deferred[None]:
+        """Fires once no message of this worker is under way any more."""
+        waiter: Deferred[None] = Deferred()
+        if self.working is None:
+            waiter.callback(None)
+        else:
+            self.working.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
+
     async def _work(self) -> None:
         try:
+            if self._after is not None:
+                # The partition's previous worker (before a rebalance) may still have a
+                # request under way: one partition never has two at once.
+                after, self._after = self._after, None
+                await after
             while self.queue and not self.dropped:
                 message = self.queue.popleft()
                 try:
@@ -116,19 +132,23 @@ class JobRunner:
         self._stop_grace = stop_grace
         self.stats = JobStats(started_at=self._clock.seconds())
         self._partitions: dict[TP, _Partition] = {}
+        self._draining: dict[TP, Deferred[None]] = {}
         self._stopping = False
         self._next_slot = 0.0
         self._use(job)
         self.loop = KafkaLoop(reactor, job.id, consumer_config(kafka, job.id), job.topics, self)
 
     def _use(self, job: Job) -> None:
-        self.job = job
-        self.builder = RequestBuilder(job)
-        self.policy = RetryPolicy.of(job.retry)
-        self._timeout = float(job.definition.get("timeout", DEFAULT_TIMEOUT))
-        self._redirects = bool(job.definition.get("follow_redirects", False))
-        self._ca_cert = job.definition.get("ca_cert")
-        self._ratelimit = float(job.definition.get("ratelimit", 0))
+        # Everything is built before anything is replaced: a definition that cannot be
+        # used leaves the running one whole.
+        builder = RequestBuilder(job)
+        policy = RetryPolicy.of(job.retry)
+        d = job.definition
+        self.job, self.builder, self.policy = job, builder, policy
+        self._timeout = float(d.get("timeout", DEFAULT_TIMEOUT))
+        self._redirects = bool(d.get("follow_redirects", False))
+        self._ca_cert = d.get("ca_cert")
+        self._ratelimit = float(d.get("ratelimit", 0))
 
     def start(self) -> None:
         """Start consuming."""
@@ -152,9 +172,10 @@ class JobRunner:
         working = []
         for partition in self._partitions.values():
             partition.drop()
-            if partition.working is not None:
-                working.append(partition.working)
+            working.append(partition.done())
+        working.extend(self._draining.values())
         self._partitions.clear()
+        self._draining.clear()
         waited: Deferred[Any] = DeferredList(working) if working else succeed(None)
         if working:
             timer = self._clock.callLater(self._stop_grace, waited.cancel)
@@ -167,15 +188,19 @@ class JobRunner:
 
     def messages(self, batch: list[Message], epochs: dict[TP, int]) -> None:
         """Queue each message on its partition's worker."""
+        if self._stopping:
+            return
         partitions = self._partitions
         for message in batch:
             tp = (message.topic(), message.partition())
             partition = partitions.get(tp)
             epoch = epochs[tp]
             if partition is None or partition.epoch != epoch:
+                after = self._draining.pop(tp, None)
                 if partition is not None:
                     partition.drop()
-                partition = partitions[tp] = _Partition(self, tp, epoch)
+                    after = partition.done()
+                partition = partitions[tp] = _Partition(self, tp, epoch, after)
             partition.add(message)
 
     def revoked(self, partitions: list[TP]) -> None:
@@ -184,6 +209,18 @@ class JobRunner:
             partition = self._partitions.pop(tp, None)
             if partition is not None:
                 partition.drop()
+                if partition.working is not None:
+                    self._drain(tp, partition)
+
+    def _drain(self, tp: TP, partition: _Partition) -> None:
+        """Remember a revoked worker until its last request ends."""
+        done = self._draining[tp] = partition.done()
+
+        def forget(_: Any) -> None:
+            if self._draining.get(tp) is done:
+                del self._draining[tp]
+
+        partition.done().addCallback(forget)
 
     # -- one message ---------------------------------------------------------------------
 
@@ -208,6 +245,8 @@ class JobRunner:
             return await self.dead_letter(message, partition, str(e))
         meta = self._meta(message)
         for index, record in enumerate(records):
+            if partition.dropped:
+                return False
             builder = self.builder
             self.stats.records += 1
             try:
@@ -218,10 +257,8 @@ class JobRunner:
                                                entity=self._entity(record.msg)):
                     return False
                 continue
-            if self._ratelimit > 0 and not await self._wait_turn(partition):
-                return False
             outcome = await deliver(
-                lambda r=request: self._sender.send(r, self._timeout, self._redirects, self._ca_cert),
+                lambda r=request: self._attempt(r, partition),
                 self.policy, self._clock,
                 on_retry=lambda attempt, reason, wait, r=request: self._retrying(
                     message, r.entity_id, attempt, reason, wait),
@@ -241,6 +278,18 @@ class JobRunner:
                                            entity=request.entity_id):
                 return False
         return True
+
+    def _attempt(self, request: Outgoing, partition: _Partition) -> Deferred[Answer]:
+        if self._ratelimit <= 0:
+            return self._sender.send(request, self._timeout, self._redirects, self._ca_cert)
+
+        async def in_turn() -> Answer:
+            # Every attempt, retries too, keeps the job's pace.
+            if not await self._wait_turn(partition):
+                raise CancelledError("the job stopped while waiting for its turn")
+            return await self._sender.send(request, self._timeout, self._redirects, self._ca_cert)
+
+        return Deferred.fromCoroutine(in_turn())
 
     async def _wait_turn(self, partition: _Partition) -> bool:
         now = self._clock.seconds()

@@ -17,6 +17,30 @@ log = Logger()
 
 
 class _CountedRequest(Request):
+    """A request the site counts, whose body is not kept past the site's ``max_body``."""
+
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        limit = self.channel.site.max_body
+        if length is not None and length > limit:
+            # Nothing of it is kept; the API answers 413 (before authenticating).
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self.too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
     def process(self) -> None:
         site: DrainingSite = self.channel.site
         site.started()
@@ -30,8 +54,9 @@ class DrainingSite(Site):
     requestFactory = _CountedRequest
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, **kwargs: Any) -> None:
+    def __init__(self, resource: IResource, *, max_body: int = 1024 * 1024, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
+        self.max_body = max_body
         self.in_flight = 0
         self._idle: list[Deferred[None]] = []
 

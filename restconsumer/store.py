@@ -15,6 +15,7 @@ import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -62,6 +63,47 @@ class JobRecord:
 def channel(job_id: str) -> str:
     """The pub/sub channel on which changes to a job are announced."""
     return f"msg/job:{job_id}"
+
+
+# Each change is one script, so Redis applies it whole (store, index, announce) even if
+# the API request that made it is cut off half-way.
+_PUT = """
+if ARGV[4] == '1' then redis.call('DEL', KEYS[3], KEYS[4]) end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'update')
+return 1
+"""
+_CREATE = """
+if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'update')
+return 1
+"""
+_DELETE = """
+local removed = redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
+if removed == 1 then redis.call('PUBLISH', ARGV[2], 'delete') end
+return removed
+"""
+_SET_STOPPED = """
+if ARGV[2] == '1' then redis.call('SADD', KEYS[1], ARGV[1]) else redis.call('SREM', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+_BEGIN_MOVE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('PUBLISH', ARGV[3], 'set_offset')
+return 1
+"""
+_END_MOVE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[2], 'start')
+return 1
+"""
 
 
 class StoreUnavailable(Exception):
@@ -137,7 +179,9 @@ class JobStore(Service):
         a = self.address
         self._redis = txredisapi.lazyConnectionPool(
             host=a.host, port=a.port, dbid=a.db or None, poolsize=self._poolsize,
-            password=a.password, username=a.username, ssl_context_factory=a.tls,
+            password=a.password, username=a.username,
+            # txredisapi's own TLS (ssl_context_factory=True) does not verify the server.
+            ssl_context_factory=optionsForClientTLS(a.host) if a.tls else False,
             connectTimeout=self._connect_timeout, replyTimeout=self._reply_timeout,
         )
         # Come back within a couple of seconds of Redis (the default waits up to 10 s).
@@ -172,7 +216,8 @@ class JobStore(Service):
             raise StoreUnavailable(f"Redis at {self.address} is not connected")
         try:
             return await getattr(self._redis, method)(*args)
-        except (txredisapi.ConnectionError, txredisapi.TimeoutError) as e:
+        except (txredisapi.ConnectionError, txredisapi.TimeoutError, txredisapi.ResponseError) as e:
+            # A ResponseError here is Redis refusing to work (READONLY, OOM, LOADING...).
             raise StoreUnavailable(f"Redis at {self.address}: {e}") from e
 
     async def ping(self) -> None:
@@ -186,21 +231,15 @@ class JobStore(Service):
 
     async def all(self) -> list[dict[str, Any]]:
         """Every stored job, ordered by id."""
-        ids = sorted(await self._call("smembers", JOB_SET))
+        ids = sorted(await self.ids())
         if not ids:
             return []
         values = await self._call("mget", [job_key(i) for i in ids])
         return [job for i, raw in zip(ids, values, strict=False) if (job := self._decode(i, raw)) is not None]
 
-    async def records(self) -> dict[str, JobRecord]:
-        """Every stored job with its run state, by id."""
-        jobs = await self.all()
-        if not jobs:
-            return {}
-        stopped = set(await self._call("smembers", STOPPED_SET))
-        moving = await self._call("mget", [_offsets_key(j["id"]) for j in jobs])
-        return {j["id"]: JobRecord(j, j["id"] in stopped, m is not None)
-                for j, m in zip(jobs, moving, strict=True)}
+    async def ids(self) -> set[str]:
+        """The id of every stored job."""
+        return {str(i) for i in await self._call("smembers", JOB_SET)}
 
     async def record(self, job_id: str) -> JobRecord | None:
         """One stored job with its run state, or None."""
@@ -213,27 +252,22 @@ class JobStore(Service):
 
     async def set_stopped(self, job_id: str, stopped: bool) -> None:
         """Keep a job stopped (or not) across restarts, and announce it."""
-        if stopped:
-            await self._call("sadd", STOPPED_SET, job_id)
-        else:
-            await self._call("srem", STOPPED_SET, job_id)
-        await self.announce(job_id, "stop" if stopped else "start")
+        await self._call("eval", _SET_STOPPED, [STOPPED_SET],
+                         [job_id, "1" if stopped else "0", channel(job_id),
+                          "stop" if stopped else "start"])
 
     async def begin_offset_move(self, job_id: str, token: str, ttl: int) -> bool:
         """Halt the job everywhere while its offsets move; False if a move is under way.
 
         The mark expires after ``ttl`` seconds, so a crashed mover never halts a job for good.
         """
-        taken = await self._call("set", _offsets_key(job_id), token, ttl, None, True)
-        if taken:
-            await self.announce(job_id, "set_offset")
+        taken = await self._call("eval", _BEGIN_MOVE, [_offsets_key(job_id)],
+                                 [token, str(ttl), channel(job_id)])
         return bool(taken)
 
     async def end_offset_move(self, job_id: str, token: str) -> None:
-        """Let the job run again after its offsets moved."""
-        if await self._call("get", _offsets_key(job_id)) == token:
-            await self._call("delete", _offsets_key(job_id))
-        await self.announce(job_id, "start")
+        """Let the job run again after its offsets moved (only the mover's own mark goes)."""
+        await self._call("eval", _END_MOVE, [_offsets_key(job_id)], [token, channel(job_id)])
 
     async def add_stats(self, job_id: str, deltas: dict[str, int]) -> None:
         """Add to a job's counters (kept across instances and restarts, until it is deleted)."""
@@ -260,29 +294,24 @@ class JobStore(Service):
 
     async def put(self, job: Job, *, new: bool = False) -> None:
         """Store a job and announce the change; a ``new`` job starts with fresh counters."""
-        if new:
-            await self._call("delete", [_stats_key(job.id), _instances_key(job.id)])
-        await self._call("set", job_key(job.id), json.dumps(job.stored(), ensure_ascii=False))
-        await self._call("sadd", JOB_SET, job.id)
-        await self.announce(job.id, "update")
+        await self._call("eval", _PUT,
+                         [job_key(job.id), JOB_SET, _stats_key(job.id), _instances_key(job.id)],
+                         [json.dumps(job.stored(), ensure_ascii=False), job.id, channel(job.id),
+                          "1" if new else "0"])
 
     async def create(self, job: Job) -> bool:
         """Store a job only if none has its id; True if it was created (and announced)."""
-        created = await self._call("setnx", job_key(job.id),
-                                   json.dumps(job.stored(), ensure_ascii=False))
-        if created:
-            await self._call("sadd", JOB_SET, job.id)
-            await self.announce(job.id, "update")
+        created = await self._call(
+            "eval", _CREATE, [job_key(job.id), JOB_SET, _stats_key(job.id), _instances_key(job.id)],
+            [json.dumps(job.stored(), ensure_ascii=False), job.id, channel(job.id)])
         return bool(created)
 
     async def delete(self, job_id: str) -> bool:
         """Remove a job, its run state and counters, and announce it; False if there was none."""
-        removed = await self._call("delete", job_key(job_id))
-        await self._call("srem", JOB_SET, job_id)
-        await self._call("srem", STOPPED_SET, job_id)
-        await self._call("delete", [_stats_key(job_id), _instances_key(job_id)])
-        if removed:
-            await self.announce(job_id, "delete")
+        removed = await self._call(
+            "eval", _DELETE, [job_key(job_id), JOB_SET, STOPPED_SET, _stats_key(job_id),
+                              _instances_key(job_id), _offsets_key(job_id)],
+            [job_id, channel(job_id)])
         return bool(removed)
 
     async def announce(self, job_id: str, action: str) -> None:

@@ -38,6 +38,7 @@ class Supervisor(Service):
         self._runner_factory = runner_factory
         self.runners: dict[str, JobRunner] = {}
         self._locks: dict[str, DeferredLock] = {}
+        self._stopping: set[Deferred[None]] = set()
         #: Told of every runner once it has stopped (its last counts are reported).
         self.on_stopped: Callable[[JobRunner], None] | None = None
 
@@ -45,7 +46,8 @@ class Supervisor(Service):
         """Stop every job: requests under way end, finished offsets are committed."""
         super().stopService()
         runners, self.runners = list(self.runners.values()), {}
-        return gatherResults([self._stop(r) for r in runners], consumeErrors=True)
+        stopping = [self._stop(r) for r in runners] + list(self._stopping)
+        return gatherResults(stopping, consumeErrors=True)
 
     def _stop(self, runner: JobRunner) -> Deferred[None]:
         def stopped(result: Any) -> Any:
@@ -53,19 +55,28 @@ class Supervisor(Service):
                 self.on_stopped(runner)
             return result
 
-        return runner.stop().addBoth(stopped)
+        d = runner.stop().addBoth(stopped)
+        # Kept until done, so that stopping the service waits for stops under way.
+        self._stopping.add(d)
+        d.addBoth(lambda result: (self._stopping.discard(d), result)[1])
+        return d
 
     async def reconcile(self) -> None:
         """Bring the running jobs in line with every job in the store."""
         if not self.running:
             return
         try:
-            records = await self._store.records()
+            stored = await self._store.ids()
         except StoreUnavailable as e:
             log.warn("reconcile skipped: {reason}", reason=str(e))
             return
-        for job_id in set(self.runners) | set(records):
-            await self.sync(job_id, records.get(job_id))
+        for job_id in sorted(set(self.runners) | stored):
+            # Each job is read afresh under its lock: a change applied meanwhile is not
+            # undone by an older snapshot, and one bad job does not hold up the others.
+            try:
+                await self.sync(job_id)
+            except Exception:
+                log.failure("job {job_id}: reconcile failed", job_id=job_id)
 
     def changed(self, job_id: str) -> None:
         """A change to ``job_id`` was announced: look it up and act on it."""
@@ -115,12 +126,20 @@ class Supervisor(Service):
             if job is not None and runner.job.hash == job.hash:
                 return
             if job is not None and runner.can_take(job):
-                runner.update(job)
+                try:
+                    runner.update(job)
+                except Exception:
+                    log.failure("job {job_id}: the new definition cannot be used; the old one "
+                                "runs on", job_id=job_id)
                 return
             del self.runners[job_id]
             await self._stop(runner)
         if job is not None and self.running:
-            runner = self._runner_factory(job, self._reactor, self._kafka, self._sender,
-                                          self._dead_letters)
+            try:
+                runner = self._runner_factory(job, self._reactor, self._kafka, self._sender,
+                                              self._dead_letters)
+            except Exception:
+                log.failure("job {job_id}: cannot be run", job_id=job_id)
+                return
             self.runners[job_id] = runner
             runner.start()

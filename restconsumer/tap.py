@@ -13,7 +13,7 @@ from twisted.logger import Logger, jsonFileLogObserver
 from twisted.python import usage
 
 from restconsumer import __version__
-from restconsumer.api import API
+from restconsumer.api import API, MAX_BODY
 from restconsumer.auth import Authenticator, load_tokens
 from restconsumer.control import JobControl
 from restconsumer.delivery import DeadLetters, HTTPSender
@@ -228,7 +228,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
               clock=reactor, allow_hosts=options["allowed-hosts"], demo_sink=options["embedded"])
     endpoint = endpoints.serverFromString(reactor, options["api"])
-    APIServer(endpoint, DrainingSite(api.app.resource()), reactor,
+    APIServer(endpoint, DrainingSite(api.app.resource(), max_body=MAX_BODY), reactor,
               description=f"Kafka {options['kafka']}, Redis {redis_address}",
               token_note=token_note).setServiceParent(top)
     return top

@@ -250,3 +250,40 @@ def test_sigterm_while_serving_exits_cleanly(services: Start) -> None:
     assert "#error]" not in log and "#critical]" not in log
     assert "store unavailable" not in log
     assert "Server Shut Down." in log
+
+
+def test_oversize_bodies_are_refused_before_anything_else(services: Start) -> None:
+    """413 even without a token, for a declared length and for a chunked body alike."""
+    import http.client
+
+    service = services()
+    assert service.request("POST", "/job/demo", raw=b"x" * (1024 * 1024 + 1), token=None).status == 413
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=20)
+    try:
+        conn.putrequest("POST", "/job/demo")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.putheader("Authorization", f"Bearer {service.token}")
+        conn.endheaders()
+        chunk = b"y" * 65536
+        for _ in range(20):
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+        answer = conn.getresponse()
+        assert answer.status == 413
+        assert json.loads(answer.read())["error"] == "request body too large"
+    finally:
+        conn.close()
+
+
+def test_odd_credentials_and_bodies_never_give_a_server_error(services: Start) -> None:
+    """Malformed Basic auth, deeply nested JSON, odd offsets: 4xx, never 5xx."""
+    service = services("--api-user", "ops", "--api-password", "pw-ops-93")
+    for header in ("Basic ²²²", "Basic !!!", "Bearer", "Digest x", "Basic " + "A" * 5000):
+        assert service.request("GET", "/jobs", token=None, headers={"Authorization": header}).status == 401
+    nested = b"[" * 100000 + b"]" * 100000
+    answer = service.request("POST", "/job/demo", raw=nested)
+    assert answer.status == 400 and answer.json["error"] == "malformed JSON"
+    assert service.request("POST", "/job/demo", demo_job()).status == 201
+    assert service.request("POST", "/job/demo/set_offset/%C2%B2").status == 400
+    assert service.request("POST", "/job/demo/set_offset/end?partition=%C2%B2").status == 400
+    assert "Traceback" not in service.log()

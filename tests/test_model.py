@@ -768,3 +768,44 @@ def test_load_without_modified_gives_a_fresh_one() -> None:
 def test_load_refuses_a_broken_stored_job() -> None:
     with pytest.raises(InvalidJob):
         load({**minimal(type="FETCH"), "modified": OLD})
+
+
+def _secret_job(**changes: Any) -> dict[str, Any]:
+    job = {"id": "s", "owner": "o", "type": "POST", "topic": "t", "datamap": {"id": "$.msg.id"},
+           "url": "https://crm.example/{id}", "basic_auth": {"user": "u", "pw": "real-pw"},
+           "headers": {"X-Api-Key": "real-key"}}
+    job.update(changes)
+    return job
+
+
+def test_hidden_secrets_are_kept_only_for_the_same_destination() -> None:
+    previous = validate(_secret_job()).stored()
+    shown = redact(previous)
+    kept = validate(shown, previous=previous)
+    assert kept.definition["basic_auth"]["pw"] == "real-pw"
+    assert kept.definition["headers"]["X-Api-Key"] == "real-key"
+    moved = {**shown, "url": "https://attacker.example/{id}"}
+    with pytest.raises(InvalidJob) as caught:
+        validate(moved, previous=previous)
+    assert {p.field for p in caught.value.problems} == {"basic_auth.pw", "headers.X-Api-Key"}
+    other_port = {**shown, "url": "https://crm.example:8443/{id}"}
+    with pytest.raises(InvalidJob):
+        validate(other_port, previous=previous)
+
+
+def test_a_new_job_cannot_take_the_mask_as_its_secret() -> None:
+    with pytest.raises(InvalidJob) as caught:
+        validate(_secret_job(token="***", basic_auth=None))
+    assert [p.field for p in caught.value.problems] == ["token"]
+
+
+def test_header_values_must_be_latin1_and_datamaps_bounded() -> None:
+    with pytest.raises(InvalidJob) as caught:
+        validate(_secret_job(headers={"X-Coffee": "☕"}))
+    assert [p.field for p in caught.value.problems] == ["headers.X-Coffee"]
+    huge = {f"k{i}": "$.msg.id" for i in range(101)}
+    with pytest.raises(InvalidJob) as caught:
+        validate(_secret_job(datamap=huge, url="https://crm.example/x"))
+    assert [p.field for p in caught.value.problems] == ["datamap"]
+    with pytest.raises(InvalidJob):
+        validate(_secret_job(datamap={"id": "$.msg." + "a" * 1001}))
