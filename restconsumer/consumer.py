@@ -29,8 +29,9 @@ class LoopHandler(Protocol):
     def messages(self, batch: list[Message], epochs: dict[TP, int]) -> None:
         """A batch of messages; ``epochs`` gives each partition's assignment epoch."""
 
-    def revoked(self, partitions: list[TP]) -> None:
-        """These partitions are no longer this consumer's."""
+    def revoked(self, partitions: list[TP]) -> Deferred[Any]:
+        """These partitions are being taken away: stop them; fire once nothing of them is
+        under way any more (their last offsets are committed after that)."""
 
 
 def consumer_config(base: dict[str, Any], job_id: str) -> dict[str, Any]:
@@ -57,7 +58,8 @@ class KafkaLoop:
     """
 
     def __init__(self, reactor: Any, name: str, config: dict[str, Any], topics: list[str],
-                 handler: LoopHandler, *, batch: int = 1000, poll_timeout: float = 0.1) -> None:
+                 handler: LoopHandler, *, batch: int = 1000, poll_timeout: float = 0.1,
+                 revoke_grace: float = 10.0) -> None:
         self._reactor = reactor
         self.name = name
         self._config = config
@@ -65,6 +67,7 @@ class KafkaLoop:
         self._handler = handler
         self._batch = batch
         self._poll_timeout = poll_timeout
+        self._revoke_grace = revoke_grace
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"kafka-{name}")
         self._consumer: Consumer | None = None
         self._lock = threading.Lock()
@@ -190,6 +193,15 @@ class KafkaLoop:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        if tps:
+            # Let the requests under way end (a while at most) before committing, so the
+            # next owner starts after them instead of sending them again alongside.
+            settled = threading.Event()
+            self._reactor.callFromThread(self._revoke, tps, settled)
+            if not settled.wait(self._revoke_grace):
+                log.warn("job {name}: requests still under way on revoked partitions after "
+                         "{grace} s; they may be sent again by the next owner", name=self.name,
+                         grace=self._revoke_grace)
         self._commit(only=set(tps), asynchronous=False, force=True)
         with self._lock:
             for tp in tps:
@@ -202,8 +214,15 @@ class KafkaLoop:
                 self._base.pop(tp, None)
             self.assignment = sorted(self._assigned)
             self.lag = {tp: n for tp, n in self.lag.items() if tp in self._assigned}
-        if tps:
-            self._reactor.callFromThread(self._handler.revoked, tps)
+
+    def _revoke(self, tps: list[TP], settled: threading.Event) -> None:
+        try:
+            d = self._handler.revoked(tps)
+        except Exception:
+            log.failure("job {name}: letting go of partitions failed", name=self.name)
+            settled.set()
+            return
+        d.addBoth(lambda _: settled.set())
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         # Runs on the consumer thread, inside consume(): an asynchronous commit that failed

@@ -107,9 +107,11 @@ class _Partition:
                                 partition=message.partition(), offset=message.offset())
                     finished = await self.runner.dead_letter(
                         message, self, f"internal error: {type(e).__name__}: {e}")
+                if finished:
+                    # Even once dropped: its epoch still holds until the revocation commits.
+                    self.runner.loop.finished(self.tp, self.epoch, message.offset() + 1)
                 if not finished or self.dropped:
                     break
-                self.runner.loop.finished(self.tp, self.epoch, message.offset() + 1)
                 if self.paused and len(self.queue) <= self.runner.low_water:
                     self.paused = False
                     self.runner.loop.resume(self.tp)
@@ -203,14 +205,18 @@ class JobRunner:
                 partition = partitions[tp] = _Partition(self, tp, epoch, after)
             partition.add(message)
 
-    def revoked(self, partitions: list[TP]) -> None:
-        """Let go of partitions given to another consumer."""
+    def revoked(self, partitions: list[TP]) -> Deferred[Any]:
+        """Let go of partitions given to another consumer; fires when none has a request
+        under way."""
+        waiting = []
         for tp in partitions:
             partition = self._partitions.pop(tp, None)
             if partition is not None:
                 partition.drop()
                 if partition.working is not None:
                     self._drain(tp, partition)
+                    waiting.append(partition.done())
+        return DeferredList(waiting) if waiting else succeed(None)
 
     def _drain(self, tp: TP, partition: _Partition) -> None:
         """Remember a revoked worker until its last request ends."""

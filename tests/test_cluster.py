@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -81,5 +82,58 @@ def test_sigkill_mid_stream_loses_nothing(
         # The in-flight window: what was delivered but not yet committed when killed.
         # Commits go with every poll (at least every 0.1 s), so it is a fraction of a second.
         assert duplicates <= 400, f"{duplicates} duplicates"
+    finally:
+        sink.stop()
+
+
+class PerPartition:
+    """Answers slowly and keeps, per partition, the most requests answered at once."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.now: Counter[str] = Counter()
+        self.most: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, got: Received) -> tuple[int, dict[str, str], bytes]:
+        partition = got.path.split("/")[2]
+        with self.lock:
+            self.now[partition] += 1
+            self.most[partition] = max(self.most[partition], self.now[partition])
+        time.sleep(self.delay)
+        with self.lock:
+            self.now[partition] -= 1
+        return 200, {}, b"ok"
+
+
+def test_a_rebalance_never_sends_one_partition_twice_at_once(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    """Slow answers while a second instance joins (taking a partition over) and leaves:
+    requests of one partition never overlap, and every message arrives, in order."""
+    tracker = PerPartition(1.5)
+    sink = Sink(tracker).start()
+    try:
+        name = topic(2)
+        produce(kafka.bootstrap, name, (json.dumps({"id": f"s{i}"}).encode() for i in range(20)),
+                partitions=2)
+        first = services()
+        job = {"id": "pair", "owner": "ops", "type": "POST", "topic": name,
+               "datamap": {"id": "$.msg.id", "p": "$.meta.partition"},
+               "url": f"{sink.url}/p/{{p}}/{{id}}"}
+        assert first.request("POST", "/job/pair", job).status == 201
+        wait_for(lambda: sink.count() >= 2, 30, "the first requests")
+        second = services()
+        wait_for(lambda: last_assignment(second, "pair"), 40, "the second instance taking a partition")
+        wait_for(lambda: sink.count() >= 10, 60, "more requests after the join")
+        second.stop()
+        wait_for(lambda: len(ids(sink.snapshot())) == 20, 90, "all 20", every=0.5)
+        assert dict(tracker.most) == {"0": 1, "1": 1}
+        for partition in ("0", "1"):
+            order = [int(r.path.rsplit("/s", 1)[1]) for r in sink.snapshot()
+                     if r.path.split("/")[2] == partition]
+            firsts = [order.index(i) for i in sorted(set(order))]
+            assert firsts == sorted(firsts), f"partition {partition}: first deliveries out of order"
+        duplicates = sum(ids(sink.snapshot()).values()) - 20
+        assert duplicates <= 4, f"{duplicates} duplicates from two rebalances"
     finally:
         sink.stop()
