@@ -23,6 +23,12 @@ TP = tuple[str, int]
 log = Logger()
 
 
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    thread = threading.Thread(*args, **kwargs)
+    thread.daemon = True
+    return thread
+
+
 class LoopHandler(Protocol):
     """What a :class:`KafkaLoop` tells, on the reactor thread."""
 
@@ -59,7 +65,7 @@ class KafkaLoop:
 
     def __init__(self, reactor: Any, name: str, config: dict[str, Any], topics: list[str],
                  handler: LoopHandler, *, batch: int = 1000, poll_timeout: float = 0.1,
-                 revoke_grace: float = 10.0) -> None:
+                 revoke_grace: float = 10.0, close_timeout: float = 15.0) -> None:
         self._reactor = reactor
         self.name = name
         self._config = config
@@ -68,7 +74,10 @@ class KafkaLoop:
         self._batch = batch
         self._poll_timeout = poll_timeout
         self._revoke_grace = revoke_grace
+        self._close_timeout = close_timeout
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"kafka-{name}")
+        # A daemon thread: one stuck in librdkafka's close never keeps the process alive.
+        self._pool.threadFactory = _daemon_thread
         self._consumer: Consumer | None = None
         self._lock = threading.Lock()
         self._finished: dict[TP, int] = {}
@@ -125,17 +134,34 @@ class KafkaLoop:
         waiting: Deferred[Any] = Deferred()
         hop.addBoth(lambda r: (waiting.callback(None), r)[1])
 
-        def close(_: Any) -> Deferred[None]:
-            return deferToThreadPool(self._reactor, self._pool, self._close)
+        def close(_: Any) -> Deferred[bool]:
+            # librdkafka's close can wait without end for a group coordinator that is gone:
+            # past close_timeout the job lets go of its (daemon) thread instead of hanging.
+            closing = deferToThreadPool(self._reactor, self._pool, self._close)
+            closing.addErrback(lambda f: log.failure("job {name}: closing the consumer failed",
+                                                     f, name=self.name))
+            outcome: Deferred[bool] = Deferred()
+            closing.addBoth(lambda _: outcome.called or outcome.callback(True))
 
-        def stop_thread(result: Any) -> Deferred[Any]:
+            def give_up() -> None:
+                if not outcome.called:
+                    log.warn("job {name}: the Kafka consumer did not close within {timeout} s "
+                             "(is Kafka reachable?); leaving it behind", name=self.name,
+                             timeout=self._close_timeout)
+                    outcome.callback(False)
+
+            timer = self._reactor.callLater(self._close_timeout, give_up)
+            outcome.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+            return outcome
+
+        def stop_thread(closed: bool) -> Deferred[Any] | None:
+            if not closed:
+                return None  # its thread is still inside close(); joining it would hang
             # Joining the thread is done off the reactor thread.
             pool = self._reactor.getThreadPool()
-            return deferToThreadPool(self._reactor, pool, self._pool.stop).addBoth(lambda _: result)
+            return deferToThreadPool(self._reactor, pool, self._pool.stop).addBoth(lambda _: None)
 
-        self._closed = waiting.addCallback(close).addErrback(
-            lambda f: log.failure("job {name}: closing the consumer failed", f, name=self.name)
-        ).addBoth(stop_thread)
+        self._closed = waiting.addCallback(close).addCallback(stop_thread)
         return self._closed
 
     def _next(self) -> None:
@@ -313,7 +339,7 @@ class KafkaLoop:
         if self._consumer is None:
             return
         try:
-            self._commit(asynchronous=False, force=True)
-        finally:
+            # close() revokes the assignment first: _on_revoke makes the final commit.
             self._consumer.close()
+        finally:
             self._consumer = None

@@ -188,7 +188,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def test_kafka_restarted_mid_stream(services: Start, own_kafka: KafkaBroker) -> None:
+def test_kafka_restarted_mid_stream(own_kafka: KafkaBroker, services: Start) -> None:
     """The broker stops for 20 s in the middle of the stream; every message arrives afterwards."""
     sink = Sink().start()
     try:
@@ -208,8 +208,8 @@ def test_kafka_restarted_mid_stream(services: Start, own_kafka: KafkaBroker) -> 
         sink.stop()
 
 
-def test_redis_away_for_20_s(services: Start, kafka: KafkaBroker, topic: Callable[..., str],
-                             own_redis: RedisServer) -> None:
+def test_redis_away_for_20_s(own_redis: RedisServer, services: Start, kafka: KafkaBroker,
+                             topic: Callable[..., str]) -> None:
     """Redis stopped for 20 s: jobs keep delivering and the API answers 503 for the store.
     Then this instance alone loses Redis while another one changes the job: the change is
     picked up once this instance's subscriber is back."""
@@ -254,4 +254,24 @@ def test_redis_away_for_20_s(services: Start, kafka: KafkaBroker, topic: Callabl
         assert "job steady: definition changed" in first.log()
     finally:
         proxy.close()
+        sink.stop()
+
+
+def test_sigterm_with_kafka_away_still_ends(own_kafka: KafkaBroker, services: Start) -> None:
+    """Stopping while the broker is down: the final commit cannot be made, yet the process
+    ends within the consumer's session timeout (10 s) and a little more."""
+    sink = Sink().start()
+    try:
+        own_kafka.create_topic("gone", 1)
+        service = services(kafka_bootstrap=own_kafka.bootstrap)
+        assert service.request("POST", "/job/orphan", job("orphan", "gone", sink.url)).status == 201
+        produce(own_kafka.bootstrap, "gone", messages("g", 20))
+        wait_for(lambda: sink.count() >= 20, 60, "delivered")
+        own_kafka.stop()
+        began = time.monotonic()
+        assert service.stop(timeout=30) in (0, -15)
+        assert time.monotonic() - began < 20
+        assert "Traceback" not in service.log()
+        own_kafka.start()
+    finally:
         sink.stop()
