@@ -191,6 +191,19 @@ class HTTPSender(Service):
             with open(ca_file, "rb") as f:
                 default_trust = _trust(f.read())
         self._routes: dict[str | None, _Route] = {None: self._route(default_trust)}
+        self._headers: dict[int, tuple[dict[bytes, list[bytes]], Headers]] = {}
+
+    def _headers_of(self, raw: dict[bytes, list[bytes]]) -> Headers:
+        # A job's requests share one header dict (Host included): one Headers object for
+        # all of them saves building one, and Agent's copy to add Host, per request.
+        cached = self._headers.get(id(raw))
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        if len(self._headers) > 1000:
+            self._headers.clear()
+        headers = Headers(raw)
+        self._headers[id(raw)] = (raw, headers)
+        return headers
 
     def _route(self, trust: Any) -> _Route:
         pool = HTTPConnectionPool(self._reactor, persistent=True)
@@ -219,7 +232,8 @@ class HTTPSender(Service):
             d = Deferred.fromCoroutine(self._follow(route.agent, request))
         else:
             body = _Body(request.body) if request.body is not None else None
-            d = route.agent.request(request.method, request.url, Headers(request.headers), body)
+            d = route.agent.request(request.method, request.url, self._headers_of(request.headers),
+                                    body)
             d.addCallback(self._answer)
         timer = self._reactor.callLater(timeout, d.cancel)
 
@@ -236,7 +250,8 @@ class HTTPSender(Service):
 
     async def _follow(self, agent: IAgent, request: Outgoing) -> Answer:
         method, url, body = request.method, request.url, request.body
-        headers = {k: list(v) for k, v in request.headers.items()}
+        # Agent works out Host for each hop.
+        headers = {k: list(v) for k, v in request.headers.items() if k.lower() != b"host"}
         for hop in range(_MAX_HOPS + 1):
             producer = _Body(body) if body is not None else None
             response = await agent.request(method, url, Headers(headers), producer)

@@ -10,7 +10,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from jsonpath_ng import JSONPath
 from jsonpath_ng.jsonpath import Child, Fields, Index, Root
@@ -30,7 +30,8 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One request, ready to send."""
+    """One request, ready to send. ``headers`` is shared by every request of a job (it
+    includes ``Host``) and is never changed."""
 
     method: bytes
     url: bytes
@@ -97,6 +98,17 @@ def encode_value(value: Any) -> str:
         raise TemplateError(f"a value is not valid Unicode (lone surrogate): {e}") from e
 
 
+def _host_header(template: str) -> bytes:
+    """The ``Host`` header of a URL template (its authority never holds a placeholder)."""
+    parts = urlsplit(PLACEHOLDER.sub("x", template))
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if parts.scheme == "https" else 80
+    value = host if parts.port in (None, default) else f"{host}:{parts.port}"
+    return value.encode("idna") if not value.isascii() else value.encode("ascii")
+
+
 class RequestBuilder:
     """The request-making half of a job, compiled once from its definition."""
 
@@ -114,9 +126,10 @@ class RequestBuilder:
         self._has_query = "?" in PLACEHOLDER.sub("", d["url"])
         self._query_keys: list[str] = d.get("query_params", [])
         self._body_keys: list[str] | None = d.get("json_body")
-        headers: dict[bytes, list[bytes]] = {
+        headers: dict[bytes, list[bytes]] = {b"Host": [_host_header(d["url"])]}
+        headers.update({
             k.encode("latin-1"): [v.encode("latin-1")] for k, v in d.get("headers", {}).items()
-        }
+        })
         if "basic_auth" in d:
             pair = f"{d['basic_auth']['user']}:{d['basic_auth']['pw']}".encode()
             headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair)]
