@@ -80,6 +80,18 @@ class _Partition:
     def sleeping(self, pause: Deferred[None] | None) -> None:
         self.sleep = pause
 
+    async def nap(self, clock: IReactorTime, seconds: float) -> bool:
+        """Wait ``seconds`` without blocking; False if the worker was dropped meanwhile."""
+        pause = deferLater(clock, seconds, lambda: None)
+        self.sleeping(pause)
+        try:
+            await pause
+        except CancelledError:
+            return False
+        finally:
+            self.sleeping(None)
+        return True
+
     def done(self) -> Deferred[None]:
         """Fires once no message of this worker is under way any more."""
         waiter: Deferred[None] = Deferred()
@@ -301,17 +313,7 @@ class JobRunner:
         now = self._clock.seconds()
         slot = max(now, self._next_slot)
         self._next_slot = slot + self._ratelimit
-        if slot <= now:
-            return True
-        pause = deferLater(self._clock, slot - now, lambda: None)
-        partition.sleeping(pause)
-        try:
-            await pause
-        except CancelledError:
-            return False
-        finally:
-            partition.sleeping(None)
-        return True
+        return slot <= now or await partition.nap(self._clock, slot - now)
 
     @staticmethod
     def _entity(msg: Any) -> Any:
@@ -361,14 +363,8 @@ class JobRunner:
                           "{dlt}: {error}; trying again in {wait:.1f} s", job_id=job.id,
                           topic=message.topic(), partition=message.partition(),
                           offset=message.offset(), dlt=job.dead_letter_topic, error=str(e), wait=wait)
-                pause = deferLater(self._clock, wait * (0.5 + random.random()), lambda: None)
-                partition.sleeping(pause)
-                try:
-                    await pause
-                except CancelledError:
+                if not await partition.nap(self._clock, wait * (0.5 + random.random())):
                     return False
-                finally:
-                    partition.sleeping(None)
                 wait = min(wait * 2, 30.0)
                 continue
             self.stats.dead_lettered += 1

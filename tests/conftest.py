@@ -11,6 +11,7 @@ import pytest
 from tests.infra.kafka import KafkaBroker
 from tests.infra.redis import RedisServer
 from tests.infra.service import ServiceProcess
+from tests.infra.sink import Sink
 
 _topics = itertools.count()
 
@@ -72,3 +73,11 @@ def services(tmp_path: Path, kafka: KafkaBroker,
     for service in started:
         if service.process is not None:
             service.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A loopback HTTP endpoint answering 200."""
+    server = Sink().start()
+    yield server
+    server.stop()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce
@@ -17,14 +15,6 @@ from tests.infra.service import ServiceProcess
 from tests.infra.sink import Received, Sink
 
 Start = Callable[..., ServiceProcess]
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    """A loopback HTTP endpoint answering 200."""
-    server = Sink().start()
-    yield server
-    server.stop()
 
 
 def job(name: str, topic: str, sink: Sink, **more: Any) -> dict[str, Any]:

@@ -6,12 +6,11 @@ import base64
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 import fastavro
-import pytest
 
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce, read_all
@@ -20,14 +19,6 @@ from tests.infra.service import ServiceProcess
 from tests.infra.sink import Received, Sink
 
 Start = Callable[..., ServiceProcess]
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    """A loopback HTTP endpoint answering 200."""
-    server = Sink().start()
-    yield server
-    server.stop()
 
 
 def settle(sink: Sink, expect: int, timeout: float = 60) -> list[Received]:
