@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet import endpoints
-from twisted.logger import Logger, jsonFileLogObserver
+from twisted.logger import Logger
 from twisted.python import usage
 
 from restconsumer import __version__
@@ -156,8 +156,8 @@ class Options(usage.Options):
             raise usage.UsageError("--log-format is text or json")
         if self["log-format"] == "json" and self.parent is not None \
                 and not self.parent.get("logger"):
-            # twistd reads its log observer from its own options after ours are parsed.
-            self.parent["logger"] = lambda: jsonFileLogObserver(sys.stdout)
+            # twistd reads its log observer (a dotted name) after our options are parsed.
+            self.parent["logger"] = "restconsumer.logs.json_observer"
 
         if self["embedded"] and EmbeddedRedis.binary() is None:
             raise usage.UsageError("--embedded needs redis-server on the PATH "

@@ -287,3 +287,17 @@ def test_odd_credentials_and_bodies_never_give_a_server_error(services: Start) -
     assert service.request("POST", "/job/demo/set_offset/%C2%B2").status == 400
     assert service.request("POST", "/job/demo/set_offset/end?partition=%C2%B2").status == 400
     assert "Traceback" not in service.log()
+
+
+def test_json_log_format(services: Start) -> None:
+    """--log-format json: every line of the log is a JSON object with its text in message."""
+    service = services("--log-format", "json")
+    service.request("POST", "/job/demo", demo_job())
+    service.stop()
+    lines = [line for line in service.log().splitlines() if line.strip()
+             and not line.startswith("%")]  # librdkafka writes its own lines to stderr
+    events = [json.loads(line) for line in lines]
+    messages = [e["message"] for e in events]
+    assert any(m.startswith("restconsumer API listening on http://127.0.0.1:") for m in messages)
+    assert any(m.startswith("job demo created") for m in messages)
+    assert all("log_level" in e for e in events)
