@@ -77,7 +77,9 @@ class KafkaBroker:
         """Start the broker (formatting its log dir the first time) and wait until it answers."""
         config = self._write_config()
         if not self._formatted:
-            cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster = "-"
+            while cluster.startswith("-"):  # a leading '-' would read as an option (Kafka avoids it too)
+                cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster, "-c",
                                       str(config)), check=True, stdout=subprocess.DEVNULL)
             self._formatted = True
