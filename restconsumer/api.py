@@ -236,23 +236,23 @@ class API:
         return _json(request, 200, {"id": job_id, "deleted": True})
 
 
+    async def _run_state(self, request: IRequest, job_id: str, stopped: bool) -> bytes:
+        principal = self._principal(request)
+        await self._visible_job(principal, job_id)
+        await self.store.set_stopped(job_id, stopped)
+        state = "stopped" if stopped else "running"
+        self.log.info("job {job_id} {state} by request", job_id=job_id, state=state)
+        return _json(request, 200, {"id": job_id, "state": state})
+
     @app.route("/job/<job_id>/stop", methods=["POST"])
     async def stop_job(self, request: IRequest, job_id: str) -> bytes:
         """Stop a job on every instance; it stays stopped across restarts."""
-        principal = self._principal(request)
-        await self._visible_job(principal, job_id)
-        await self.store.set_stopped(job_id, True)
-        self.log.info("job {job_id} stopped by request", job_id=job_id)
-        return _json(request, 200, {"id": job_id, "state": "stopped"})
+        return await self._run_state(request, job_id, stopped=True)
 
     @app.route("/job/<job_id>/start", methods=["POST"])
     async def start_job(self, request: IRequest, job_id: str) -> bytes:
         """Run a stopped job again, from where it stopped."""
-        principal = self._principal(request)
-        await self._visible_job(principal, job_id)
-        await self.store.set_stopped(job_id, False)
-        self.log.info("job {job_id} started by request", job_id=job_id)
-        return _json(request, 200, {"id": job_id, "state": "running"})
+        return await self._run_state(request, job_id, stopped=False)
 
     @app.route("/job/<job_id>/set_offset/<offset>", methods=["POST"])
     async def set_offset(self, request: IRequest, job_id: str, offset: str) -> bytes:

@@ -29,10 +29,8 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -49,6 +47,7 @@ from zope.interface import implementer
 
 from restconsumer.mapping import Outgoing
 from restconsumer.model import is_secret_header
+from restconsumer.threads import ThreadService
 
 __all__ = [
     "Answer",
@@ -427,17 +426,16 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-class DeadLetters(Service):
+class DeadLetters(ThreadService):
     """Produces dead letters to Kafka; each send fires once Kafka has acknowledged it.
 
     The producer's delivery reports are served by a thread of its own.
     """
 
     def __init__(self, reactor: Any, config: dict[str, Any]) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, "dead-letters")
         self._config = {**config, "acks": "all", "linger.ms": 5, "enable.idempotence": True}
         self._producer: Producer | None = None
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="dead-letters")
         self._polling = False
         self._loop: Deferred[None] | None = None
 
@@ -445,9 +443,8 @@ class DeadLetters(Service):
         """Create the producer and start serving its delivery reports."""
         super().startService()
         self._producer = Producer(self._config)
-        self._pool.start()
         self._polling = True
-        self._loop = deferToThreadPool(self._reactor, self._pool, self._serve)
+        self._loop = self.in_thread(self._serve)
 
     def _serve(self) -> None:
         assert self._producer is not None
@@ -457,11 +454,10 @@ class DeadLetters(Service):
 
     def stopService(self) -> Deferred[None]:
         """Flush what is queued, then stop the thread."""
-        super().stopService()
+        Service.stopService(self)  # the thread stops below, once its loop has flushed
         self._polling = False
         d = self._loop if self._loop is not None else succeed(None)
-        return d.addBoth(lambda _: deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self._pool.stop))
+        return d.addBoth(lambda _: self._stop_thread())
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]]) -> Deferred[None]:

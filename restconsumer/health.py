@@ -5,39 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from confluent_kafka.admin import AdminClient
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+
+from restconsumer.threads import ThreadService
 
 __all__ = ["KafkaProbe"]
 
 
-class KafkaProbe(Service):
+class KafkaProbe(ThreadService):
     """Asks the Kafka cluster for its brokers, on a thread of its own, at most every few seconds."""
 
     def __init__(self, reactor: IReactorThreads, clock: IReactorTime, config: dict[str, Any], *,
                  timeout: float = 3.0, cache_for: float = 5.0) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, "kafka-health")
         self._clock = clock
         self._config = {**config, "socket.timeout.ms": int(timeout * 1000)}
         self._timeout = timeout
         self._cache_for = cache_for
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="kafka-health")
         self._admin: AdminClient | None = None
         self._last: tuple[float, dict[str, Any]] | None = None
         self._running: Deferred[dict[str, Any]] | None = None
-
-    def startService(self) -> None:
-        """Start the probe's thread."""
-        super().startService()
-        self._pool.start()
-
-    def stopService(self) -> Deferred[None]:
-        """Stop the probe's thread, waiting for a probe under way."""
-        super().stopService()
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._pool.stop)
 
     def _probe(self) -> dict[str, Any]:
         try:
@@ -56,7 +44,7 @@ class KafkaProbe(Service):
         if self._last is not None and now - self._last[0] < self._cache_for:
             return succeed(self._last[1])
         if self._running is None:
-            self._running = deferToThreadPool(self._reactor, self._pool, self._probe)
+            self._running = self.in_thread(self._probe)
 
             def remember(result: dict[str, Any]) -> dict[str, Any]:
                 self._last = (self._clock.seconds(), result)

@@ -14,16 +14,13 @@ from typing import Any
 
 from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from restconsumer.model import Job
 from restconsumer.store import JobStore
+from restconsumer.threads import ThreadService
 
 __all__ = ["OffsetError", "OffsetMover", "OffsetRequest"]
 
@@ -74,31 +71,17 @@ class OffsetRequest:
         return cls(where, topic, number)
 
 
-class OffsetMover(Service):
+class OffsetMover(ThreadService):
     """Moves consumer-group offsets with Kafka's admin API, on a thread of its own."""
 
     def __init__(self, reactor: Any, clock: IReactorTime, kafka: dict[str, Any], store: JobStore, *,
                  empty_timeout: float = 45.0) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, "kafka-admin")
         self._clock = clock
         self._kafka = kafka
         self._store = store
         self._empty_timeout = empty_timeout
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="kafka-admin")
         self._admin: AdminClient | None = None
-
-    def startService(self) -> None:
-        """Start the admin thread."""
-        super().startService()
-        self._pool.start()
-
-    def stopService(self) -> Deferred[None]:
-        """Stop the admin thread."""
-        super().stopService()
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._pool.stop)
-
-    def _call(self, f: Any, *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
 
     async def move(self, job: Job, request: OffsetRequest) -> list[dict[str, Any]]:
         """Halt the job everywhere, move its offsets, let it run again; the new offsets."""
@@ -124,14 +107,14 @@ class OffsetMover(Service):
         group = f"restconsumer.{job.id}"
         deadline = self._clock.seconds() + self._empty_timeout
         while True:
-            members = await self._call(self._members, group)
+            members = await self.in_thread(self._members, group)
             if members == 0:
                 break
             if self._clock.seconds() > deadline:
                 raise OffsetError(503, f"{members} consumers of group {group} did not let go "
                                        f"within {self._empty_timeout:.0f} s; nothing was moved")
             await deferLater(self._clock, 0.25, lambda: None)
-        return await self._call(self._move, group, job.topics, request)
+        return await self.in_thread(self._move, group, job.topics, request)
 
     # -- admin thread --------------------------------------------------------------------
 
