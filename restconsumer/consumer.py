@@ -1,14 +1,23 @@
-"""The Kafka loop of one job: a confluent-kafka consumer living on a thread of its own.
+"""A job's Kafka consumer, on a thread of its own for its whole life (SPEC §1, §5).
 
-Every poll, commit, pause and close happens on the job's one-thread pool, one hop per
-batch. What the reactor wants done to the consumer (commit these offsets, pause or
-resume those partitions) is queued under a lock and carried out at the next hop.
+The thread stays in its own loop: it polls with a bounded timeout, prepares what it
+fetched (decode and datamap, through the handler's ``prepare``) and hands the batch to
+the reactor — one hop per batch, none while idle. What the reactor has for it (offsets to
+commit, partitions to pause or resume, stop) waits in a mailbox that the loop reads
+between polls; confluent-kafka has no way to wake a poll, so the poll timeout is short
+while a partition is paused (it may have to resume soon) and longer when idle.
+
+Rebalance callbacks run on this thread, inside ``consume()``. A revocation asks the
+reactor to let go of the partitions (requests under way end or are cancelled) and to
+tell the offsets to commit, then commits them here before the partitions go; a lost
+assignment commits nothing.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -17,9 +26,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["TP", "KafkaLoop", "LoopHandler", "consumer_config"]
+from restconsumer.ledger import TP
 
-TP = tuple[str, int]
+__all__ = ["KafkaLoop", "LoopHandler", "consumer_config"]
+
 log = Logger()
 
 
@@ -30,14 +40,20 @@ def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
 
 
 class LoopHandler(Protocol):
-    """What a :class:`KafkaLoop` tells, on the reactor thread."""
+    """What a :class:`KafkaLoop` asks of its job."""
 
-    def messages(self, batch: list[Message], epochs: dict[TP, int]) -> None:
-        """A batch of messages; ``epochs`` gives each partition's assignment epoch."""
+    def prepare(self, message: Message) -> Any:
+        """On the Kafka thread: a fetched message made ready for delivery (never raises)."""
 
-    def revoked(self, partitions: list[TP]) -> Deferred[Any]:
-        """These partitions are being taken away: stop them; fire once nothing of them is
-        under way any more (their last offsets are committed after that)."""
+    def assigned(self, partitions: list[TP]) -> None:
+        """On the reactor: these partitions are ours now."""
+
+    def revoked(self, partitions: list[TP], lost: bool) -> Deferred[dict[TP, int]]:
+        """On the reactor: let go of these partitions; fires with the offsets to commit once
+        nothing of them is under way any more (``lost``: another consumer has them already)."""
+
+    def arrived(self, batch: list[Any]) -> None:
+        """On the reactor: a batch of prepared messages."""
 
 
 def consumer_config(base: dict[str, Any], job_id: str) -> dict[str, Any]:
@@ -55,291 +71,321 @@ def consumer_config(base: dict[str, Any], job_id: str) -> dict[str, Any]:
     }
 
 
-class KafkaLoop:
-    """Polls a job's topics in batches and commits what the job has finished.
+class _Mailbox:
+    """What the reactor has for the Kafka thread, under one lock."""
 
-    Offsets reported through :meth:`finished` are committed at the next hop, on revocation
-    and on close; a report for a partition revoked since (an old epoch) is ignored, so a
-    stale offset is never committed.
-    """
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.commits: dict[TP, int] = {}
+        self.pause: set[TP] = set()
+        self.resume: set[TP] = set()
+
+    def take(self) -> tuple[dict[TP, int], set[TP], set[TP]]:
+        with self.lock:
+            taken = self.commits, self.pause, self.resume
+            self.commits, self.pause, self.resume = {}, set(), set()
+        return taken
+
+    def forget(self, tps: list[TP]) -> None:
+        with self.lock:
+            for tp in tps:
+                self.commits.pop(tp, None)
+                self.pause.discard(tp)
+                self.resume.discard(tp)
+
+
+class KafkaLoop:
+    """Polls a job's topics on the job's thread; commits, pauses and resumes as told."""
 
     def __init__(self, reactor: Any, name: str, config: dict[str, Any], topics: list[str],
-                 handler: LoopHandler, *, batch: int = 1000, poll_timeout: float = 0.1,
-                 revoke_grace: float = 10.0, close_timeout: float = 15.0) -> None:
+                 handler: LoopHandler, *, consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
+                 batch: int = 500, idle_poll: float = 0.5, busy_poll: float = 0.02,
+                 answer_timeout: float = 120.0, close_timeout: float = 15.0) -> None:
         self._reactor = reactor
         self.name = name
         self._config = config
         self.topics = topics
         self._handler = handler
+        self._factory = consumer_factory
         self._batch = batch
-        self._poll_timeout = poll_timeout
-        self._revoke_grace = revoke_grace
+        self._idle_poll = idle_poll
+        self._busy_poll = busy_poll
+        self._answer_timeout = answer_timeout
         self._close_timeout = close_timeout
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"kafka-{name}")
         # A daemon thread: one stuck in librdkafka's close never keeps the process alive.
         self._pool.threadFactory = _daemon_thread
-        self._consumer: Consumer | None = None
-        self._lock = threading.Lock()
-        self._finished: dict[TP, int] = {}
-        self._committed: dict[TP, int] = {}
-        self._epoch: dict[TP, int] = {}
-        self._pause: set[TP] = set()
-        self._resume: set[TP] = set()
-        self._assigned: set[TP] = set()
-        self._stopping = False
-        self._hop: Deferred[Any] | None = None
+        self._mail = _Mailbox()
+        self._stop = threading.Event()
+        # At most two batches on their way to the reactor: a busy reactor slows the thread.
+        self._in_transit = threading.Semaphore(2)
+        self._running: Deferred[None] | None = None
         self._closed: Deferred[None] | None = None
-        self._later: Any = None
-        self._last_error = 0.0
+        self._consumer: Any = None
+        # Thread-side state.
+        self._assigned: set[TP] = set()
+        self._paused: set[TP] = set()
+        self._points: dict[TP, int] = {}
+        self._committed: dict[TP, int] = {}
         self._base: dict[TP, int] = {}
         self._lag_at = 0.0
+        self._last_warning = 0.0
+        #: The assigned partitions (read from the reactor; replaced whole, never changed).
         self.assignment: list[TP] = []
-        #: Messages not yet finished, per assigned partition (refreshed about every second).
+        #: Messages not yet committed, per assigned partition (refreshed about every second).
         self.lag: dict[TP, int] = {}
 
     # -- reactor side --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the consumer on its thread and start polling."""
+        """Start the thread: create the consumer, subscribe, poll until stopped."""
         self._pool.start()
-        self._hop = deferToThreadPool(self._reactor, self._pool, self._create)
-        self._hop.addCallbacks(lambda _: self._next(), self._failed)
+        self._running = deferToThreadPool(self._reactor, self._pool, self._run)
+        self._running.addErrback(lambda f: log.failure("job {name}: the Kafka loop failed", f,
+                                                       name=self.name))
 
-    def finished(self, tp: TP, epoch: int, next_offset: int) -> None:
-        """Everything of ``tp`` before ``next_offset`` is done (delivered or dead-lettered)."""
-        with self._lock:
-            if self._epoch.get(tp, 0) == epoch:
-                self._finished[tp] = next_offset
+    def commit(self, offsets: dict[TP, int]) -> None:
+        """Commit these offsets at the next turn of the loop."""
+        if offsets:
+            with self._mail.lock:
+                self._mail.commits.update(offsets)
 
     def pause(self, tp: TP) -> None:
         """Stop fetching ``tp`` (polling goes on, so the group membership is kept)."""
-        with self._lock:
-            self._resume.discard(tp)
-            self._pause.add(tp)
+        with self._mail.lock:
+            self._mail.resume.discard(tp)
+            self._mail.pause.add(tp)
 
     def resume(self, tp: TP) -> None:
         """Fetch ``tp`` again."""
-        with self._lock:
-            self._pause.discard(tp)
-            self._resume.add(tp)
+        with self._mail.lock:
+            self._mail.pause.discard(tp)
+            self._mail.resume.add(tp)
+
+    def taken(self) -> None:
+        """The reactor has taken a batch: the thread may send the next one."""
+        self._in_transit.release()
 
     def stop(self) -> Deferred[None]:
-        """Stop polling, commit what is finished and close the consumer; fires when closed."""
+        """Stop polling and close the consumer (its revocation commits what is finished)."""
         if self._closed is not None:
             return self._closed
-        self._stopping = True
-        if self._later is not None and self._later.active():
-            self._later.cancel()
-        hop = self._hop if self._hop is not None else succeed(None)
-        waiting: Deferred[Any] = Deferred()
-        hop.addBoth(lambda r: (waiting.callback(None), r)[1])
+        self._stop.set()
+        running = self._running if self._running is not None else succeed(None)
+        closed: Deferred[bool] = Deferred()
+        running.addBoth(lambda _: closed.called or closed.callback(True))
 
-        def close(_: Any) -> Deferred[bool]:
-            # librdkafka's close can wait without end for a group coordinator that is gone:
-            # past close_timeout the job lets go of its (daemon) thread instead of hanging.
-            closing = deferToThreadPool(self._reactor, self._pool, self._close)
-            closing.addErrback(lambda f: log.failure("job {name}: closing the consumer failed",
-                                                     f, name=self.name))
-            outcome: Deferred[bool] = Deferred()
-            closing.addBoth(lambda _: outcome.called or outcome.callback(True))
+        def give_up(_: Any) -> bool:
+            # librdkafka's close can wait without end for a coordinator that is gone: the
+            # job lets go of its (daemon) thread instead of hanging the shutdown.
+            log.warn("job {name}: the Kafka consumer did not close within {timeout} s "
+                     "(is Kafka reachable?); leaving it behind", name=self.name,
+                     timeout=self._close_timeout + self._answer_timeout)
+            return False
 
-            def give_up() -> None:
-                if not outcome.called:
-                    log.warn("job {name}: the Kafka consumer did not close within {timeout} s "
-                             "(is Kafka reachable?); leaving it behind", name=self.name,
-                             timeout=self._close_timeout)
-                    outcome.callback(False)
+        closed.addTimeout(self._close_timeout + self._answer_timeout, self._reactor)
+        closed.addErrback(give_up)
 
-            timer = self._reactor.callLater(self._close_timeout, give_up)
-            outcome.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-            return outcome
-
-        def stop_thread(closed: bool) -> Deferred[Any] | None:
-            if not closed:
+        def stop_thread(done: bool) -> Deferred[Any] | None:
+            if not done:
                 return None  # its thread is still inside close(); joining it would hang
-            # Joining the thread is done off the reactor thread.
             pool = self._reactor.getThreadPool()
             return deferToThreadPool(self._reactor, pool, self._pool.stop).addBoth(lambda _: None)
 
-        self._closed = waiting.addCallback(close).addCallback(stop_thread)
+        self._closed = closed.addCallback(stop_thread)
         return self._closed
 
-    def _next(self) -> None:
-        if self._stopping:
-            return
-        self._hop = deferToThreadPool(self._reactor, self._pool, self._poll)
-        self._hop.addCallbacks(self._got, self._failed)
+    # -- the job's thread ----------------------------------------------------------------
 
-    def _got(self, result: tuple[list[Message], dict[TP, int]]) -> None:
-        self._hop = None
-        batch, epochs = result
-        if batch and not self._stopping:
+    def _run(self) -> None:
+        consumer = None
+        while consumer is None and not self._stop.is_set():
             try:
-                self._handler.messages(batch, epochs)
-            except Exception:
-                log.failure("job {name}: handling a batch failed", name=self.name)
-        self._next()
-
-    def _failed(self, failure: Any) -> None:
-        self._hop = None
-        if self._stopping:
+                consumer = self._factory({**self._config, "on_commit": self._on_commit})
+                consumer.subscribe(self.topics, on_assign=self._on_assign,
+                                   on_revoke=self._on_revoke, on_lost=self._on_lost)
+            except Exception as e:
+                log.warn("job {name}: cannot subscribe to {topics}: {error}; trying again in 2 s",
+                         name=self.name, topics=", ".join(self.topics), error=str(e))
+                if consumer is not None:
+                    self._close(consumer)
+                consumer = None
+                self._stop.wait(2.0)
+        if consumer is None:
             return
-        log.failure("job {name}: the Kafka loop failed; trying again in 1 s", failure, name=self.name)
-        self._later = self._reactor.callLater(1.0, self._again)
+        self._consumer = consumer
+        try:
+            while not self._stop.is_set():
+                self._turn(consumer)
+        except Exception:
+            log.failure("job {name}: the Kafka loop failed", name=self.name)
+            raise
+        finally:
+            self._sync_commits(consumer)
+            self._close(consumer)
 
-    def _again(self) -> None:
-        self._later = None
-        if self._consumer is None:
-            self._hop = deferToThreadPool(self._reactor, self._pool, self._create)
-            self._hop.addCallbacks(lambda _: self._next(), self._failed)
-        else:
-            self._next()
+    def _turn(self, consumer: Any) -> None:
+        commits, pause, resume = self._mail.take()
+        self._points.update((tp, o) for tp, o in commits.items() if tp in self._assigned)
+        try:
+            if pause := [tp for tp in pause if tp in self._assigned and tp not in self._paused]:
+                consumer.pause([TopicPartition(t, p) for t, p in pause])
+                self._paused.update(pause)
+            if resume := [tp for tp in resume if tp in self._paused]:
+                consumer.resume([TopicPartition(t, p) for t, p in resume])
+                self._paused.difference_update(resume)
+        except KafkaException as e:
+            self._warn("pause/resume failed: {error}", error=str(e))
+        self._commit(consumer)
+        now = time.monotonic()
+        if now - self._lag_at >= 1.0:
+            self._lag_at = now
+            self._measure_lag(consumer)
+        timeout = self._busy_poll if self._paused else self._idle_poll
+        # Wait for the first message only, then take what is already there: fetching never
+        # waits to fill a batch.
+        messages = consumer.consume(num_messages=1, timeout=timeout)
+        if messages and self._batch > 1:
+            messages.extend(consumer.consume(num_messages=self._batch - 1, timeout=0))
+        batch = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                batch.append(self._handler.prepare(message))
+            else:
+                self._warn("Kafka reports: {error}", error=error.str())
+        if batch:
+            while not self._in_transit.acquire(timeout=0.5):
+                if self._stop.is_set():
+                    return
+            self._reactor.callFromThread(self._deliver, batch)
 
-    # -- consumer thread -----------------------------------------------------------------
+    def _deliver(self, batch: list[Any]) -> None:
+        try:
+            self._handler.arrived(batch)
+        except Exception:
+            log.failure("job {name}: handling a batch failed", name=self.name)
+        finally:
+            self.taken()
 
-    def _create(self) -> None:
-        self._consumer = Consumer({**self._config, "on_commit": self._on_commit})
-        self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                 on_lost=self._on_revoke)
+    def _warn(self, text: str, **fields: Any) -> None:
+        # Kafka's own errors can repeat many times a second: one line per 30 s.
+        if time.monotonic() - self._last_warning > 30:
+            self._last_warning = time.monotonic()
+            log.warn("job {name}: " + text, name=self.name, **fields)
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         try:
-            # Where each partition starts, for the lag until something is finished there.
+            # Where each partition starts, for the lag until something is committed there.
             for tp in consumer.committed(partitions, timeout=5):
                 if tp.offset >= 0:
                     self._base[(tp.topic, tp.partition)] = tp.offset
         except KafkaException as e:
-            log.warn("job {name}: cannot read committed offsets: {error}", name=self.name, error=str(e))
-        with self._lock:
-            self._assigned.update(tps)
-            self.assignment = sorted(self._assigned)
+            self._warn("cannot read committed offsets: {error}", error=str(e))
+        self._assigned.update(tps)
+        self._paused.difference_update(tps)
+        self.assignment = sorted(self._assigned)
+        self._reactor.callFromThread(self._handler.assigned, tps)
         log.info("job {name}: assigned {partitions}", name=self.name,
                  partitions=", ".join(f"{t}[{p}]" for t, p in tps) or "nothing")
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        tps = [(p.topic, p.partition) for p in partitions]
-        if tps:
-            # Let the requests under way end (a while at most) before committing, so the
-            # next owner starts after them instead of sending them again alongside.
-            settled = threading.Event()
-            self._reactor.callFromThread(self._revoke, tps, settled)
-            if not settled.wait(self._revoke_grace):
-                log.warn("job {name}: requests still under way on revoked partitions after "
-                         "{grace} s; they may be sent again by the next owner", name=self.name,
-                         grace=self._revoke_grace)
-        self._commit(only=set(tps), asynchronous=False, force=True)
-        with self._lock:
-            for tp in tps:
-                self._epoch[tp] = self._epoch.get(tp, 0) + 1
-                self._finished.pop(tp, None)
-                self._committed.pop(tp, None)
-                self._pause.discard(tp)
-                self._resume.discard(tp)
-                self._assigned.discard(tp)
-                self._base.pop(tp, None)
-            self.assignment = sorted(self._assigned)
-            self.lag = {tp: n for tp, n in self.lag.items() if tp in self._assigned}
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._let_go(consumer, partitions, lost=False)
 
-    def _revoke(self, tps: list[TP], settled: threading.Event) -> None:
-        try:
-            d = self._handler.revoked(tps)
-        except Exception:
-            log.failure("job {name}: letting go of partitions failed", name=self.name)
-            settled.set()
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._let_go(consumer, partitions, lost=True)
+
+    def _let_go(self, consumer: Any, partitions: list[TopicPartition], lost: bool) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        if not tps:
             return
-        d.addBoth(lambda _: settled.set())
+        answer: dict[TP, int] = {}
+        settled = threading.Event()
+
+        def ask() -> None:
+            try:
+                d = self._handler.revoked(tps, lost)
+            except Exception:
+                log.failure("job {name}: letting go of partitions failed", name=self.name)
+                settled.set()
+                return
+            d.addCallback(answer.update)
+            d.addErrback(lambda f: log.failure("job {name}: letting go of partitions failed", f,
+                                               name=self.name))
+            d.addBoth(lambda _: settled.set())
+
+        self._reactor.callFromThread(ask)
+        if not settled.wait(self._answer_timeout):
+            # Without the job's word nothing is known to be finished: commit nothing.
+            log.error("job {name}: no answer from the job about revoked partitions within {t} s; "
+                      "committing nothing for them", name=self.name, t=self._answer_timeout)
+            answer.clear()
+        self._mail.forget(tps)
+        if not lost:
+            due = {tp: o for tp, o in answer.items() if o is not None and tp in self._assigned}
+            if due:
+                try:
+                    consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in due.items()],
+                                    asynchronous=False)
+                except KafkaException as e:
+                    log.warn("job {name}: committing revoked partitions failed: {error}",
+                             name=self.name, error=str(e))
+        for tp in tps:
+            self._assigned.discard(tp)
+            self._paused.discard(tp)
+            self._points.pop(tp, None)
+            self._committed.pop(tp, None)
+            self._base.pop(tp, None)
+        self.assignment = sorted(self._assigned)
+        self.lag = {tp: n for tp, n in self.lag.items() if tp in self._assigned}
+        log.info("job {name}: {how} {partitions}", name=self.name,
+                 how="lost" if lost else "revoked", partitions=", ".join(f"{t}[{p}]" for t, p in tps))
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        # Runs on the consumer thread, inside consume(): an asynchronous commit that failed
-        # is forgotten, so that the next hop makes it again.
+        # Inside consume(), on this thread: a commit that failed is made again next turn.
         failed = [(p.topic, p.partition) for p in partitions if error is not None or p.error]
-        if not failed:
-            return
-        with self._lock:
-            for tp in failed:
-                self._committed.pop(tp, None)
-        if time.monotonic() - self._last_error > 30:
-            self._last_error = time.monotonic()
-            log.warn("job {name}: a commit failed ({error}); it is made again", name=self.name,
-                     error=str(error) if error is not None else "partition error")
+        for tp in failed:
+            self._committed.pop(tp, None)
+        if failed:
+            self._warn("a commit failed ({error}); it is made again",
+                       error=str(error) if error is not None else "partition error")
 
-    def _commit(self, only: set[TP] | None = None, asynchronous: bool = True,
-                force: bool = False) -> None:
-        assert self._consumer is not None
-        with self._lock:
-            due = {tp: off for tp, off in self._finished.items()
-                   if tp in self._assigned and (only is None or tp in only)
-                   and (force or self._committed.get(tp) != off)}
+    def _commit(self, consumer: Any) -> None:
+        due = {tp: o for tp, o in self._points.items() if self._committed.get(tp) != o}
         if not due:
             return
-        offsets = [TopicPartition(t, p, off) for (t, p), off in due.items()]
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in due.items()],
+                            asynchronous=True)
         except KafkaException as e:
-            if e.args and isinstance(e.args[0], KafkaError) and \
-                    e.args[0].code() == KafkaError._NO_OFFSET:
-                return
-            log.warn("job {name}: commit failed: {error}", name=self.name, error=str(e))
+            self._warn("commit failed: {error}", error=str(e))
             return
-        with self._lock:
-            self._committed.update(due)
+        self._committed.update(due)
 
-    def _poll(self) -> tuple[list[Message], dict[TP, int]]:
-        consumer = self._consumer
-        assert consumer is not None
-        with self._lock:
-            pause = [TopicPartition(t, p) for t, p in self._pause if (t, p) in self._assigned]
-            resume = [TopicPartition(t, p) for t, p in self._resume if (t, p) in self._assigned]
-            self._pause.clear()
-            self._resume.clear()
-        try:
-            if pause:
-                consumer.pause(pause)
-            if resume:
-                consumer.resume(resume)
-        except KafkaException as e:
-            log.warn("job {name}: pause/resume failed: {error}", name=self.name, error=str(e))
-        self._commit()
-        if time.monotonic() - self._lag_at >= 1.0:
-            self._lag_at = time.monotonic()
-            self._measure_lag(consumer)
-        batch = consumer.consume(num_messages=self._batch, timeout=self._poll_timeout)
-        messages = []
-        for message in batch:
-            error = message.error()
-            if error is None:
-                messages.append(message)
-            elif time.monotonic() - self._last_error > 30:
-                self._last_error = time.monotonic()
-                log.warn("job {name}: Kafka reports: {error}", name=self.name, error=error.str())
-        with self._lock:
-            epochs = {(m.topic(), m.partition()): 0 for m in messages}
-            for tp in epochs:
-                epochs[tp] = self._epoch.get(tp, 0)
-        return messages, epochs
+    def _sync_commits(self, consumer: Any) -> None:
+        commits, _, _ = self._mail.take()
+        self._points.update((tp, o) for tp, o in commits.items() if tp in self._assigned)
 
-    def _measure_lag(self, consumer: Consumer) -> None:
-        with self._lock:
-            assigned = list(self._assigned)
-            done = {tp: self._finished.get(tp, self._base.get(tp)) for tp in assigned}
+    def _measure_lag(self, consumer: Any) -> None:
         lag = {}
-        for tp in assigned:
+        for tp in list(self._assigned):
             try:
                 low, high = consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
             except KafkaException:
                 continue
             if high < 0:
                 continue
-            start = done[tp] if done[tp] is not None else max(low, 0)
+            done = self._points.get(tp, self._base.get(tp))
+            start = done if done is not None else max(low, 0)
             lag[tp] = max(0, high - start)
         self.lag = lag
 
-    def _close(self) -> None:
-        if self._consumer is None:
-            return
+    def _close(self, consumer: Any) -> None:
         try:
-            # close() revokes the assignment first: _on_revoke makes the final commit.
-            self._consumer.close()
+            # close() revokes the assignment first: the revocation makes the final commit.
+            consumer.close()
+        except Exception as e:
+            log.warn("job {name}: closing the consumer failed: {error}", name=self.name, error=str(e))
         finally:
             self._consumer = None

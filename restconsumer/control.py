@@ -12,9 +12,11 @@ import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from restconsumer.store import CHANNEL_PATTERN, RedisAddress
 from restconsumer.supervisor import Supervisor
@@ -25,16 +27,28 @@ log = Logger()
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
-    control: JobControl
+    factory: Any
 
     def connectionMade(self) -> Deferred[Any]:
         # SubscriberProtocol.connectionMade authenticates first; subscribe after it.
         d = txredisapi.SubscriberProtocol.connectionMade(self)
-        d.addCallback(lambda _: self.psubscribe(CHANNEL_PATTERN))
-        d.addCallback(lambda _: self.factory.control.subscribed())
-        d.addErrback(lambda f: log.warn("subscribing to {pattern} failed: {reason}; retrying",
-                                        pattern=CHANNEL_PATTERN, reason=f.getErrorMessage()))
+        d.addCallback(lambda _: self._listen())
         return d
+
+    def _listen(self) -> Deferred[None]:
+        control: JobControl = self.factory.control
+        d = self.psubscribe(CHANNEL_PATTERN)
+        # txredisapi sends PSUBSCRIBE without a reply timeout.
+        d.addTimeout(control.subscribe_timeout, control.clock)
+        d.addCallbacks(lambda _: control.subscribed(), self._failed)
+        return d
+
+    def _failed(self, failure: Failure) -> None:
+        self.factory.control.subscribe_failed(failure.getErrorMessage() or repr(failure.value))
+        # Without the subscription this connection is useless: drop it, and txredisapi
+        # reconnects (with its backoff) and subscribes again in connectionMade.
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         self.factory.control.announced(_text(channel), _text(message))
@@ -52,8 +66,11 @@ class JobControl(Service):
     """Listens on ``msg/job:*`` and reconciles the supervisor with the store."""
 
     def __init__(self, reactor: Any, address: RedisAddress, supervisor: Supervisor, *,
-                 every: float = 30.0) -> None:
+                 every: float = 30.0, subscribe_timeout: float = 10.0) -> None:
         self._reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.subscribe_timeout = subscribe_timeout
+        self._subscribe_failing = False
         self._address = address
         self._supervisor = supervisor
         self._every = every
@@ -113,7 +130,15 @@ class JobControl(Service):
         if not self.connected:
             log.info("job control: listening on {pattern}", pattern=CHANNEL_PATTERN)
         self.connected = True
+        self._subscribe_failing = False
         self._reconcile()
+
+    def subscribe_failed(self, reason: str) -> None:
+        """PSUBSCRIBE was refused or not answered; the subscriber reconnects and tries again."""
+        if not self._subscribe_failing and self.running:
+            log.warn("job control: subscribing to {pattern} failed: {reason}; retrying until "
+                     "it works", pattern=CHANNEL_PATTERN, reason=reason)
+        self._subscribe_failing = True
 
     def unsubscribed(self) -> None:
         """The subscriber connection is gone; it reconnects by itself."""

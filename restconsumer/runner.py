@@ -1,32 +1,67 @@
-"""One running job: its messages, partition by partition, through decode, mapping and delivery.
+"""One running job: Kafka batch → decode → map → send/retry → outcome → ledger → commit.
 
-Messages of one partition are handled one after the other, in offset order; partitions
-run side by side. A message is reported finished to the Kafka loop (and so committed)
-only once every record of it was delivered or dead-lettered.
+The job's :class:`~restconsumer.consumer.KafkaLoop` fetches, decodes and maps on the
+job's thread and hands prepared batches here, on the reactor. Each message is entered in
+the :class:`~restconsumer.ledger.Ledger` and charged to the process's
+:class:`~restconsumer.budget.ByteBudget`; its records are queued in the
+:class:`~restconsumer.ordering.Scheduler` by order group and sent as the order and
+``max_in_flight`` allow. A record ends delivered or dead-lettered; a dead letter is
+produced without holding up the partition, and only the message's offset waits for
+Kafka's acknowledgement. Once every record of a message has ended (and its dead letters
+are acknowledged), the message is finished in the ledger, and the commit point moves.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from restconsumer.consumer import TP, KafkaLoop, consumer_config
-from restconsumer.decode import UndecodableMessage, decode
-from restconsumer.delivery import Answer, DeadLetters, HTTPSender, RetryPolicy, deliver
-from restconsumer.mapping import Outgoing, RequestBuilder, TemplateError
+from restconsumer.budget import ByteBudget, prefetch_bytes
+from restconsumer.consumer import KafkaLoop, consumer_config
+from restconsumer.deadletters import DeadLetters, dead_letter_headers
+from restconsumer.ledger import TP, Ledger, Ticket
+from restconsumer.mapping import RequestBuilder
 from restconsumer.model import DEFAULT_TIMEOUT, Job
+from restconsumer.ordering import Scheduler
+from restconsumer.retry import RetryPolicy, deliver
+from restconsumer.sender import Answer, HTTPSender
+from restconsumer.work import Incoming, Prepared, RecordWork, prepare
 
-__all__ = ["JobRunner", "JobStats"]
+__all__ = ["JobRunner", "JobStats", "Shared"]
 
 log = Logger()
+
+#: A partition pauses when its last fetched message is this far past its lowest unfinished
+#: one, so that a crash re-sends a bounded window (SPEC §5).
+MAX_WINDOW = 10_000
+RATE_WINDOW = 10.0
+
+
+@dataclass
+class Shared:
+    """What every job of the process shares, and the settings of their delivery."""
+
+    reactor: Any
+    kafka: dict[str, Any]
+    sender: HTTPSender
+    dead_letters: DeadLetters
+    budget: ByteBudget
+    clock: IReactorTime | None = None
+    revoke_grace: float = 10.0
+    consumer_factory: Callable[[dict[str, Any]], Any] = Consumer
+    #: Keyword arguments for each job's KafkaLoop (poll timings, batch size).
+    loop_options: dict[str, Any] = field(default_factory=dict)
+    #: How many jobs run in this process (for each one's share of the pre-fetch budget).
+    running: int = 0
 
 
 @dataclass
@@ -42,115 +77,100 @@ class JobStats:
     last_error: str | None = None
     last_error_at: float | None = None
     started_at: float = 0.0
-    delivered_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    #: (time, delivered) about once a second, for the rate over the last RATE_WINDOW.
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
+
+    def delivered_one(self, now: float) -> None:
+        """Count one delivered record."""
+        self.delivered += 1
+        if not self.samples or now - self.samples[-1][0] >= 1.0:
+            self.samples.append((now, self.delivered))
+
+    def rate(self, now: float) -> float:
+        """Records delivered per second over about the last ten seconds."""
+        base = None
+        for at, count in self.samples:
+            if now - at <= RATE_WINDOW:
+                base = (at, count)
+                break
+        if base is None:
+            return 0.0
+        elapsed = max(now - base[0], 1.0)
+        return round((self.delivered - base[1]) / elapsed, 2)
 
 
-class _Partition:
-    """The queue and worker of one assigned partition, for one assignment epoch."""
+@dataclass(eq=False)
+class _Message:
+    """A fetched message on its way: its ticket, size, and what of it is still open."""
 
-    def __init__(self, runner: JobRunner, tp: TP, epoch: int,
-                 after: Deferred[None] | None = None) -> None:
-        self.runner = runner
-        self._after = after
-        self.tp = tp
-        self.epoch = epoch
-        self.queue: deque[Message] = deque()
-        self.dropped = False
-        self.paused = False
-        self.working: Deferred[None] | None = None
-        self.sleep: Deferred[None] | None = None
+    prepared: Prepared
+    ticket: Ticket
+    size: int
+    open_records: int
+    open_acks: int = 0
 
-    def add(self, message: Message) -> None:
-        self.queue.append(message)
-        if not self.paused and len(self.queue) >= self.runner.high_water:
-            self.paused = True
-            self.runner.loop.pause(self.tp)
-        if self.working is None:
-            self.working = Deferred.fromCoroutine(self._work())
-            self.working.addErrback(lambda f: log.failure("job {job_id}: partition worker failed",
-                                                          f, job_id=self.runner.job.id))
 
-    def drop(self) -> None:
-        """Forget what is queued and stop after the message under way (no retry waits)."""
-        self.dropped = True
-        self.queue.clear()
-        if self.sleep is not None and not self.sleep.called:
-            self.sleep.cancel()
+@dataclass(eq=False)
+class _Unit:
+    """One record to deliver (or to dead-letter), and its place in the scheduler."""
 
-    def sleeping(self, pause: Deferred[None] | None) -> None:
-        self.sleep = pause
+    message: _Message
+    record: RecordWork | None
+    group: Hashable | None = None
+    task: Deferred[None] | None = None
+    sending: bool = False
+    cancelled: bool = False
+    ended: list[Deferred[None]] = field(default_factory=list)
 
-    async def nap(self, clock: IReactorTime, seconds: float) -> bool:
-        """Wait ``seconds`` without blocking; False if the worker was dropped meanwhile."""
-        pause = deferLater(clock, seconds, lambda: None)
-        self.sleeping(pause)
-        try:
-            await pause
-        except CancelledError:
-            return False
-        finally:
-            self.sleeping(None)
-        return True
+    @property
+    def tp(self) -> TP:
+        return self.message.ticket.tp
 
-    def done(self) -> Deferred[None]:
-        """Fires once no message of this worker is under way any more."""
-        waiter: Deferred[None] = Deferred()
-        if self.working is None:
-            waiter.callback(None)
-        else:
-            self.working.addBoth(lambda result: (waiter.callback(None), result)[1])
-        return waiter
 
-    async def _work(self) -> None:
-        try:
-            if self._after is not None:
-                # The partition's previous worker (before a rebalance) may still have a
-                # request under way: one partition never has two at once.
-                after, self._after = self._after, None
-                await after
-            while self.queue and not self.dropped:
-                message = self.queue.popleft()
-                try:
-                    finished = await self.runner.handle(message, self)
-                except Exception as e:
-                    # A bug must not skip the message: it is dead-lettered like a bad one.
-                    log.failure("job {job_id}: handling {topic}[{partition}]@{offset} failed",
-                                job_id=self.runner.job.id, topic=message.topic(),
-                                partition=message.partition(), offset=message.offset())
-                    finished = await self.runner.dead_letter(
-                        message, self, f"internal error: {type(e).__name__}: {e}")
-                if finished:
-                    # Even once dropped: its epoch still holds until the revocation commits.
-                    self.runner.loop.finished(self.tp, self.epoch, message.offset() + 1)
-                if not finished or self.dropped:
-                    break
-                if self.paused and len(self.queue) <= self.runner.low_water:
-                    self.paused = False
-                    self.runner.loop.resume(self.tp)
-        finally:
-            self.working = None
+def _incoming(message: Message) -> Incoming:
+    kind, stamp = message.timestamp()
+    return Incoming(message.topic(), message.partition(), message.offset(), message.key(),
+                    message.value(), list(message.headers() or []),
+                    None if kind == TIMESTAMP_NOT_AVAILABLE else stamp)
 
 
 class JobRunner:
-    """Runs one job on this instance: a Kafka loop and a worker per assigned partition."""
+    """Runs one job on this instance."""
 
-    def __init__(self, job: Job, reactor: Any, kafka: dict[str, Any], sender: HTTPSender,
-                 dead_letters: DeadLetters, *, clock: IReactorTime | None = None,
-                 high_water: int = 2000, low_water: int = 500, stop_grace: float = 10.0) -> None:
-        self._reactor = reactor
-        self._clock = clock or reactor
-        self._sender = sender
-        self._dead_letters = dead_letters
-        self.high_water = high_water
-        self.low_water = low_water
-        self._stop_grace = stop_grace
+    def __init__(self, job: Job, shared: Shared) -> None:
+        self._shared = shared
+        self._reactor = shared.reactor
+        self._clock: IReactorTime = shared.clock or shared.reactor
+        self._sender = shared.sender
+        self._dead_letters = shared.dead_letters
+        self._budget = shared.budget
         self.stats = JobStats(started_at=self._clock.seconds())
-        self._partitions: dict[TP, _Partition] = {}
-        self._draining: dict[TP, Deferred[None]] = {}
+        self.ledger = Ledger()
+        self._use(job)
+        self._scheduler: Scheduler[_Unit] = Scheduler(self._max_in_flight)
+        self._active: dict[TP, set[_Unit]] = {}
+        self._acks: dict[TP, set[Deferred[None]]] = {}
+        self._held: dict[TP, dict[int, _Message]] = {}
+        self._paused: set[TP] = set()
+        self._pumping = False
+        self._pump_again = False
         self._stopping = False
         self._next_slot = 0.0
-        self._use(job)
-        self.loop = KafkaLoop(reactor, job.id, consumer_config(kafka, job.id), job.topics, self)
+        self._stopped: Deferred[None] | None = None
+        self.loop = KafkaLoop(self._reactor, job.id, self._consumer_config(), job.topics, self,
+                              consumer_factory=shared.consumer_factory,
+                              **{"answer_timeout": shared.revoke_grace + 30.0,
+                                 **shared.loop_options})
+
+    def _consumer_config(self) -> dict[str, Any]:
+        shared = self._shared
+        self._prefetch = prefetch_bytes(self._budget.limit, shared.running + 1)
+        config = consumer_config(shared.kafka, self.job.id)
+        # librdkafka's pre-fetch queue is part of the byte budget, unless the operator says
+        # otherwise with --kafka-option.
+        config.setdefault("queued.max.messages.kbytes", max(1, self._prefetch // 1024))
+        config.setdefault("fetch.max.bytes", max(self._prefetch, 1024 * 1024))
+        return config
 
     def _use(self, job: Job) -> None:
         # Everything is built before anything is replaced: a definition that cannot be
@@ -163,209 +183,370 @@ class JobRunner:
         self._redirects = bool(d.get("follow_redirects", False))
         self._ca_cert = d.get("ca_cert")
         self._ratelimit = float(d.get("ratelimit", 0))
+        self._max_in_flight = int(d.get("max_in_flight", 64))
+        self._order = _order_key(d.get("ordering", "partition"))
+
+    # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         """Start consuming."""
         log.info("job {job_id}: starting on {topics} (hash {hash})", job_id=self.job.id,
                  topics=", ".join(self.job.topics), hash=self.job.hash[:12])
+        self._shared.running += 1
+        self._budget.reserve(self.job.id, self._prefetch)
         self.loop.start()
 
     def can_take(self, job: Job) -> bool:
         """Whether ``job`` can replace the running definition without a new consumer."""
-        return job.topics == self.job.topics
+        return job.topics == self.job.topics and \
+            job.definition.get("ordering", "partition") == self.job.definition.get("ordering", "partition")
 
     def update(self, job: Job) -> None:
-        """Use a changed definition from the next record on (same topics, same consumer)."""
+        """Use a changed definition from the next fetched message on (same consumer)."""
         log.info("job {job_id}: definition changed (hash {old} -> {new})", job_id=job.id,
                  old=self.job.hash[:12], new=job.hash[:12])
         self._use(job)
+        self._scheduler.max_in_flight = self._max_in_flight
+        self._pump()
 
     def stop(self) -> Deferred[None]:
-        """Stop: drop what is queued, let requests under way end, commit, close the consumer."""
+        """Stop: the consumer closes (its revocation ends or cancels what is under way and
+        commits what is finished); fires once all is done."""
+        if self._stopped is not None:
+            return self._stopped
         self._stopping = True
-        working = []
-        for partition in self._partitions.values():
-            partition.drop()
-            working.append(partition.done())
-        working.extend(self._draining.values())
-        self._partitions.clear()
-        self._draining.clear()
-        waited: Deferred[Any] = DeferredList(working) if working else succeed(None)
-        if working:
-            timer = self._clock.callLater(self._stop_grace, waited.cancel)
-            waited.addBoth(lambda r: timer.cancel() if timer.active() else None)
-        waited.addErrback(lambda _: None)
-        d = waited.addCallback(lambda _: self.loop.stop())
-        return d.addCallback(lambda _: log.info("job {job_id}: stopped", job_id=self.job.id))
+
+        def closed(_: Any) -> None:
+            # Whatever a consumer that would not close left behind is abandoned.
+            for units in list(self._active.values()):
+                for unit in list(units):
+                    self._cancel(unit)
+            self._shared.running -= 1
+            self._budget.forget(self.job.id)
+            log.info("job {job_id}: stopped", job_id=self.job.id)
+
+        self._stopped = self.loop.stop().addBoth(closed)
+        return self._stopped
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes this job holds (its pre-fetch reservation included)."""
+        return self._budget.held_by(self.job.id)
 
     # -- from the Kafka loop -------------------------------------------------------------
 
-    def messages(self, batch: list[Message], epochs: dict[TP, int]) -> None:
-        """Queue each message on its partition's worker."""
+    def prepare(self, message: Message) -> Prepared:
+        """On the Kafka thread: decode, map and build the requests of one message."""
+        order = self._order
+        return prepare(self.builder, _incoming(message), order if callable(order) else None)
+
+    def assigned(self, partitions: list[TP]) -> None:
+        """These partitions are ours: a new assignment each."""
+        for tp in partitions:
+            self.ledger.assign(tp)
+            self._paused.discard(tp)
+
+    def arrived(self, batch: list[Prepared]) -> None:
+        """Enter each message in the ledger and queue its records."""
         if self._stopping:
             return
-        partitions = self._partitions
-        for message in batch:
-            tp = (message.topic(), message.partition())
-            partition = partitions.get(tp)
-            epoch = epochs[tp]
-            if partition is None or partition.epoch != epoch:
-                after = self._draining.pop(tp, None)
-                if partition is not None:
-                    partition.drop()
-                    after = partition.done()
-                partition = partitions[tp] = _Partition(self, tp, epoch, after)
-            partition.add(message)
+        touched: set[TP] = set()
+        for prepared in batch:
+            incoming = prepared.incoming
+            tp = incoming.tp
+            ticket = self.ledger.fetched(tp, incoming.offset)
+            if ticket is None:
+                continue  # its partition is no longer ours (or it came twice)
+            touched.add(tp)
+            self.stats.consumed += 1
+            message = _Message(prepared, ticket, prepared.size, 0)
+            self._held.setdefault(tp, {})[incoming.offset] = message
+            self._budget.charge(self.job.id, prepared.size)
+            if prepared.error is not None:
+                message.open_records = 1
+                self._scheduler.add(tp, _Unit(message, None))
+                continue
+            self.stats.records += len(prepared.records)
+            message.open_records = len(prepared.records)
+            if not prepared.records:
+                self._finish(message)
+                continue
+            for record in prepared.records:
+                group: Hashable | None = tp
+                if self._order is not _PARTITION:
+                    group = None if record.order is None else (tp, record.order)
+                self._scheduler.add(group, _Unit(message, record))
+        self._pump()
+        for tp in touched:
+            self._check(tp)
 
-    def revoked(self, partitions: list[TP]) -> Deferred[Any]:
-        """Let go of partitions given to another consumer; fires when none has a request
-        under way."""
-        waiting = []
+    def revoked(self, partitions: list[TP], lost: bool) -> Deferred[dict[TP, int]]:
+        """Let go of ``partitions``: queued records are dropped, requests under way may end
+        within the revocation grace (lost: none), then are cancelled; the offsets to commit."""
+        gone = set(partitions)
+        self._scheduler.drop(lambda unit: unit.tp in gone)
+        waiting: list[Deferred[Any]] = []
         for tp in partitions:
-            partition = self._partitions.pop(tp, None)
-            if partition is not None:
-                partition.drop()
-                if partition.working is not None:
-                    self._drain(tp, partition)
-                    waiting.append(partition.done())
-        return DeferredList(waiting) if waiting else succeed(None)
+            for unit in list(self._active.get(tp, ())):
+                if lost or not unit.sending:
+                    self._cancel(unit)  # a wait to retry, or another consumer has it already
+                else:
+                    waiting.append(self._ended(unit))
+            waiting.extend(_observe(d) for d in self._acks.get(tp, ()))
 
-    def _drain(self, tp: TP, partition: _Partition) -> None:
-        """Remember a revoked worker until its last request ends."""
-        done = self._draining[tp] = partition.done()
+        def let_go(_: Any) -> dict[TP, int]:
+            for tp in partitions:
+                for unit in list(self._active.get(tp, ())):
+                    self._cancel(unit)
+                for produce in list(self._acks.get(tp, ())):
+                    produce.cancel()
+            offsets = {}
+            for tp in partitions:
+                point = self.ledger.revoke(tp)
+                if point is not None and not lost:
+                    offsets[tp] = point
+                for message in self._held.pop(tp, {}).values():
+                    self._budget.release(self.job.id, message.size)
+                self._active.pop(tp, None)
+                self._acks.pop(tp, None)
+                self._paused.discard(tp)
+            return offsets
 
-        def forget(_: Any) -> None:
-            if self._draining.get(tp) is done:
-                del self._draining[tp]
+        if not waiting:
+            return succeed(let_go(None))
+        def late(result: Any, grace: float) -> Any:
+            log.warn("job {job_id}: requests still under way on revoked partitions after {grace} s: "
+                     "cancelled", job_id=self.job.id, grace=grace)
+            return result
 
-        partition.done().addCallback(forget)
+        settled: Deferred[Any] = DeferredList(waiting)
+        settled.addTimeout(self._shared.revoke_grace, self._clock, onTimeoutCancel=late)
+        return settled.addCallback(let_go)
 
-    # -- one message ---------------------------------------------------------------------
+    # -- sending -------------------------------------------------------------------------
 
-    def _meta(self, message: Message) -> dict[str, Any]:
-        key = message.key()
-        if key is not None:
-            try:
-                key = key.decode("utf-8")
-            except UnicodeDecodeError:
-                key = None
-        kind, stamp = message.timestamp()
-        return {"topic": message.topic(), "partition": message.partition(),
-                "offset": message.offset(), "key": key,
-                "timestamp": None if kind == TIMESTAMP_NOT_AVAILABLE else stamp}
-
-    async def handle(self, message: Message, partition: _Partition) -> bool:
-        """Deliver or dead-letter every record of ``message``; False if stopped half-way."""
-        self.stats.consumed += 1
+    def _pump(self) -> None:
+        """Start every unit the scheduler lets start."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
         try:
-            records = decode(message.value())
-        except UndecodableMessage as e:
-            return await self.dead_letter(message, partition, str(e))
-        meta = self._meta(message)
-        for index, record in enumerate(records):
-            if partition.dropped:
-                return False
-            builder = self.builder
-            self.stats.records += 1
-            try:
-                values = builder.extract(builder.document(record.schema, record.msg, meta))
-                request = builder.build(values)
-            except TemplateError as e:
-                if not await self.dead_letter(message, partition, str(e), record=index,
-                                               entity=self._entity(record.msg)):
-                    return False
-                continue
-            outcome = await deliver(
-                lambda r=request: self._attempt(r, partition),
-                self.policy, self._clock,
-                on_retry=lambda attempt, reason, wait, r=request: self._retrying(
-                    message, r.entity_id, attempt, reason, wait),
-                cancelled=lambda: partition.dropped,
-                sleeping=partition.sleeping,
-            )
-            self.stats.retried += outcome.retried
-            if outcome.delivered:
-                self.stats.delivered += 1
-                self.stats.delivered_times.append(self._clock.seconds())
-                continue
-            if partition.dropped:
-                return False
-            self.stats.failed += 1
-            if not await self.dead_letter(message, partition, outcome.reason, record=index,
-                                           status=outcome.status, attempts=outcome.attempts,
-                                           entity=request.entity_id):
-                return False
-        return True
+            again = True
+            while again:
+                self._pump_again = False
+                while not self._stopping and (taken := self._scheduler.take()) is not None:
+                    group, unit = taken
+                    unit.group = group
+                    self._active.setdefault(unit.tp, set()).add(unit)
+                    task = Deferred.fromCoroutine(self._run(unit))
+                    unit.task = task
+                    task.addErrback(lambda f: log.failure("job {job_id}: delivering a record failed",
+                                                          f, job_id=self.job.id))
+                    task.addBoth(lambda _, u=unit: self._unit_ended(u))
+                again = self._pump_again
+        finally:
+            self._pumping = False
 
-    def _attempt(self, request: Outgoing, partition: _Partition) -> Deferred[Answer]:
+    def _unit_ended(self, unit: _Unit) -> None:
+        self._scheduler.done(unit.group)
+        active = self._active.get(unit.tp)
+        if active is not None:
+            active.discard(unit)
+        ended, unit.ended = unit.ended, []
+        for d in ended:
+            if not d.called:  # a revocation may have stopped waiting for it
+                d.callback(None)
+        self._pump()
+
+    @staticmethod
+    def _ended(unit: _Unit) -> Deferred[None]:
+        """Fires when ``unit`` (active now) has ended."""
+        d: Deferred[None] = Deferred()
+        unit.ended.append(d)
+        return d
+
+    def _cancel(self, unit: _Unit) -> None:
+        unit.cancelled = True
+        if unit.task is not None and not unit.task.called:
+            unit.task.cancel()
+
+    async def _run(self, unit: _Unit) -> None:
+        message, record = unit.message, unit.record
+        if record is None:
+            self._dead_letter(message, message.prepared.error or "undecodable", None)
+            return
+        if record.request is None or record.error is not None:
+            self._dead_letter(message, record.error or "no request", record)
+            return
+        try:
+            outcome = await deliver(lambda: self._attempt(unit), self.policy, self._clock,
+                                    on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
+                                    cancelled=lambda: unit.cancelled)
+        except CancelledError:
+            return  # abandoned: the message stays unfinished, and is not committed
+        self.stats.retried += outcome.retried
+        if outcome.delivered:
+            self.stats.delivered_one(self._clock.seconds())
+            self._record_ended(message)
+            return
+        self.stats.failed += 1
+        self._dead_letter(message, outcome.reason, record, status=outcome.status,
+                          attempts=outcome.attempts)
+
+    def _attempt(self, unit: _Unit) -> Deferred[Answer]:
+        request = unit.record.request  # type: ignore[union-attr]
+        assert request is not None
+
+        def send(_: Any = None) -> Deferred[Answer]:
+            unit.sending = True
+            d = self._sender.send(request, self._timeout, self._redirects, self._ca_cert)
+
+            def sent(result: Any) -> Any:
+                unit.sending = False
+                return result
+
+            return d.addBoth(sent)
+
         if self._ratelimit <= 0:
-            return self._sender.send(request, self._timeout, self._redirects, self._ca_cert)
-
-        async def in_turn() -> Answer:
-            # Every attempt, retries too, keeps the job's pace.
-            if not await self._wait_turn(partition):
-                raise CancelledError("the job stopped while waiting for its turn")
-            return await self._sender.send(request, self._timeout, self._redirects, self._ca_cert)
-
-        return Deferred.fromCoroutine(in_turn())
-
-    async def _wait_turn(self, partition: _Partition) -> bool:
+            return send()
+        # Every attempt, retries too, keeps the job's pace.
         now = self._clock.seconds()
         slot = max(now, self._next_slot)
         self._next_slot = slot + self._ratelimit
-        return slot <= now or await partition.nap(self._clock, slot - now)
+        if slot <= now:
+            return send()
+        return deferLater(self._clock, slot - now, lambda: None).addCallback(send)
 
-    @staticmethod
-    def _entity(msg: Any) -> Any:
-        return msg.get("id") if isinstance(msg, dict) else None
-
-    def _retrying(self, message: Message, entity: Any, attempt: int, reason: str, wait: float) -> None:
+    def _retrying(self, unit: _Unit, attempt: int, reason: str, wait: float) -> None:
         self._note_error(reason)
+        incoming = unit.message.prepared.incoming
         log.warn("job {job_id}: {topic}[{partition}]@{offset} entity {entity}: attempt {attempt} "
                  "failed ({reason}); retrying in {wait:.1f} s", job_id=self.job.id,
-                 topic=message.topic(), partition=message.partition(), offset=message.offset(),
-                 entity=entity, attempt=attempt, reason=reason, wait=wait)
+                 topic=incoming.topic, partition=incoming.partition, offset=incoming.offset,
+                 entity=unit.record.entity if unit.record else None, attempt=attempt,
+                 reason=reason, wait=wait)
 
     def _note_error(self, reason: str) -> None:
         self.stats.last_error = reason
         self.stats.last_error_at = self._clock.seconds()
 
-    async def dead_letter(self, message: Message, partition: _Partition, reason: str, *,
-                           record: int | None = None, status: int | None = None,
-                           attempts: int = 0, entity: Any = None) -> bool:
-        """Produce ``message`` to the dead-letter topic, trying until Kafka has it or we stop."""
-        job = self.job
+    # -- outcomes ------------------------------------------------------------------------
+
+    def _record_ended(self, message: _Message) -> None:
+        message.open_records -= 1
+        if message.open_records == 0 and message.open_acks == 0:
+            self._finish(message)
+
+    def _dead_letter(self, message: _Message, reason: str, record: RecordWork | None, *,
+                     status: int | None = None, attempts: int = 0) -> None:
+        """Produce the dead letter; the record has ended, the message waits for the ack."""
+        incoming = message.prepared.incoming
         self._note_error(reason)
         log.error("job {job_id}: {topic}[{partition}]@{offset} entity {entity}: dead-lettered: "
-                  "{reason}", job_id=job.id, topic=message.topic(), partition=message.partition(),
-                  offset=message.offset(), entity=entity, reason=reason)
-        headers = [
-            ("restconsumer.job", job.id.encode()),
-            ("restconsumer.topic", message.topic().encode()),
-            ("restconsumer.partition", str(message.partition()).encode()),
-            ("restconsumer.offset", str(message.offset()).encode()),
-            ("restconsumer.attempts", str(attempts).encode()),
-            ("restconsumer.status", b"" if status is None else str(status).encode()),
-            ("restconsumer.reason", reason.encode("utf-8", "replace")),
-        ]
-        if record is not None:
-            headers.append(("restconsumer.record", str(record).encode()))
-        headers.extend((k, v if v is not None else b"") for k, v in message.headers() or [])
+                  "{reason}", job_id=self.job.id, topic=incoming.topic, partition=incoming.partition,
+                  offset=incoming.offset, entity=record.entity if record else None, reason=reason)
+        headers = dead_letter_headers(self.job.id, incoming, reason,
+                                      record=record.index if record is not None else None,
+                                      status=status, attempts=attempts)
+        message.open_acks += 1
+        d = Deferred.fromCoroutine(self._produce(message, headers))
+        acks = self._acks.setdefault(incoming.tp, set())
+        acks.add(d)
+
+        def acked(_: Any) -> None:
+            acks.discard(d)
+            if not self.ledger.current(message.ticket):
+                return
+            self.stats.dead_lettered += 1
+            message.open_acks -= 1
+            if message.open_records == 0 and message.open_acks == 0:
+                self._finish(message)
+
+        d.addCallbacks(acked, lambda f: (acks.discard(d), None)[1])
+        self._record_ended(message)
+
+    async def _produce(self, message: _Message, headers: list[tuple[str, bytes]]) -> None:
+        """Produce until Kafka has it; gives up only when its partition is no longer ours."""
+        incoming = message.prepared.incoming
+        topic = self.job.dead_letter_topic
         wait = 0.5
         while True:
             try:
-                await self._dead_letters.send(job.dead_letter_topic, message.key(), message.value(),
-                                              headers)
+                await self._dead_letters.send(topic, incoming.key, incoming.value, headers)
+                return
+            except CancelledError:
+                raise
             except Exception as e:
-                if partition.dropped:
-                    return False
+                if self._stopping or not self.ledger.current(message.ticket):
+                    raise CancelledError("its partition is gone") from e
                 log.error("job {job_id}: cannot dead-letter {topic}[{partition}]@{offset} to "
-                          "{dlt}: {error}; trying again in {wait:.1f} s", job_id=job.id,
-                          topic=message.topic(), partition=message.partition(),
-                          offset=message.offset(), dlt=job.dead_letter_topic, error=str(e), wait=wait)
-                if not await partition.nap(self._clock, wait * (0.5 + random.random())):
-                    return False
+                          "{dlt}: {error}; trying again in {wait:.1f} s", job_id=self.job.id,
+                          topic=incoming.topic, partition=incoming.partition,
+                          offset=incoming.offset, dlt=topic, error=str(e), wait=wait)
+                await deferLater(self._clock, wait * (0.5 + random.random()), lambda: None)
                 wait = min(wait * 2, 30.0)
-                continue
-            self.stats.dead_lettered += 1
-            return True
+
+    def _finish(self, message: _Message) -> None:
+        ticket = message.ticket
+        held = self._held.get(ticket.tp)
+        if held is None or held.get(ticket.offset) is not message:
+            return  # revoked meanwhile: released and committed then
+        del held[ticket.offset]
+        self._budget.release(self.job.id, message.size)
+        if self.ledger.finished(ticket):
+            self.loop.commit(self.ledger.take_due())
+        self._check(ticket.tp)
+
+    # -- pausing -------------------------------------------------------------------------
+
+    def _check(self, tp: TP) -> None:
+        """Pause ``tp`` over the budget or past the window; resume it when there is room."""
+        if not self.ledger.assigned(tp):
+            return
+        ledger = self.ledger
+        full = ledger.window(tp) > MAX_WINDOW
+        if tp in self._paused:
+            if full:
+                return
+            if ledger.unfinished(tp) == 0 or self._budget.room(self.job.id):
+                self._paused.discard(tp)
+                self.loop.resume(tp)
+            return
+        if full or (ledger.unfinished(tp) > 0 and self._budget.over(self.job.id)):
+            self._paused.add(tp)
+            self.loop.pause(tp)
+            if not full:
+                self._budget.wait(self.job.id, self._room)
+
+    def _room(self) -> None:
+        for tp in list(self._paused):
+            self._check(tp)
+
+
+_PARTITION = object()
+
+
+def _order_key(ordering: Any) -> Any:
+    """The order key function of a job's ``ordering`` (SPEC §11)."""
+    if ordering == "key":
+        return lambda incoming, values: incoming.key
+    if isinstance(ordering, dict) and "by" in ordering:
+        name = ordering["by"]
+        return lambda incoming, values: _hashable(values.get(name))
+    if ordering == "none":
+        return None
+    return _PARTITION
+
+
+def _hashable(value: Any) -> Hashable | None:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def _observe(d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires when ``d`` does, leaving ``d``'s result alone."""
+    seen: Deferred[None] = Deferred()
+    d.addBoth(lambda result: (seen.called or seen.callback(None), result)[1])
+    return seen

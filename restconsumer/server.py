@@ -1,19 +1,113 @@
-"""Serving the API: a site that knows its requests under way, and a tidy stop order."""
+"""Serving the API: a site that knows its requests under way, a tidy stop order, and an
+end to the process when a part of it cannot start (SPEC §9)."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+)
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-__all__ = ["APIServer", "DrainingSite", "OrderedServices"]
+__all__ = ["APIServer", "DrainingSite", "OrderedServices", "StartupError", "describe_endpoint",
+           "end_process"]
 
 log = Logger()
+
+
+class StartupError(Exception):
+    """A part of the service cannot start.
+
+    Raised from ``privilegedStartService`` or ``startService``, it is twistd's own way to
+    fail a start: twistd removes its pid file, reports the error (to the waiting parent
+    when it daemonizes) and the process exits with status 1, before the reactor runs.
+    """
+
+
+def _report_briefly(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if isinstance(value, StartupError):
+        # Already logged; a traceback would read like a bug rather than a setting to fix.
+        print(f"restconsumer: not started: {value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+def _fail_start(message: str) -> StartupError:
+    log.critical("{message}", message=message)
+    sys.excepthook = _report_briefly
+    return StartupError(message)
+
+
+_exit_status: int | None = None
+
+
+def _exit_with_status() -> None:
+    # twistd (up to 26.10 at least) gives a service no say in the exit status: once the
+    # reactor runs, an exception is logged and swallowed, and the reactor's _exitSignal
+    # only re-raises a signal that stopped it (and SIGTERM counts as a clean exit for
+    # systemd). This runs from atexit, after twistd has stopped every service, removed
+    # its pid file and stopped logging; an exception here would not change the status,
+    # so it flushes what is left and ends the process itself.
+    if _exit_status is None:
+        return
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        # A closed stream has nothing left to flush.
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(_exit_status)
+
+
+def end_process(reactor: IReactorCore, status: int = 1, *, deadline: float = 15.0) -> None:
+    """Stop the reactor (every service stops in order), then exit with ``status``.
+
+    For a failure found once the reactor runs; before that, raise :class:`StartupError`.
+    If stopping takes longer than ``deadline`` seconds, the process ends anyway.
+    """
+    global _exit_status
+    if _exit_status is None:
+        atexit.register(_exit_with_status)
+    _exit_status = max(status, _exit_status or 0)
+
+    def stop() -> None:
+        # Already stopping is as good.
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+        clock: Any = reactor
+        # A service that never finishes stopping must not keep a failed process alive.
+        clock.callLater(deadline, _exit_with_status)
+
+    reactor.callWhenRunning(stop)
+
+
+def describe_endpoint(endpoint: IStreamServerEndpoint) -> str:
+    """An endpoint as an operator would write it, e.g. ``tcp:9013:interface=127.0.0.1``."""
+    # Twisted's endpoints do not say what they are; these attributes are stable in practice,
+    # and anything else falls back to its repr.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int):
+        kind = ("ssl" if isinstance(endpoint, SSL4ServerEndpoint)
+                else "tcp6" if isinstance(endpoint, TCP6ServerEndpoint) else "tcp")
+        interface = getattr(endpoint, "_interface", "")
+        return f"{kind}:{port}" + (f":interface={interface}" if interface else "")
+    if isinstance(endpoint, UNIXServerEndpoint):
+        return f"unix:{endpoint._address}"
+    return repr(endpoint)
 
 
 class _CountedRequest(Request):
@@ -82,44 +176,91 @@ class DrainingSite(Site):
 
 
 class APIServer(Service):
-    """Serves a site on an endpoint; on stop, closes the port and lets answers finish."""
+    """Serves a site on an endpoint; on stop, closes the port and lets answers finish.
+
+    An endpoint that cannot be bound ends the process with a non-zero status (SPEC §9):
+    twistd binds in ``privilegedStartService``, before any other part has started, so a
+    failure there raises :class:`StartupError`; one that only shows once the reactor runs
+    (an endpoint that binds asynchronously) calls ``on_fatal`` (:func:`end_process`).
+    """
 
     def __init__(self, endpoint: IStreamServerEndpoint, site: DrainingSite, clock: IReactorTime,
-                 *, description: str = "", token_note: str | None = None, grace: float = 5.0) -> None:
+                 *, description: str = "", token_note: str | None = None, grace: float = 5.0,
+                 endpoint_name: str | None = None,
+                 on_fatal: Callable[[], object] | None = None) -> None:
         self._endpoint = endpoint
         self._site = site
         self._clock = clock
         self._description = description
         self._token_note = token_note
         self._grace = grace
+        self.endpoint_name = endpoint_name or describe_endpoint(endpoint)
+        self._on_fatal = on_fatal
         self._port: Any = None
+        self._listening: Deferred[Any] | None = None
+        self._binding = False
+        self._early_failure: Failure | None = None
         self.address: str | None = None
 
-    def startService(self) -> Deferred[None]:
-        """Start listening, and say where (with the generated token, if any)."""
+    def privilegedStartService(self) -> None:
+        """Bind the endpoint (with privileges, if twistd has any); raise if it cannot be."""
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        """Say where the API listens (binding now if ``privilegedStartService`` did not)."""
         super().startService()
+        if self._listening is None:
+            self._listen()
+        if self._port is not None:
+            self._announce()
 
-        def listening(port: Any) -> None:
-            self._port = port
-            host = port.getHost()
-            self.address = f"http://{getattr(host, 'host', '?')}:{getattr(host, 'port', '?')}"
-            log.info("restconsumer API listening on {address} ({description})",
-                     address=self.address, description=self._description)
-            if self._token_note:
-                log.warn(self._token_note)
+    def _listen(self) -> None:
+        self._binding = True
+        try:
+            self._listening = self._endpoint.listen(self._site)
+            self._listening.addCallbacks(self._bound, self._failed)
+        finally:
+            self._binding = False
+        failure, self._early_failure = self._early_failure, None
+        if failure is not None:
+            raise _fail_start(self._cannot_listen(failure))
 
-        def failed(failure: Any) -> None:
-            log.failure("cannot listen on the API endpoint; stopping", failure)
-            from twisted.internet import reactor
+    def _bound(self, port: Any) -> None:
+        self._port = port
+        if self.running:
+            self._announce()
 
-            reactor.stop()  # type: ignore[attr-defined]
+    def _failed(self, failure: Failure) -> None:
+        if self._binding:
+            self._early_failure = failure
+            return
+        if not self.running:
+            return  # stopped before the endpoint was bound: the attempt was cancelled
+        log.critical("{message}; the process ends", message=self._cannot_listen(failure))
+        if self._on_fatal is not None:
+            self._on_fatal()
+        else:
+            reactor: Any = self._clock
+            end_process(reactor)
 
-        return self._endpoint.listen(self._site).addCallbacks(listening, failed)
+    def _cannot_listen(self, failure: Failure) -> str:
+        return f"cannot listen on the API endpoint {self.endpoint_name}: {failure.getErrorMessage()}"
+
+    def _announce(self) -> None:
+        host = self._port.getHost()
+        self.address = f"http://{getattr(host, 'host', '?')}:{getattr(host, 'port', '?')}"
+        log.info("restconsumer API listening on {address} ({description})",
+                 address=self.address, description=self._description)
+        if self._token_note:
+            log.warn(self._token_note)
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, then wait (at most ``grace`` seconds) for requests under way."""
         super().stopService()
         port, self._port = self._port, None
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         drained = self._site.drained()
         timer = self._clock.callLater(self._grace, lambda: drained.called or drained.cancel())

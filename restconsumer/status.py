@@ -30,7 +30,6 @@ log = Logger()
 COUNTERS = ("consumed", "delivered", "retried", "dead_lettered", "failed")
 #: A report older than this comes from an instance that is gone or no longer runs the job.
 FRESH = 15.0
-RATE_WINDOW = 10.0
 
 
 def _instance_name() -> str:
@@ -40,12 +39,6 @@ def _instance_name() -> str:
 def _counts(runner: JobRunner) -> dict[str, int]:
     stats = runner.stats
     return {name: getattr(stats, name) for name in COUNTERS}
-
-
-def _rate(runner: JobRunner, now: float) -> float:
-    times = runner.stats.delivered_times
-    recent = sum(1 for t in times if now - t <= RATE_WINDOW)
-    return round(recent / RATE_WINDOW, 2)
 
 
 class StatusReporter(Service):
@@ -105,7 +98,8 @@ class StatusReporter(Service):
             "at": now,
             "partitions": [f"{t}[{p}]" for t, p in runner.loop.assignment],
             "lag": {f"{t}[{p}]": n for (t, p), n in sorted(runner.loop.lag.items())},
-            "rate": _rate(runner, now),
+            "rate": stats.rate(now),
+            "bytes_held": runner.held_bytes,
             "last_error": None if stats.last_error is None else
             {"reason": stats.last_error, "at": stats.last_error_at},
         }
@@ -173,6 +167,7 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
         "lag": dict(sorted(lag.items())),
         "total_lag": sum(lag.values()),
         "rate": round(sum(float(r.get("rate", 0)) for r in fresh.values()), 2),
+        "bytes_held": sum(int(r.get("bytes_held", 0)) for r in fresh.values()),
         "last_error": last_error,
         "instances": [{"instance": name, "partitions": r.get("partitions", []),
                        "rate": r.get("rate", 0)} for name, r in sorted(fresh.items())],

@@ -105,6 +105,19 @@ redis.call('PUBLISH', ARGV[2], 'start')
 return 1
 """
 
+# Checked before anything is added, so that the counters move all together or not at all
+# (a script that fails half-way keeps what it had already written).
+_ADD_STATS = """
+for i = 1, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if current and not string.match(current, '^%-?%d+$') then
+    return redis.error_reply('counter ' .. ARGV[i] .. ' of ' .. KEYS[1] .. ' is not a number')
+  end
+end
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
 
 class StoreUnavailable(Exception):
     """Redis cannot be reached right now; the caller should answer 503."""
@@ -270,10 +283,18 @@ class JobStore(Service):
         await self._call("eval", _END_MOVE, [_offsets_key(job_id)], [token, channel(job_id)])
 
     async def add_stats(self, job_id: str, deltas: dict[str, int]) -> None:
-        """Add to a job's counters (kept across instances and restarts, until it is deleted)."""
+        """Add to a job's counters (kept across instances and restarts, until it is deleted).
+
+        One script: every counter moves or none does, so a failed call leaves nothing
+        half-added that a retry of the same deltas would count twice. (A reply lost after
+        Redis ran it is the one case where the retry counts twice, and then all of it.)
+        """
+        args: list[str] = []
         for name, delta in deltas.items():
             if delta:
-                await self._call("hincrby", _stats_key(job_id), name, delta)
+                args += [name, str(int(delta))]
+        if args:
+            await self._call("eval", _ADD_STATS, [_stats_key(job_id)], args)
 
     async def put_instance_state(self, job_id: str, instance: str, state: dict[str, Any]) -> None:
         """What one instance reports of a job: rate, lag of its partitions, last error."""

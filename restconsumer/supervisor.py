@@ -9,9 +9,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
 
-from restconsumer.delivery import DeadLetters, HTTPSender
 from restconsumer.model import InvalidJob, Job, load
-from restconsumer.runner import JobRunner
+from restconsumer.runner import JobRunner, Shared
 from restconsumer.store import JobRecord, JobStore, StoreUnavailable
 
 __all__ = ["Supervisor"]
@@ -27,14 +26,10 @@ class Supervisor(Service):
     delete always ends as the store says.
     """
 
-    def __init__(self, reactor: Any, store: JobStore, kafka: dict[str, Any], sender: HTTPSender,
-                 dead_letters: DeadLetters, *,
-                 runner_factory: Callable[..., JobRunner] = JobRunner) -> None:
-        self._reactor = reactor
+    def __init__(self, store: JobStore, shared: Shared, *,
+                 runner_factory: Callable[[Job, Shared], JobRunner] = JobRunner) -> None:
         self._store = store
-        self._kafka = kafka
-        self._sender = sender
-        self._dead_letters = dead_letters
+        self._shared = shared
         self._runner_factory = runner_factory
         self.runners: dict[str, JobRunner] = {}
         self._locks: dict[str, DeferredLock] = {}
@@ -136,8 +131,7 @@ class Supervisor(Service):
             await self._stop(runner)
         if job is not None and self.running:
             try:
-                runner = self._runner_factory(job, self._reactor, self._kafka, self._sender,
-                                              self._dead_letters)
+                runner = self._runner_factory(job, self._shared)
             except Exception:
                 log.failure("job {job_id}: cannot be run", job_id=job_id)
                 return

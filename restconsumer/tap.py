@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.logger import Logger
@@ -15,12 +16,15 @@ from twisted.python import usage
 from restconsumer import __version__
 from restconsumer.api import API, MAX_BODY
 from restconsumer.auth import Authenticator, load_tokens
+from restconsumer.budget import ByteBudget
 from restconsumer.control import JobControl
-from restconsumer.delivery import DeadLetters, HTTPSender
+from restconsumer.deadletters import DeadLetters
 from restconsumer.embedded import DemoFeed, EmbeddedKafka, EmbeddedRedis
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
 from restconsumer.offsets import OffsetMover
+from restconsumer.runner import Shared
+from restconsumer.sender import HTTPSender
 from restconsumer.server import APIServer, DrainingSite, OrderedServices
 from restconsumer.status import StatusReporter
 from restconsumer.store import JobStore, RedisAddress
@@ -44,7 +48,29 @@ ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "ca-file": ("RESTCONSUMER_CA_FILE", None),
     "log-format": ("RESTCONSUMER_LOG_FORMAT", "text"),
     "reconcile-every": ("RESTCONSUMER_RECONCILE_EVERY", "30"),
+    "max-buffer-mb": ("RESTCONSUMER_MAX_BUFFER_MB", "256"),
+    "revoke-grace": ("RESTCONSUMER_REVOKE_GRACE", "10"),
 }
+
+#: the smallest byte budget, in MiB: below it one large message would pause everything
+MIN_BUFFER_MB = 16
+#: the longest a revoked partition's requests may run on, in seconds
+MAX_REVOKE_GRACE = 600.0
+
+
+def _check_ca_file(path: str) -> None:
+    """Refuse a CA bundle that cannot be read or holds no PEM certificate."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as e:
+        raise usage.UsageError(f"--ca-file {path}: cannot read it: {e.strerror or e}") from e
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise usage.UsageError(f"--ca-file {path}: no PEM certificate in it")
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise usage.UsageError(f"--ca-file {path}: a certificate in it is damaged "
+                               f"(not valid PEM)") from None
 
 
 def _parse_kafka_option(text: str) -> tuple[str, str]:
@@ -87,6 +113,12 @@ class Options(usage.Options):
         ["log-format", None, None, "text or json [RESTCONSUMER_LOG_FORMAT, default text]"],
         ["reconcile-every", None, None, "Seconds between two full comparisons of the running jobs "
                                         "with Redis [RESTCONSUMER_RECONCILE_EVERY, default 30]"],
+        ["max-buffer-mb", None, None, "MiB this process may hold of messages fetched but not "
+                                      "finished, librdkafka's pre-fetch included; at least 16 "
+                                      "[RESTCONSUMER_MAX_BUFFER_MB, default 256]"],
+        ["revoke-grace", None, None, "Seconds a revoked partition's requests under way may run "
+                                     "on before they are cancelled, 0 to 600 "
+                                     "[RESTCONSUMER_REVOKE_GRACE, default 10]"],
     ]
 
     def __init__(self) -> None:
@@ -137,13 +169,13 @@ class Options(usage.Options):
             try:
                 self["scoped-tokens"] = load_tokens(self["tokens"])
             except ValueError as e:
-                raise usage.UsageError(str(e)) from e
+                raise usage.UsageError(f"--tokens: {e}") from e
 
         hosts = [h.strip().lower() for h in (self["allow-hosts"] or "").split(",") if h.strip()]
         self["allowed-hosts"] = frozenset(hosts) if hosts else None
 
-        if self["ca-file"] and not Path(self["ca-file"]).is_file():
-            raise usage.UsageError(f"--ca-file {self['ca-file']}: no such file")
+        if self["ca-file"]:
+            _check_ca_file(self["ca-file"])
 
         try:
             self["reconcile-seconds"] = float(self["reconcile-every"])
@@ -151,6 +183,23 @@ class Options(usage.Options):
                 raise ValueError
         except ValueError:
             raise usage.UsageError("--reconcile-every takes seconds, from 0.1 to 86400") from None
+
+        try:
+            megabytes = int(self["max-buffer-mb"])
+            if megabytes < MIN_BUFFER_MB:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(f"--max-buffer-mb takes a whole number of MiB, at least "
+                                   f"{MIN_BUFFER_MB}, not {self['max-buffer-mb']!r}") from None
+        self["max-buffer-bytes"] = megabytes * 1024 * 1024
+
+        try:
+            self["revoke-grace"] = float(self["revoke-grace"])
+            if not 0 <= self["revoke-grace"] <= MAX_REVOKE_GRACE:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(f"--revoke-grace takes seconds, from 0 to {MAX_REVOKE_GRACE:g}, "
+                                   f"not {self['revoke-grace']!r}") from None
 
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
@@ -199,7 +248,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     sender.setServiceParent(top)
     dead_letters = DeadLetters(reactor, kafka)
     dead_letters.setServiceParent(top)
-    supervisor = Supervisor(reactor, store, kafka, sender, dead_letters)
+    budget = ByteBudget(options.get("max-buffer-bytes") or 256 * 1024 * 1024)
+    shared = Shared(reactor, kafka, sender, dead_letters, budget,
+                    revoke_grace=options.get("revoke-grace") or 10.0)
+    supervisor = Supervisor(store, shared)
     # The reporter stops after the jobs, so that their last counts reach Redis.
     reporter = StatusReporter(store, supervisor, reactor)
     reporter.setServiceParent(top)

@@ -1,4 +1,5 @@
-"""Unit tests of restconsumer.delivery's policy (SPEC §5): waits, retryable statuses, deliver(), HTTPSender.
+"""Unit tests of the retry policy (restconsumer.retry) and the HTTP client (restconsumer.sender),
+SPEC §5: waits, retryable statuses, deliver(), HTTPSender.
 
 deliver() runs on a :class:`twisted.internet.task.Clock` with fake senders; HTTPSender talks to a
 twisted.web server on the loopback interface, in the test's own reactor (pytest-twisted).
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectionLost,
     ConnectionRefusedError,
@@ -27,8 +29,9 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from restconsumer.delivery import Answer, HTTPSender, Outcome, RetryPolicy, deliver, is_retryable_status
 from restconsumer.mapping import Outgoing
+from restconsumer.retry import Outcome, RetryPolicy, deliver, is_retryable_status
+from restconsumer.sender import Answer, HTTPSender
 
 Result = int | Answer | BaseException
 
@@ -226,7 +229,7 @@ def test_retryable_statuses_are_retried_with_growing_waits_until_success(status:
     TimeoutError("slow"),
     DNSLookupError("no.such.host"),
     ConnectionLost("reset"),
-    CancelledError(),
+    DeferredTimeoutError(),
 ], ids=lambda e: type(e).__name__)
 def test_connection_errors_are_retried_until_success(error: Exception) -> None:
     send = FakeSend(error, error, 204)
@@ -323,22 +326,15 @@ def test_retry_after_on_429() -> None:
     assert send.times[1] >= 9.0
 
 
-def test_cancelled_stops_retrying() -> None:
+def test_cancelled_abandons_instead_of_retrying() -> None:
     send = FakeSend(503, 200)
-    outcome = run(send, RetryPolicy(), cancelled=lambda: True)
-    assert not outcome.delivered
-    assert outcome.attempts == 1
+    clock = Clock()
+    d = start(send, RetryPolicy(), clock, cancelled=lambda: True)
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(CancelledError)
     assert send.calls == 1
-    assert "job stopped" in outcome.reason
-    assert "retries exhausted" not in outcome.reason
-
-
-def test_cancelled_later_stops_retrying() -> None:
-    send = FakeSend(ConnectionRefusedError())
-    outcome = run(send, RetryPolicy(max_attempts=0), cancelled=lambda: send.calls >= 3)
-    assert not outcome.delivered
-    assert outcome.attempts == 3
-    assert "job stopped" in outcome.reason
+    assert not clock.getDelayedCalls()
 
 
 def test_cancelled_does_not_stop_a_success() -> None:
@@ -346,41 +342,37 @@ def test_cancelled_does_not_stop_a_success() -> None:
     assert outcome.delivered
 
 
-def test_cancelling_the_pause_handed_to_sleeping_ends_it() -> None:
+def test_cancelling_deliver_during_a_wait_abandons_it() -> None:
     send = FakeSend(503, 200)
     clock = Clock()
-    handed: list[Deferred[None] | None] = []
-    d = start(send, RetryPolicy(initial_wait=5.0), clock, sleeping=handed.append)
-    results: list[Outcome] = []
-    d.addCallback(results.append)
-    assert len(handed) == 1
-    pause = handed[0]
-    assert isinstance(pause, Deferred)
-    assert not results
+    d = start(send, RetryPolicy(initial_wait=5.0), clock)
+    failures: list[Any] = []
+    d.addErrback(failures.append)
     clock.advance(1.0)
-    pause.cancel()
-    assert results, "cancelling the pause must end deliver()"
-    [outcome] = results
-    assert not outcome.delivered
-    assert "job stopped" in outcome.reason
-    assert outcome.attempts == 1
-    assert send.calls == 1
-    assert handed[-1] is None
+    assert not failures and clock.getDelayedCalls()
+    d.cancel()
+    assert failures and failures[0].check(CancelledError)
     assert not clock.getDelayedCalls()
     clock.advance(100)
     assert send.calls == 1
 
 
-def test_sleeping_is_told_of_each_wait_and_its_end() -> None:
-    send = FakeSend(503, 503, 200)
-    handed: list[Deferred[None] | None] = []
-    outcome = run(send, RetryPolicy(), sleeping=handed.append)
-    assert outcome.delivered
-    assert len(handed) == 4
-    assert isinstance(handed[0], Deferred)
-    assert handed[1] is None
-    assert isinstance(handed[2], Deferred)
-    assert handed[3] is None
+def test_cancelling_deliver_during_a_request_cancels_the_request() -> None:
+    pending: list[Deferred[Answer]] = []
+
+    def send() -> Deferred[Answer]:
+        d: Deferred[Answer] = Deferred()
+        pending.append(d)
+        return d
+
+    clock = Clock()
+    d = Deferred.fromCoroutine(deliver(send, RetryPolicy(), clock))
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    d.cancel()
+    assert pending[0].called
+    assert failures and failures[0].check(CancelledError)
+    assert not clock.getDelayedCalls()
 
 
 # -- HTTPSender against a loopback twisted.web server ----------------------------------------
@@ -643,7 +635,7 @@ async def test_deliver_through_the_sender_stops_on_404_and_retries_503() -> None
 @pytest_twisted.ensureDeferred
 async def test_sender_timeout_during_the_body_closes_the_connection() -> None:
     async def test(server: Server) -> None:
-        with pytest.raises(CancelledError):
+        with pytest.raises(DeferredTimeoutError):
             await server.sender.send(server.get("/stall"), timeout=0.3)
         deadline = time.monotonic() + 3
         while server.site.open and time.monotonic() < deadline:
