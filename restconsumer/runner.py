@@ -58,6 +58,8 @@ class Shared:
     clock: IReactorTime | None = None
     revoke_grace: float = 10.0
     consumer_factory: Callable[[dict[str, Any]], Any] = Consumer
+    #: Makes each job's Kafka loop (tests: a loop of their own).
+    loop_factory: Callable[..., KafkaLoop] = KafkaLoop
     #: Keyword arguments for each job's KafkaLoop (poll timings, batch size).
     loop_options: dict[str, Any] = field(default_factory=dict)
     #: How many jobs run in this process (for each one's share of the pre-fetch budget).
@@ -157,7 +159,7 @@ class JobRunner:
         self._stopping = False
         self._next_slot = 0.0
         self._stopped: Deferred[None] | None = None
-        self.loop = KafkaLoop(self._reactor, job.id, self._consumer_config(), job.topics, self,
+        self.loop = shared.loop_factory(self._reactor, job.id, self._consumer_config(), job.topics, self,
                               consumer_factory=shared.consumer_factory,
                               **{"answer_timeout": shared.revoke_grace + 30.0,
                                  **shared.loop_options})

@@ -155,8 +155,11 @@ class HTTPSender(Service):
     """
 
     def __init__(self, reactor: Any, *, ca_file: str | None = None,
-                 allow_hosts: frozenset[str] | None = None, per_host: int = 32) -> None:
+                 allow_hosts: frozenset[str] | None = None, per_host: int = 32,
+                 agent: IAgent | None = None) -> None:
         self._reactor = reactor
+        #: An agent given in place of the pooled ones (tests: an in-memory endpoint).
+        self._agent = agent
         self._per_host = per_host
         self._allow_hosts = allow_hosts
         default_trust = None
@@ -182,7 +185,7 @@ class HTTPSender(Service):
         pool = HTTPConnectionPool(self._reactor, persistent=True)
         pool.maxPersistentPerHost = self._per_host
         pool.retryAutomatically = False
-        agent: IAgent = Agent.usingEndpointFactory(
+        agent: IAgent = self._agent or Agent.usingEndpointFactory(
             self._reactor, _Endpoints(self._reactor, BrowserLikePolicyForHTTPS(trust)), pool=pool)
         return _Route(pool, agent)
 

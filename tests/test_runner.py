@@ -1,0 +1,418 @@
+"""In-process tests of a running job (restconsumer.runner): a Clock, an in-memory HTTP agent, a
+fake Kafka loop and fake dead letters — the message's whole way, fetched to committed, with no
+socket and no sleep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
+
+from restconsumer.budget import ByteBudget
+from restconsumer.ledger import TP
+from restconsumer.model import Job, validate
+from restconsumer.runner import MAX_WINDOW, JobRunner, Shared
+from restconsumer.sender import HTTPSender
+from restconsumer.work import Incoming, Prepared, prepare
+
+T = "people"
+
+
+class FakeResponse:
+    """An IResponse with a whole body."""
+
+    def __init__(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.code = code
+        self.headers = Headers({k: [v] for k, v in (headers or {}).items()})
+        self._body = body
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+@dataclasses.dataclass
+class Pending:
+    """A request the fake agent holds until the test answers it."""
+
+    method: bytes
+    url: bytes
+    body: bytes | None
+    d: Deferred[FakeResponse]
+    cancelled: bool = False
+
+    def answer(self, code: int = 200, body: bytes = b"ok", headers: dict[str, str] | None = None) -> None:
+        self.d.callback(FakeResponse(code, body, headers))
+
+    @property
+    def path(self) -> str:
+        return self.url.decode().split("/", 3)[3]
+
+
+@implementer(IAgent)
+class FakeAgent:
+    """Holds every request; ``auto`` answers at once with that status."""
+
+    def __init__(self, auto: int | None = None) -> None:
+        self.auto = auto
+        self.requests: list[Pending] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:  # noqa: N803
+        def cancel(_: Any) -> None:
+            pending.cancelled = True
+
+        pending = Pending(method, uri, getattr(bodyProducer, "_data", None), Deferred(cancel))
+        self.requests.append(pending)
+        if self.auto is not None:
+            pending.answer(self.auto)
+        return pending.d
+
+    def open(self) -> list[Pending]:
+        """Requests not yet answered nor cancelled."""
+        return [r for r in self.requests if not r.d.called]
+
+    def paths(self) -> list[str]:
+        return [r.path for r in self.requests]
+
+
+class FakeDeadLetters:
+    """Records dead letters; each is acknowledged when the test says (or at once)."""
+
+    def __init__(self, auto: bool = True) -> None:
+        self.auto = auto
+        self.sent: list[tuple[str, bytes | None, dict[str, bytes], Deferred[None]]] = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]]) -> Deferred[None]:
+        d: Deferred[None] = succeed(None) if self.auto else Deferred()
+        self.sent.append((topic, value, dict(headers), d))
+        return d
+
+    def reasons(self) -> list[str]:
+        return [h["restconsumer.reason"].decode() for _, _, h, _ in self.sent]
+
+
+class FakeLoop:
+    """Stands in for the KafkaLoop: records commits, pauses and resumes."""
+
+    def __init__(self, reactor: Any, name: str, config: dict[str, Any], topics: list[str],
+                 handler: JobRunner, **options: Any) -> None:
+        self.handler = handler
+        self.config = config
+        self.commits: dict[TP, int] = {}
+        self.paused: set[TP] = set()
+        self.assignment: list[TP] = []
+        self.lag: dict[TP, int] = {}
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def commit(self, offsets: dict[TP, int]) -> None:
+        self.commits.update(offsets)
+
+    def pause(self, tp: TP) -> None:
+        self.paused.add(tp)
+
+    def resume(self, tp: TP) -> None:
+        self.paused.discard(tp)
+
+    def stop(self) -> Deferred[None]:
+        d = self.handler.revoked(list(self.handler.ledger.partitions()), False)
+        return d.addCallback(self.commits.update)
+
+
+def make_job(**more: Any) -> Job:
+    job = validate({"id": "j", "owner": "o", "type": "POST", "topic": T,
+                    "datamap": {"id": "$.msg.id"}, "url": "http://sink.test/p/{id}",
+                    "json_body": ["id"], "retry": {"max_attempts": 3, "initial_wait": 1, "max_wait": 4}})
+    if more:
+        job = dataclasses.replace(job, definition={**job.definition, **more})
+    return job
+
+
+class Harness:
+    """One JobRunner wired to the fakes."""
+
+    def __init__(self, job: Job | None = None, *, agent: FakeAgent | None = None,
+                 dead_letters: FakeDeadLetters | None = None, budget: int = 64 * 1024 * 1024,
+                 grace: float = 5.0) -> None:
+        self.clock = Clock()
+        self.agent = agent or FakeAgent()
+        self.dead_letters = dead_letters or FakeDeadLetters()
+        self.budget = ByteBudget(budget)
+        sender = HTTPSender(self.clock, agent=self.agent)
+        shared = Shared(self.clock, {"bootstrap.servers": "x"}, sender, self.dead_letters,  # type: ignore[arg-type]
+                        self.budget, revoke_grace=grace, loop_factory=FakeLoop)
+        self.runner = JobRunner(job or make_job(), shared)
+        self.runner.start()
+        self.loop: FakeLoop = self.runner.loop  # type: ignore[assignment]
+        self.offsets: dict[TP, int] = {}
+
+    def message(self, value: Any, *, partition: int = 0, offset: int | None = None,
+                key: bytes | None = None) -> Prepared:
+        tp = (T, partition)
+        if offset is None:
+            offset = self.offsets.get(tp, 0)
+        self.offsets[tp] = offset + 1
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        incoming = Incoming(T, partition, offset, key, raw, [], 1_700_000_000_000)
+        order = self.runner._order
+        return prepare(self.runner.builder, incoming, order if callable(order) else None)
+
+    def arrive(self, *prepared: Prepared) -> None:
+        self.runner.arrived(list(prepared))
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    harness.runner.assigned([(T, 0), (T, 1)])
+    yield harness
+
+
+def empty_avro() -> bytes:
+    import io
+
+    import fastavro
+
+    out = io.BytesIO()
+    schema = {"type": "record", "name": "P", "fields": [{"name": "id", "type": "string"}]}
+    fastavro.writer(out, fastavro.parse_schema(schema), [], codec="deflate")
+    return out.getvalue()
+
+
+def test_a_message_with_no_record_does_not_stall_its_partition(h: Harness) -> None:
+    # Fault 1 of issue 8: an empty Avro container left the partition without a worker.
+    h.arrive(h.message(empty_avro()))
+    assert h.loop.commits == {(T, 0): 1}
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(5)])
+    for i in range(5):
+        [pending] = h.agent.open()
+        assert pending.path == f"p/m{i}"
+        pending.answer(200)
+    assert h.loop.commits == {(T, 0): 6}
+    assert h.runner.stats.delivered == 5
+
+
+def test_an_empty_container_alone_and_between_messages(h: Harness) -> None:
+    h.agent.auto = 200
+    h.arrive(h.message({"id": "a"}), h.message(empty_avro()), h.message({"id": "b"}))
+    h.arrive(h.message(empty_avro()))
+    h.arrive(h.message({"id": "c"}))
+    assert h.agent.paths() == ["p/a", "p/b", "p/c"]
+    assert h.loop.commits[(T, 0)] == 5
+
+
+def test_one_request_at_a_time_per_partition_partitions_side_by_side(h: Harness) -> None:
+    h.arrive(*[h.message({"id": f"a{i}"}, partition=0) for i in range(3)],
+             *[h.message({"id": f"b{i}"}, partition=1) for i in range(3)])
+    assert sorted(r.path for r in h.agent.open()) == ["p/a0", "p/b0"]
+    h.agent.open()[1].answer()
+    assert sorted(r.path for r in h.agent.open()) == ["p/a0", "p/b1"]
+    assert h.loop.commits == {(T, 1): 1}
+
+
+def test_commit_waits_for_the_lowest_unfinished_message() -> None:
+    h = Harness(make_job(ordering="none"))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(4)])
+    first, second, third, fourth = h.agent.open()
+    for pending in (second, third, fourth):
+        pending.answer()
+    assert h.loop.commits == {}
+    first.answer()
+    assert h.loop.commits == {(T, 0): 4}
+
+
+def test_a_dead_letter_does_not_hold_up_the_partition_but_its_offset_waits_for_the_ack() -> None:
+    h = Harness(dead_letters=FakeDeadLetters(auto=False))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "bad"}), h.message({"id": "good"}))
+    h.agent.open()[0].answer(400, b"no")
+    [pending] = h.agent.open()
+    assert pending.path == "p/good"
+    pending.answer(200)
+    assert h.loop.commits == {}, "the offset moved before Kafka had the dead letter"
+    [(topic, value, headers, ack)] = h.dead_letters.sent
+    assert topic == "restconsumer.deadletter.j"
+    assert json.loads(value or b"") == {"id": "bad"}
+    assert headers["restconsumer.status"] == b"400"
+    assert headers["restconsumer.offset"] == b"0"
+    ack.callback(None)
+    assert h.loop.commits == {(T, 0): 2}
+    assert h.runner.stats.dead_lettered == 1
+
+
+def test_undecodable_and_template_errors_are_dead_lettered_and_the_job_goes_on(h: Harness) -> None:
+    h.agent.auto = 200
+    h.arrive(h.message(b"\xff\xfe\x00bad"), h.message({"no_id": 1}), h.message({"id": "ok"}))
+    reasons = h.dead_letters.reasons()
+    assert len(reasons) == 2
+    assert "neither Avro" in reasons[0]
+    assert "needs 'id'" in reasons[1]
+    assert h.agent.paths() == ["p/ok"]
+    assert h.loop.commits == {(T, 0): 3}
+
+
+def test_retries_wait_on_the_clock_then_dead_letter(h: Harness) -> None:
+    h.arrive(h.message({"id": "x"}))
+    for _ in range(3):
+        h.agent.open()[0].answer(503)
+        h.clock.advance(10)
+    assert len(h.agent.requests) == 3
+    assert "retries exhausted after 3 attempts" in h.dead_letters.reasons()[0]
+    assert h.runner.stats.retried == 2
+
+
+def test_messages_of_a_partition_not_assigned_are_dropped(h: Harness) -> None:
+    h.arrive(h.message({"id": "x"}, partition=7))
+    assert h.agent.requests == []
+    assert h.runner.stats.consumed == 0
+
+
+def test_revocation_waits_for_a_request_under_way_within_the_grace(h: Harness) -> None:
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))
+    revoked = h.runner.revoked([(T, 0)], False)
+    got: list[dict[TP, int]] = []
+    revoked.addCallback(got.append)
+    assert not got
+    h.agent.open()[0].answer(200)
+    assert got == [{(T, 0): 1}], "commits up to the first, which ended; b was dropped"
+    assert h.agent.paths() == ["p/a"]
+
+
+def test_revocation_cancels_a_request_that_outlives_the_grace(h: Harness) -> None:
+    h.arrive(h.message({"id": "slow"}), h.message({"id": "next"}))
+    got: list[dict[TP, int]] = []
+    h.runner.revoked([(T, 0)], False).addCallback(got.append)
+    h.clock.advance(4.9)
+    assert not got
+    h.clock.advance(0.2)
+    assert h.agent.requests[0].cancelled, "the request under way was not cancelled"
+    assert got == [{(T, 0): 0}], "the committed offset passed an unfinished message"
+    assert h.dead_letters.sent == []
+    assert h.runner.stats.failed == 0
+
+
+def test_revocation_ends_a_wait_to_retry_at_once(h: Harness) -> None:
+    h.arrive(h.message({"id": "x"}))
+    h.agent.open()[0].answer(503)
+    got: list[dict[TP, int]] = []
+    h.runner.revoked([(T, 0)], False).addCallback(got.append)
+    assert got == [{(T, 0): 0}]
+    assert not h.clock.getDelayedCalls()
+    h.clock.advance(100)
+    assert len(h.agent.requests) == 1
+
+
+def test_a_lost_partition_commits_nothing_and_cancels_at_once(h: Harness) -> None:
+    h.agent.auto = None
+    h.arrive(h.message({"id": "a"}))
+    got: list[dict[TP, int]] = []
+    h.runner.revoked([(T, 0)], True).addCallback(got.append)
+    assert got == [{}]
+    assert h.agent.requests[0].cancelled
+
+
+def test_finishing_after_revoke_and_reassign_changes_nothing(h: Harness) -> None:
+    h.arrive(h.message({"id": "a"}))
+    pending = h.agent.open()[0]
+    h.runner.revoked([(T, 0)], False)
+    h.clock.advance(10)
+    h.runner.assigned([(T, 0)])
+    h.loop.commits.clear()
+    assert pending.cancelled
+    h.agent.auto = 200
+    h.arrive(h.message({"id": "a"}, offset=0))
+    assert h.loop.commits == {(T, 0): 1}
+    assert h.runner.stats.delivered == 1
+
+
+def test_over_the_budget_partitions_holding_something_pause_and_resume_below_it() -> None:
+    one = len(json.dumps({"id": "m0", "pad": "x" * 5000}).encode())
+    h = Harness(budget=16 * one)
+    h.runner.assigned([(T, 0), (T, 1)])
+    reserved = h.budget.held
+    h.arrive(*[h.message({"id": f"m{i}", "pad": "x" * 5000}) for i in range(12)])
+    assert (T, 0) in h.loop.paused
+    assert (T, 1) not in h.loop.paused, "a partition holding nothing may always take one message"
+    while h.agent.open():
+        h.agent.open()[0].answer(200)
+    assert h.loop.paused == set()
+    assert h.budget.held == reserved
+    assert h.runner.held_bytes == reserved
+
+
+def test_no_job_takes_more_than_half_of_the_budget() -> None:
+    h = Harness(budget=200_000)
+    h.runner.assigned([(T, 0)])
+    h.budget.charge("other", 10)
+    h.arrive(*[h.message({"id": f"m{i}", "pad": "x" * 20_000}) for i in range(6)])
+    assert h.budget.over("j")
+    assert (T, 0) in h.loop.paused
+
+
+def test_a_partition_pauses_past_the_window_of_unfinished_messages(h: Harness) -> None:
+    h.arrive(h.message({"id": "first"}), h.message({"id": "far"}, offset=MAX_WINDOW + 5))
+    assert (T, 0) in h.loop.paused
+    h.agent.open()[0].answer(200)
+    h.agent.open()[0].answer(200)
+    assert (T, 0) not in h.loop.paused
+
+
+def test_stop_cancels_what_is_under_way_and_commits_what_is_finished(h: Harness) -> None:
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))
+    h.agent.open()[0].answer(200)
+    stopped = h.runner.stop()
+    h.clock.advance(10)
+    assert stopped.called
+    assert h.loop.commits == {(T, 0): 1}
+    assert h.agent.requests[1].cancelled
+    assert h.budget.held == 0
+
+
+def test_ordering_by_key_keeps_each_key_in_order_and_others_go_on() -> None:
+    h = Harness(make_job(ordering="key"))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a1"}, key=b"a"), h.message({"id": "a2"}, key=b"a"),
+             h.message({"id": "b1"}, key=b"b"), h.message({"id": "n1"}), h.message({"id": "n2"}))
+    assert sorted(r.path for r in h.agent.open()) == ["p/a1", "p/b1", "p/n1", "p/n2"]
+    h.agent.requests[0].answer(200)
+    assert "p/a2" in [r.path for r in h.agent.open()]
+
+
+def test_a_connection_refused_is_retried(h: Harness) -> None:
+    calls: list[int] = []
+
+    @implementer(IAgent)
+    class Refusing:
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return fail(ConnectionRefusedError()) if len(calls) < 2 else succeed(FakeResponse(200))
+
+    h2 = Harness(agent=Refusing())  # type: ignore[arg-type]
+    h2.runner.assigned([(T, 0)])
+    h2.arrive(h2.message({"id": "x"}))
+    h2.clock.advance(2)
+    assert len(calls) == 2
+    assert h2.loop.commits == {(T, 0): 1}
+
+
+def test_cancelled_error_from_outside_is_not_a_failure(h: Harness) -> None:
+    h.arrive(h.message({"id": "x"}))
+    h.runner.revoked([(T, 0)], True)
+    assert h.runner.stats.failed == 0
+    assert h.runner.stats.last_error is None
