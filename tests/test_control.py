@@ -1,4 +1,5 @@
-"""Job control (SPEC §5-7): stop/start, set_offset with two instances, ratelimit, status."""
+"""Job control (SPEC §5-7): stop/start, set_offset with two instances, ratelimit, status; the
+control channel's subscription and the job counters, in-process against the real Redis."""
 
 from __future__ import annotations
 
@@ -8,9 +9,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs, formatEvent
+
+from restconsumer.control import JobControl
+from restconsumer.store import JobStore, RedisAddress, StoreUnavailable
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce
 from tests.infra.ports import wait_for
+from tests.infra.redis import RedisServer
 from tests.infra.service import ServiceProcess
 from tests.infra.sink import Received, Sink
 
@@ -157,3 +169,141 @@ def test_ratelimit_spaces_requests_and_the_api_stays_quick(
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.19, gaps
     assert slowest < 0.1, f"the API took {slowest:.3f} s"
+
+
+# --- the control channel's subscription (in-process, real Redis) ----------------------
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Let the reactor run until ``check()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+class Supervisor:
+    """What job control drives: reconciles and announced changes, recorded."""
+
+    def __init__(self) -> None:
+        self.reconciles = 0
+        self.changes: list[str] = []
+
+    async def reconcile(self) -> None:
+        self.reconciles += 1
+
+    def changed(self, job_id: str) -> None:
+        self.changes.append(job_id)
+
+
+class RecordingControl(JobControl):
+    """Job control that keeps the reason of every failed subscription."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures: list[str] = []
+
+    def subscribe_failed(self, reason: str) -> None:
+        self.failures.append(reason)
+        super().subscribe_failed(reason)
+
+
+@pytest.fixture
+def limited_user(redis_db: RedisServer) -> Any:
+    """A Redis user that may use every key but no pub/sub channel (yet)."""
+    client = redis_db.client()
+    client.execute_command("ACL", "SETUSER", "limited", "reset", "on", ">secret", "~*", "+@all",
+                           "resetchannels")
+    yield client
+    client.execute_command("ACL", "DELUSER", "limited")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_psubscribe_is_retried_until_it_works(
+        redis_db: RedisServer, limited_user: Any) -> None:
+    """PSUBSCRIBE refused (NOPERM): retried, one warning, then listening once it is allowed."""
+    address = RedisAddress("127.0.0.1", redis_db.port, 0, "limited", "secret", False)
+    supervisor = Supervisor()
+    control = RecordingControl(reactor, address, supervisor, every=3600)  # type: ignore[arg-type]
+    with capturedLogs() as events:
+        control.startService()
+        try:
+            await until(lambda: len(control.failures) >= 2, 15, "a second attempt after a refusal")
+            assert "NOPERM" in control.failures[0]
+            assert not control.connected
+            limited_user.execute_command("ACL", "SETUSER", "limited", "allchannels")
+            await until(lambda: control.connected, 15, "the subscription once allowed")
+            limited_user.publish("msg/job:after", "update")
+            await until(lambda: supervisor.changes == ["after"], 5, "the announced change")
+        finally:
+            await control.stopService()
+    said = [formatEvent(e) for e in events]
+    assert len([m for m in said if "subscribing to msg/job:* failed" in m]) == 1, said
+    assert any("listening on msg/job:*" in m for m in said)
+
+
+class Mute(Protocol):
+    """A server that accepts and never answers."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unanswered_psubscribe_is_retried_on_a_new_connection() -> None:
+    """PSUBSCRIBE never answered: after the timeout, the connection is dropped and made again."""
+    factory = Factory.forProtocol(Mute)
+    factory.connections = 0  # type: ignore[attr-defined]
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    address = RedisAddress("127.0.0.1", port.getHost().port, 0, None, None, False)
+    control = RecordingControl(reactor, address, Supervisor(), every=3600,  # type: ignore[arg-type]
+                               subscribe_timeout=0.3)
+    control.startService()
+    try:
+        await until(lambda: factory.connections >= 2, 15, "a second connection")  # type: ignore[attr-defined]
+        assert control.failures and not control.connected
+    finally:
+        await control.stopService()
+        await port.stopListening()
+
+
+# --- job counters in Redis (in-process, real Redis) ---------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def store(redis_db: RedisServer) -> Any:
+    """A job store connected to the session's Redis; stopped after the test."""
+    job_store = JobStore(RedisAddress.from_url(redis_db.url), clock=reactor)  # type: ignore[arg-type]
+    job_store.startService()
+    await until(lambda: job_store.connected, 10, "Redis")
+    yield job_store
+    await job_store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_counters_are_added_together(store: JobStore, redis_db: RedisServer) -> None:
+    """add_stats adds every non-zero delta; zeros and empty reports write nothing."""
+    await store.add_stats("counted", {"delivered": 3, "retried": 0, "dead_lettered": 2})
+    await store.add_stats("counted", {"delivered": 4, "consumed": 7})
+    await store.add_stats("idle", {"delivered": 0})
+    totals, _ = await store.stats("counted")
+    assert totals == {"delivered": 7, "dead_lettered": 2, "consumed": 7}
+    assert not redis_db.client().exists("job:idle:stats")
+
+
+@pytest_twisted.ensureDeferred
+async def test_counters_move_all_together_or_not_at_all(store: JobStore, redis_db: RedisServer) -> None:
+    """A report that fails half-way adds nothing, so adding it again later counts nothing twice."""
+    client = redis_db.client()
+    await store.add_stats("partial", {"consumed": 5, "delivered": 5})
+    client.hset("job:partial:stats", "retried", "not a number")
+    report = {"consumed": 2, "delivered": 2, "retried": 1, "dead_lettered": 1}
+    with pytest.raises(StoreUnavailable, match="retried"):
+        await store.add_stats("partial", report)
+    assert client.hgetall("job:partial:stats") == {"consumed": "5", "delivered": "5",
+                                                    "retried": "not a number"}
+    client.hset("job:partial:stats", "retried", "0")
+    await store.add_stats("partial", report)
+    assert client.hgetall("job:partial:stats") == {"consumed": "7", "delivered": "7", "retried": "1",
+                                                    "dead_lettered": "1"}

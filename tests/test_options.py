@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
 from restconsumer.store import JobStore, RedisAddress
 from restconsumer.tap import ENVIRONMENT, APIServer, Options, kafka_config, makeService
+from tests.infra.certs import make_pki
+from tests.infra.service import REPO
 
 KAFKA_OPTIONS_VARIABLE = "RESTCONSUMER_KAFKA_OPTIONS"
 
@@ -53,10 +58,8 @@ def tokens_file(tmp_path: Path, name: str) -> str:
 
 
 def ca_file(tmp_path: Path, name: str) -> str:
-    """A file standing for a CA bundle (only its existence is checked)."""
-    path = tmp_path / f"{name}.pem"
-    path.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
-    return str(path)
+    """A CA bundle of one certificate under ``tmp_path``."""
+    return str(make_pki(tmp_path / f"{name}-pki").ca_file)
 
 
 # option → two valid values (for the variable, for the command line), made in tmp_path
@@ -73,7 +76,12 @@ VALUES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "ca-file": lambda p: (ca_file(p, "env"), ca_file(p, "cli")),
     "log-format": lambda _: ("json", "text"),
     "reconcile-every": lambda _: ("5", "0.5"),
+    "max-buffer-mb": lambda _: ("64", "1024"),
+    "revoke-grace": lambda _: ("2.5", "0"),
 }
+
+# options kept in another form than their text
+PARSED: dict[str, Callable[[str], object]] = {"revoke-grace": float}
 
 # what an option needs besides itself to be valid
 COMPANIONS = {"api-user": ("api-password", "pw"), "api-password": ("api-user", "u")}
@@ -97,6 +105,8 @@ def test_environment_variable_names() -> None:
         "ca-file": "RESTCONSUMER_CA_FILE",
         "log-format": "RESTCONSUMER_LOG_FORMAT",
         "reconcile-every": "RESTCONSUMER_RECONCILE_EVERY",
+        "max-buffer-mb": "RESTCONSUMER_MAX_BUFFER_MB",
+        "revoke-grace": "RESTCONSUMER_REVOKE_GRACE",
     }
 
 
@@ -117,6 +127,8 @@ def test_defaults() -> None:
     assert options["ca-file"] is None
     assert options["log-format"] == "text"
     assert options["reconcile-seconds"] == 30.0
+    assert options["max-buffer-bytes"] == 256 * 1024 * 1024
+    assert options["revoke-grace"] == 10.0
     assert options["kafka-options"] == {}
     assert not options["embedded"]
     assert kafka_config(options) == {"bootstrap.servers": "localhost:9092"}
@@ -131,7 +143,7 @@ def test_option_read_from_its_environment_variable(
     if name in COMPANIONS:
         other, value = COMPANIONS[name]
         monkeypatch.setenv(ENVIRONMENT[other][0], value)
-    assert parse()[name] == env_value
+    assert parse()[name] == PARSED.get(name, str)(env_value)
 
 
 @pytest.mark.parametrize("name", sorted(ENVIRONMENT))
@@ -144,7 +156,7 @@ def test_command_line_wins_over_the_variable(
     if name in COMPANIONS:
         other, value = COMPANIONS[name]
         monkeypatch.setenv(ENVIRONMENT[other][0], value)
-    assert parse(f"--{name}", cli_value)[name] == cli_value
+    assert parse(f"--{name}", cli_value)[name] == PARSED.get(name, str)(cli_value)
 
 
 def test_derived_values_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -304,9 +316,60 @@ def test_bad_tokens_file(tmp_path: Path) -> None:
         parse("--tokens", str(tmp_path / "absent.json"))
 
 
+def test_tokens_file_that_cannot_be_read(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match=r"--tokens: cannot read the tokens file .*Is a directory"):
+        parse("--tokens", str(tmp_path))
+
+
 def test_missing_ca_file(tmp_path: Path) -> None:
-    with pytest.raises(usage.UsageError, match="--ca-file"):
+    with pytest.raises(usage.UsageError, match=r"--ca-file .*No such file"):
         parse("--ca-file", str(tmp_path / "absent.pem"))
+
+
+def test_ca_file_that_cannot_be_read(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match=r"--ca-file .*cannot read it: Is a directory"):
+        parse("--ca-file", str(tmp_path))
+
+
+def test_ca_file_without_a_certificate(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    for path in (pki.key_file, empty):
+        with pytest.raises(usage.UsageError, match=r"--ca-file .*no PEM certificate in it"):
+            parse("--ca-file", str(path))
+
+
+@pytest.mark.parametrize("text", [
+    "-----BEGIN CERTIFICATE-----\n",
+    "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+])
+def test_damaged_ca_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "damaged.pem"
+    path.write_text(text, encoding="ascii")
+    with pytest.raises(usage.UsageError, match=r"--ca-file .*damaged"):
+        parse("--ca-file", str(path))
+
+
+def test_one_damaged_certificate_spoils_the_bundle(tmp_path: Path) -> None:
+    good = make_pki(tmp_path / "pki").ca_file.read_text(encoding="ascii")
+    path = tmp_path / "bundle.pem"
+    path.write_text(good + good[: len(good) // 2] + "\n-----END CERTIFICATE-----\n", encoding="ascii")
+    with pytest.raises(usage.UsageError, match=r"--ca-file .*damaged"):
+        parse("--ca-file", str(path))
+
+
+def test_ca_bundle_of_several_certificates(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    path = tmp_path / "bundle.pem"
+    path.write_bytes(pki.ca_file.read_bytes() + pki.cert_file.read_bytes() + pki.key_file.read_bytes())
+    assert parse("--ca-file", str(path))["ca-file"] == str(path)
+
+
+def test_bad_ca_file_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RESTCONSUMER_CA_FILE", str(tmp_path / "absent.pem"))
+    with pytest.raises(usage.UsageError, match="--ca-file"):
+        parse()
 
 
 def test_unknown_option() -> None:
@@ -393,3 +456,59 @@ def test_make_service_uses_the_default_reactor() -> None:
 def test_reconcile_every_must_be_sensible_seconds(value: str) -> None:
     with pytest.raises(usage.UsageError, match="reconcile-every"):
         parse("--reconcile-every", value)
+
+
+# --- byte budget and revocation grace ----------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "mib"), [("16", 16), ("64", 64), (" 512 ", 512), ("4096", 4096)])
+def test_max_buffer_mb_is_kept_in_bytes(value: str, mib: int) -> None:
+    assert parse("--max-buffer-mb", value)["max-buffer-bytes"] == mib * 1024 * 1024
+
+
+def test_max_buffer_mb_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESTCONSUMER_MAX_BUFFER_MB", "100")
+    assert parse()["max-buffer-bytes"] == 100 * 1024 * 1024
+    assert parse("--max-buffer-mb", "32")["max-buffer-bytes"] == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("value", ["15", "0", "-256", "64.5", "1e3", "lots", ""])
+def test_max_buffer_mb_is_a_whole_number_of_at_least_16(value: str) -> None:
+    with pytest.raises(usage.UsageError, match=r"--max-buffer-mb .*at least 16"):
+        parse("--max-buffer-mb", value)
+
+
+def test_bad_max_buffer_mb_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESTCONSUMER_MAX_BUFFER_MB", "8")
+    with pytest.raises(usage.UsageError, match="--max-buffer-mb"):
+        parse()
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("0.25", 0.25), ("10", 10.0), ("600", 600.0)])
+def test_revoke_grace_in_seconds(value: str, seconds: float) -> None:
+    grace = parse("--revoke-grace", value)["revoke-grace"]
+    assert isinstance(grace, float)
+    assert grace == seconds
+
+
+@pytest.mark.parametrize("value", ["-1", "600.5", "nan", "inf", "soon", ""])
+def test_revoke_grace_from_0_to_600(value: str) -> None:
+    with pytest.raises(usage.UsageError, match=r"--revoke-grace .*0 to 600"):
+        parse("--revoke-grace", value)
+
+
+def test_bad_revoke_grace_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESTCONSUMER_REVOKE_GRACE", "3600")
+    with pytest.raises(usage.UsageError, match="--revoke-grace"):
+        parse()
+
+
+def test_option_errors_end_twistd_with_status_1(tmp_path: Path) -> None:
+    """A UsageError from these options makes ``twistd restconsumer`` exit 1, the reason printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "restconsumer", "--max-buffer-mb", "8"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode == 1
+    assert "--max-buffer-mb takes a whole number of MiB, at least 16, not '8'" in done.stdout
