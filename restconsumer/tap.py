@@ -248,9 +248,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     sender.setServiceParent(top)
     dead_letters = DeadLetters(reactor, kafka)
     dead_letters.setServiceParent(top)
-    budget = ByteBudget(options.get("max-buffer-bytes") or 256 * 1024 * 1024)
+    budget = ByteBudget(options["max-buffer-bytes"])
     shared = Shared(reactor, kafka, sender, dead_letters, budget,
-                    revoke_grace=options.get("revoke-grace") or 10.0)
+                    revoke_grace=options["revoke-grace"])
     supervisor = Supervisor(store, shared)
     # The reporter stops after the jobs, so that their last counts reach Redis.
     reporter = StatusReporter(store, supervisor, reactor)
