@@ -261,9 +261,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """Each live thread of ``pid``: tid → (thread name, CPU seconds so far)."""
+    """Each live thread of ``pid``: tid → (thread name, CPU seconds so far).
+
+    From ``schedstat`` (nanoseconds on the CPU) where the kernel has it: ``stat`` counts whole
+    clock ticks per thread, and a thousand threads that each wake briefly round to nothing.
+    """
     found: dict[int, tuple[str, float]] = {}
     for task in os.listdir(f"/proc/{pid}/task"):
+        base = f"/proc/{pid}/task/{task}"
         with contextlib.suppress(OSError, ValueError, IndexError):  # the thread ended meanwhile
-            found[int(task)] = _stat_cpu(f"/proc/{pid}/task/{task}/stat")
+            try:
+                with open(f"{base}/schedstat") as f:
+                    seconds = int(f.read().split()[0]) / 1e9
+                with open(f"{base}/comm") as f:
+                    name = f.read().strip()
+            except FileNotFoundError:
+                name, seconds = _stat_cpu(f"{base}/stat")
+            found[int(task)] = (name, seconds)
     return found

@@ -182,10 +182,10 @@ def measure(pid: int, seconds: float) -> Figures:
     busiest = sorted(((name, len(used), 100 * sum(used) / elapsed) for name, used in by_name.items()),
                      key=lambda row: -row[2])
     total = 100 * (cpu_end - cpu_begin) / elapsed
-    # Threads that ended during the measurement, and rounding of each thread's clock ticks.
+    # Threads that ended during the measurement (and the odd clock tick).
     rest = total - sum(row[2] for row in busiest)
     return Figures(elapsed, total, slices, mib(rss[-1]), mib(max(rss)), threads[-1], max(threads),
-                   [*busiest[:5], ("ended threads and rounding", 0, rest)])
+                   [*busiest[:5], ("other, ended threads", 0, rest)])
 
 
 def show(title: str, figures: Figures) -> None:
@@ -195,8 +195,9 @@ def show(title: str, figures: Figures) -> None:
           f"({SLICE:.0f} s slices: {', '.join(f'{s:.1f}' for s in figures.slices)})")
     print(f"  RSS       {figures.rss_mib:6.0f} MB  (max {figures.rss_max_mib:.0f} MB)")
     print(f"  threads   {figures.threads:6d}     (max {figures.threads_max})")
-    print("  by thread name (approximate): "
-          + "; ".join(f"{name}{f' x{n}' if n else ''} {cpu:.1f} %" for name, n, cpu in figures.busiest))
+    print("  by thread name: "
+          + "; ".join(f"{name}{f' x{n}' if n else ''} {round(cpu, 1) + 0.0:.1f} %"
+                    for name, n, cpu in figures.busiest))
 
 
 def main() -> None:
