@@ -183,7 +183,7 @@ def measure(pid: int, seconds: float) -> Figures:
                      key=lambda row: -row[2])
     total = 100 * (cpu_end - cpu_begin) / elapsed
     # Threads that ended during the measurement (and the odd clock tick).
-    rest = total - sum(row[2] for row in busiest)
+    rest = max(0.0, total - sum(row[2] for row in busiest))  # stat and schedstat differ a little
     return Figures(elapsed, total, slices, mib(rss[-1]), mib(max(rss)), threads[-1], max(threads),
                    [*busiest[:5], ("other, ended threads", 0, rest)])
 
