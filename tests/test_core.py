@@ -35,8 +35,9 @@ Start = Callable[..., ServiceProcess]
 #: default is 10 s; the slow answer below takes 40 s, far beyond either).
 REVOKE_GRACE = "2"
 SLOW_ANSWER = 40.0
-#: Beyond the grace: noticing the rebalance (heartbeat.interval.ms 1000 in consumer_config)
-#: and a loaded machine.
+#: Beyond the grace: B's consumer joining after its API is up, A noticing the rebalance at
+#: its next heartbeat (heartbeat.interval.ms in consumer_config, 3 s now), a loaded machine.
+#: Measured: the revoked request ends 3-4 s after B's API is up, 3 s after SIGTERM.
 GRACE_SLACK = 8.0
 
 
@@ -298,10 +299,11 @@ def test_a_revoked_partition_is_sent_again_only_after_its_request_under_way_ende
         assert answered >= set(ids), f"not delivered: {sorted(set(ids) - answered)}"
 
         # And the revocation grace bounds how long a revoked request keeps running (and so
-        # the hand-over): B joining is noticed within a heartbeat (1 s), stopping at once.
+        # the hand-over): B joining is noticed at A's next heartbeat, SIGTERM at once.
         for call, asked in revoked:
             assert call.ended is not None
             late = call.ended - asked
+            print(f"the request under way at a revocation ended {late:.2f} s after it was asked for")
             assert late <= float(REVOKE_GRACE) + GRACE_SLACK, (
                 f"the request for X under way when its partition was revoked (at {asked - origin:.2f}) "
                 f"ran until {call.ended - origin:.2f}, beyond --revoke-grace {REVOKE_GRACE}:\n{timeline}")
