@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -26,7 +27,7 @@ from twisted.web.client import RequestNotSent, RequestTransmissionFailed, Respon
 
 from restconsumer.sender import Answer, DestinationRefused
 
-__all__ = ["Outcome", "RetryPolicy", "deliver", "is_retryable_status"]
+__all__ = ["Gate", "Outcome", "RetryPolicy", "Verdict", "deliver", "is_retryable_status", "judge"]
 
 _NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, ConnectionLost, DNSLookupError,
                    TimeoutError, DeferredTimeout, ResponseFailed, RequestTransmissionFailed,
@@ -36,6 +37,10 @@ _NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, ConnectionLost, DNSLo
 def is_retryable_status(status: int) -> bool:
     """Whether an HTTP status may succeed later: 408, 429 and 5xx."""
     return status in (408, 429) or status >= 500
+
+
+#: The longest ``Retry-After`` honoured, whatever the policy.
+MAX_RETRY_AFTER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,12 @@ class RetryPolicy:
         # the default policy still spans its ~1.5 minutes of waits.
         wait = ceiling * (0.8 + 0.2 * rand())
         if retry_after is not None:
-            wait = max(wait, min(retry_after, max(self.max_wait, retry_after)))
+            wait = max(wait, self.honoured(retry_after))
         return wait
+
+    def honoured(self, retry_after: float) -> float:
+        """How much of a ``Retry-After`` is waited: up to ten times ``max_wait``, an hour at most."""
+        return max(0.0, min(retry_after, self.max_wait * 10, MAX_RETRY_AFTER))
 
     def exhausted(self, attempts: int) -> bool:
         """Whether no attempt is left after ``attempts``."""
@@ -79,49 +88,129 @@ class Outcome:
     waits: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What one attempt tells: delivered, worth retrying, or final (dead letter)."""
+
+    delivered: bool
+    retryable: bool
+    status: int | None
+    reason: str
+    retry_after: float | None = None
+    #: Whether the endpoint itself answered (it is up), as opposed to a refusal of ours.
+    answered: bool = False
+
+
+def judge(answer: Answer | None, error: BaseException | None = None) -> Verdict:
+    """The verdict of an answer, or of the error an attempt failed with.
+
+    Raises ``error`` again when it is neither a network error nor a refusal of ours.
+    """
+    if error is not None:
+        if isinstance(error, DestinationRefused):
+            return Verdict(False, False, None, str(error))
+        if isinstance(error, _NETWORK_ERRORS):
+            if _tls_failure(error):
+                # A certificate that does not verify will not verify later either.
+                return Verdict(False, False, None, f"TLS verification failed: {_describe(error)}")
+            return Verdict(False, True, None, f"{type(error).__name__}: {_describe(error)}")
+        raise error
+    assert answer is not None
+    status = answer.status
+    if 200 <= status < 300:
+        return Verdict(True, False, status, "delivered", answered=True)
+    reason = f"HTTP {status}: {answer.body[:200].decode('utf-8', 'replace')}".strip()
+    if is_retryable_status(status):
+        return Verdict(False, True, status, reason, answer.retry_after)
+    return Verdict(False, False, status, reason, answered=True)
+
+
+class Gate(Protocol):
+    """A job's circuit as one record's retry loop sees it (see restconsumer.circuit)."""
+
+    @property
+    def good(self) -> int:
+        """Good answers the job has had so far."""
+
+    def is_open(self) -> bool:
+        """Whether the circuit is open."""
+
+    def park(self) -> Deferred[None]:
+        """Wait while the circuit is open: fires when this record may try (probe or closed)."""
+
+    def verdict(self, verdict: Verdict) -> None:
+        """Told of every attempt's verdict."""
+
+    def open(self, reason: str) -> None:
+        """Open the circuit: this record's retries are used up, yet nothing worked since."""
+
+
 async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clock: IReactorTime,
                   *, on_retry: Callable[[int, str, float], None] | None = None,
                   cancelled: Callable[[], bool] = lambda: False,
-                  rand: Callable[[], float] = random.random) -> Outcome:
+                  rand: Callable[[], float] = random.random, gate: Gate | None = None) -> Outcome:
     """Send until it succeeds (2xx), cannot succeed (other 4xx/3xx), or the attempts run out.
 
-    ``on_retry(attempt, reason, wait)`` is told of each retry. Raises ``CancelledError``
-    when the caller cancels (a request whose cancellation shows as a network error counts
-    as cancelled when ``cancelled()`` says so).
+    ``on_retry(attempt, reason, wait)`` is told of each retry. With a ``gate`` (the job's
+    circuit), attempts made while it is open are not counted, and a record whose attempts
+    are used up ends only if the job had a good answer since the record first failed;
+    otherwise the circuit opens and the record waits with the rest. Raises
+    ``CancelledError`` when the caller cancels (a request whose cancellation shows as a
+    network error counts as cancelled when ``cancelled()`` says so).
     """
     attempts = 0
+    tries = 0
     waits: list[float] = []
+    good_at_first_failure: int | None = None
     while True:
-        attempts += 1
-        status: int | None = None
-        retry_after = None
+        if gate is not None and gate.is_open():
+            await gate.park()
+        counted = gate is None or not gate.is_open()
+        tries += 1
         try:
             answer = await send()
-        except DestinationRefused as e:
-            return Outcome(False, attempts, None, str(e), attempts - 1, waits)
-        except _NETWORK_ERRORS as e:
+        except Exception as e:
             if cancelled():
                 raise CancelledError("abandoned") from e
-            reason = f"{type(e).__name__}: {_describe(e)}"
+            verdict = judge(None, e)
         else:
-            status = answer.status
-            if 200 <= status < 300:
-                return Outcome(True, attempts, status, "delivered", attempts - 1, waits)
-            reason = f"HTTP {status}: {answer.body[:200].decode('utf-8', 'replace')}".strip()
-            if not is_retryable_status(status):
-                return Outcome(False, attempts, status, reason, attempts - 1, waits)
-            retry_after = answer.retry_after
+            verdict = judge(answer)
+        if counted:
+            attempts += 1
+        if gate is not None:
+            gate.verdict(verdict)
+        if verdict.delivered:
+            return Outcome(True, attempts, verdict.status, "delivered", tries - 1, waits)
+        if not verdict.retryable:
+            return Outcome(False, attempts, verdict.status, verdict.reason, tries - 1, waits)
         if cancelled():
             raise CancelledError("abandoned")
+        if gate is not None and gate.is_open():
+            continue  # not counted: the circuit's probe decides when to try again
+        if good_at_first_failure is None:
+            good_at_first_failure = gate.good if gate is not None else 0
         if policy.exhausted(attempts):
-            return Outcome(False, attempts, status,
-                           f"retries exhausted after {attempts} attempts; last: {reason}",
-                           attempts - 1, waits)
-        wait = policy.wait(attempts, retry_after, rand)
+            if gate is None or gate.good > good_at_first_failure:
+                return Outcome(False, attempts, verdict.status,
+                               f"retries exhausted after {attempts} attempts; last: {verdict.reason}",
+                               tries - 1, waits)
+            gate.open(f"retries of one record used up with no good answer since; "
+                      f"last: {verdict.reason}")
+            continue
+        wait = policy.wait(attempts, verdict.retry_after, rand)
         waits.append(wait)
         if on_retry is not None:
-            on_retry(attempts, reason, wait)
+            on_retry(attempts, verdict.reason, wait)
         await deferLater(clock, wait, lambda: None)
+
+
+def _tls_failure(error: BaseException) -> bool:
+    reasons = getattr(error, "reasons", None) or []
+    return any(_is_ssl_error(getattr(r, "value", r)) for r in reasons) or _is_ssl_error(error)
+
+
+def _is_ssl_error(error: Any) -> bool:
+    return type(error).__module__.startswith("OpenSSL") or "certificate verify failed" in str(error)
 
 
 def _describe(e: BaseException) -> str:

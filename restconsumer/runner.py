@@ -13,6 +13,8 @@ are acknowledged), the message is finished in the ledger, and the commit point m
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import random
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -26,13 +28,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from restconsumer.budget import ByteBudget, prefetch_bytes
+from restconsumer.circuit import Circuit
 from restconsumer.consumer import KafkaLoop, consumer_config
 from restconsumer.deadletters import DeadLetters, dead_letter_headers
 from restconsumer.ledger import TP, Ledger, Ticket
 from restconsumer.mapping import RequestBuilder
 from restconsumer.model import DEFAULT_TIMEOUT, Job
 from restconsumer.ordering import Scheduler
-from restconsumer.retry import RetryPolicy, deliver
+from restconsumer.retry import RetryPolicy, Verdict, deliver
 from restconsumer.sender import Answer, HTTPSender
 from restconsumer.work import Incoming, Prepared, RecordWork, prepare
 
@@ -118,6 +121,8 @@ class _Unit:
 
     message: _Message
     record: RecordWork | None
+    #: Fetch order across the job: the oldest unfinished record probes an open circuit.
+    seq: int = 0
     group: Hashable | None = None
     task: Deferred[None] | None = None
     sending: bool = False
@@ -156,6 +161,12 @@ class JobRunner:
         self._paused: set[TP] = set()
         self._pumping = False
         self._pump_again = False
+        self._seq = itertools.count()
+        self.circuit = Circuit()
+        self._parked: dict[_Unit, Deferred[None]] = {}
+        self._probe_timer: Any = None
+        self._probe_wait: float | None = None
+        self._probe_start = False
         self._stopping = False
         self._next_slot = 0.0
         self._stopped: Deferred[None] | None = None
@@ -266,7 +277,7 @@ class JobRunner:
             self._budget.charge(self.job.id, prepared.size)
             if prepared.error is not None:
                 message.open_records = 1
-                self._scheduler.add(tp, _Unit(message, None))
+                self._scheduler.add(tp, _Unit(message, None, next(self._seq)))
                 continue
             self.stats.records += len(prepared.records)
             message.open_records = len(prepared.records)
@@ -277,7 +288,7 @@ class JobRunner:
                 group: Hashable | None = tp
                 if self._order is not _PARTITION:
                     group = None if record.order is None else (tp, record.order)
-                self._scheduler.add(group, _Unit(message, record))
+                self._scheduler.add(group, _Unit(message, record, next(self._seq)))
         self._pump()
         for tp in touched:
             self._check(tp)
@@ -337,7 +348,8 @@ class JobRunner:
             again = True
             while again:
                 self._pump_again = False
-                while not self._stopping and (taken := self._scheduler.take()) is not None:
+                while not self._stopping and self._may_start() and \
+                        (taken := self._scheduler.take()) is not None:
                     group, unit = taken
                     unit.group = group
                     self._active.setdefault(unit.tp, set()).add(unit)
@@ -349,6 +361,15 @@ class JobRunner:
                 again = self._pump_again
         finally:
             self._pumping = False
+
+    def _may_start(self) -> bool:
+        if not self.circuit.is_open:
+            return True
+        # An open circuit takes no new records, save one to probe with when none waits.
+        if self._probe_start:
+            self._probe_start = False
+            return True
+        return False
 
     def _unit_ended(self, unit: _Unit) -> None:
         self._scheduler.done(unit.group)
@@ -384,7 +405,7 @@ class JobRunner:
         try:
             outcome = await deliver(lambda: self._attempt(unit), self.policy, self._clock,
                                     on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
-                                    cancelled=lambda: unit.cancelled)
+                                    cancelled=lambda: unit.cancelled, gate=_Gate(self, unit))
         except CancelledError:
             return  # abandoned: the message stays unfinished, and is not committed
         self.stats.retried += outcome.retried
@@ -500,6 +521,87 @@ class JobRunner:
             self.loop.commit(self.ledger.take_due())
         self._check(ticket.tp)
 
+    # -- the circuit ---------------------------------------------------------------------
+
+    def circuit_status(self) -> dict[str, Any]:
+        """``{"state", "since", "reason"}`` of the job's circuit on this instance."""
+        c = self.circuit
+        since = None if c.since is None else datetime.datetime.fromtimestamp(
+            c.since, datetime.UTC).isoformat().replace("+00:00", "Z")
+        return {"state": "open" if c.is_open else "closed", "since": since, "reason": c.reason}
+
+    def _verdict(self, unit: _Unit, verdict: Verdict) -> None:
+        if verdict.delivered:
+            if self.circuit.succeeded():
+                self._closed()
+        elif not verdict.retryable:
+            if verdict.answered:
+                self.circuit.answered()
+        else:
+            if verdict.retry_after is not None:
+                self._probe_wait = self.policy.honoured(verdict.retry_after)
+            if self.circuit.failed(unit.seq, verdict.reason, self._clock.seconds()):
+                self._opened()
+
+    def _open(self, reason: str) -> None:
+        if self.circuit.open(reason, self._clock.seconds()):
+            self._opened()
+
+    def _opened(self) -> None:
+        log.warn("job {job_id}: circuit open, the endpoint looks down ({reason}); taking no new "
+                 "messages, probing every {every:.1f} s", job_id=self.job.id,
+                 reason=self.circuit.reason, every=self._probe_interval())
+        self._note_error(f"circuit open: {self.circuit.reason}")
+        for tp in self.ledger.partitions():
+            if tp not in self._paused:
+                self._paused.add(tp)
+                self.loop.pause(tp)
+        self._schedule_probe()
+
+    def _closed(self) -> None:
+        log.info("job {job_id}: circuit closed, the endpoint answers again", job_id=self.job.id)
+        if self._probe_timer is not None and self._probe_timer.active():
+            self._probe_timer.cancel()
+        self._probe_timer = None
+        self._probe_wait = None
+        parked, self._parked = self._parked, {}
+        for d in parked.values():
+            d.callback(None)
+        for tp in list(self._paused):
+            self._check(tp)
+        self._pump()
+
+    def _probe_interval(self) -> float:
+        wait = self.policy.max_wait
+        return max(wait, self._probe_wait) if self._probe_wait is not None else wait
+
+    def _schedule_probe(self) -> None:
+        if self._probe_timer is None or not self._probe_timer.active():
+            self._probe_timer = self._clock.callLater(self._probe_interval(), self._probe)
+
+    def _probe(self) -> None:
+        self._probe_timer = None
+        if not self.circuit.is_open or self._stopping:
+            return
+        self._probe_wait = None
+        if not self._parked:
+            # Nothing waits (revoked meanwhile): start the next record; it will wait its turn.
+            self._probe_start = True
+            self._pump()
+            self._schedule_probe()
+            return
+        oldest = min(self._parked, key=lambda u: u.seq)
+        self._parked.pop(oldest).callback(None)
+
+    def _park(self, unit: _Unit) -> Deferred[None]:
+        def cancel(_: Deferred[None]) -> None:
+            self._parked.pop(unit, None)
+
+        d: Deferred[None] = Deferred(cancel)
+        self._parked[unit] = d
+        self._schedule_probe()
+        return d
+
     # -- pausing -------------------------------------------------------------------------
 
     def _check(self, tp: TP) -> None:
@@ -509,7 +611,7 @@ class JobRunner:
         ledger = self.ledger
         full = ledger.window(tp) > MAX_WINDOW
         if tp in self._paused:
-            if full:
+            if full or self.circuit.is_open:
                 return
             if ledger.unfinished(tp) == 0 or self._budget.room(self.job.id):
                 self._paused.discard(tp)
@@ -524,6 +626,30 @@ class JobRunner:
     def _room(self) -> None:
         for tp in list(self._paused):
             self._check(tp)
+
+
+class _Gate:
+    """The job's circuit as one record's retry loop sees it."""
+
+    def __init__(self, runner: JobRunner, unit: _Unit) -> None:
+        self._runner = runner
+        self._unit = unit
+
+    @property
+    def good(self) -> int:
+        return self._runner.circuit.good
+
+    def is_open(self) -> bool:
+        return self._runner.circuit.is_open
+
+    def park(self) -> Deferred[None]:
+        return self._runner._park(self._unit)
+
+    def verdict(self, verdict: Verdict) -> None:
+        self._runner._verdict(self._unit, verdict)
+
+    def open(self, reason: str) -> None:
+        self._runner._open(reason)
 
 
 _PARTITION = object()

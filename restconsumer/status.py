@@ -100,6 +100,7 @@ class StatusReporter(Service):
             "lag": {f"{t}[{p}]": n for (t, p), n in sorted(runner.loop.lag.items())},
             "rate": stats.rate(now),
             "bytes_held": runner.held_bytes,
+            "circuit": runner.circuit_status(),
             "last_error": None if stats.last_error is None else
             {"reason": stats.last_error, "at": stats.last_error_at},
         }
@@ -154,6 +155,10 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
     errors = [r["last_error"] for r in reports.values()
               if isinstance(r, dict) and isinstance(r.get("last_error"), dict)]
     last_error = max(errors, key=lambda e: e.get("at") or 0, default=None)
+    circuits = [r["circuit"] for r in fresh.values() if isinstance(r.get("circuit"), dict)]
+    opened = [c for c in circuits if c.get("state") == "open"]
+    circuit = min(opened, key=lambda c: c.get("since") or "") if opened else \
+        {"state": "closed", "since": None, "reason": None}
     if record.stopped:
         state = "stopped"
     elif record.moving_offsets:
@@ -169,6 +174,7 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
         "rate": round(sum(float(r.get("rate", 0)) for r in fresh.values()), 2),
         "bytes_held": sum(int(r.get("bytes_held", 0)) for r in fresh.values()),
         "last_error": last_error,
+        "circuit": circuit,
         "instances": [{"instance": name, "partitions": r.get("partitions", []),
                        "rate": r.get("rate", 0)} for name, r in sorted(fresh.items())],
     }

@@ -267,14 +267,100 @@ def test_undecodable_and_template_errors_are_dead_lettered_and_the_job_goes_on(h
     assert h.loop.commits == {(T, 0): 3}
 
 
-def test_retries_wait_on_the_clock_then_dead_letter(h: Harness) -> None:
-    h.arrive(h.message({"id": "x"}))
-    for _ in range(3):
+def test_retries_used_up_with_no_good_answer_open_the_circuit_and_lose_nothing(h: Harness) -> None:
+    h.arrive(h.message({"id": "x"}), h.message({"id": "y"}))
+    for _ in range(2):
         h.agent.open()[0].answer(503)
-        h.clock.advance(10)
-    assert len(h.agent.requests) == 3
+        h.clock.advance(4)
+    h.agent.open()[0].answer(503)
+    assert h.dead_letters.sent == [], "an outage was taken for a bad message"
+    assert h.runner.circuit.is_open
+    status = h.runner.circuit_status()
+    assert status["state"] == "open" and status["since"].endswith("Z")
+    assert "503" in status["reason"]
+    assert (T, 0) in h.loop.paused and (T, 1) in h.loop.paused
+    # Probes: at most one every max_wait (4 s), not counted against max_attempts.
+    for _ in range(5):
+        h.clock.advance(3.9)
+        assert len(h.agent.open()) == 0
+        h.clock.advance(0.1)
+        [probe] = h.agent.open()
+        assert probe.path == "p/x"
+        probe.answer(503)
+    h.clock.advance(4)
+    h.agent.open()[0].answer(200)
+    assert h.runner.stats.delivered == 1
+    assert not h.runner.circuit.is_open
+    assert h.loop.paused == set()
+    h.agent.open()[0].answer(200)
+    assert h.loop.commits == {(T, 0): 2}
+    assert h.dead_letters.sent == []
+
+
+def test_poison_is_dead_lettered_when_other_records_show_the_endpoint_works(h: Harness) -> None:
+    h.arrive(h.message({"id": "poison"}, partition=0), h.message({"id": "after"}, partition=0),
+             *[h.message({"id": f"ok{i}"}, partition=1) for i in range(5)])
+    for _ in range(3):
+        for pending in h.agent.open():
+            pending.answer(503 if pending.path == "p/poison" else 200)
+        h.clock.advance(4)
+    assert not h.runner.circuit.is_open
+    assert len(h.dead_letters.sent) == 1
     assert "retries exhausted after 3 attempts" in h.dead_letters.reasons()[0]
-    assert h.runner.stats.retried == 2
+    for pending in h.agent.open():
+        pending.answer(200)
+    assert "p/after" in h.agent.paths()
+    assert h.loop.commits[(T, 0)] == 2
+
+
+def test_different_records_failing_in_a_row_open_the_circuit_at_once() -> None:
+    h = Harness()
+    h.runner.assigned([(T, p) for p in range(4)])
+    h.arrive(*[h.message({"id": f"m{p}"}, partition=p) for p in range(4)])
+    for pending in h.agent.open()[:3]:
+        pending.answer(503)
+    assert h.runner.circuit.is_open
+    h.agent.open()[0].answer(503)
+    h.clock.advance(1.5)
+    assert h.agent.open() == [], "records retried on their own while the circuit is open"
+    h.clock.advance(3)
+    [probe] = h.agent.open()
+    assert probe.path == "p/m0", "the probe is the oldest unfinished record"
+    probe.answer(200)
+    assert not h.runner.circuit.is_open
+    assert len(h.agent.open()) == 3
+
+
+def test_retry_after_is_honoured_up_to_ten_times_max_wait(h: Harness) -> None:
+    h.arrive(h.message({"id": "x"}, partition=0), h.message({"id": "y"}, partition=1))
+    h.agent.open()[1].answer(200)
+    h.agent.open()[0].answer(429, b"", {"Retry-After": "86400"})
+    h.clock.advance(39.9)
+    assert h.agent.open() == []
+    h.clock.advance(0.2)
+    assert len(h.agent.open()) == 1
+
+
+def test_a_tls_verification_failure_is_dead_lettered_on_its_first_attempt() -> None:
+    from OpenSSL import SSL
+    from twisted.web.client import ResponseNeverReceived
+
+    @implementer(IAgent)
+    class Untrusted:
+        calls = 0
+
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            Untrusted.calls += 1
+            error = SSL.Error([("SSL routines", "", "certificate verify failed")])
+            return fail(ResponseNeverReceived([Failure(error)]))
+
+    h = Harness(agent=Untrusted())  # type: ignore[arg-type]
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "x"}))
+    assert Untrusted.calls == 1
+    [reason] = h.dead_letters.reasons()
+    assert reason.startswith("TLS verification failed")
+    assert h.loop.commits == {(T, 0): 1}
 
 
 def test_messages_of_a_partition_not_assigned_are_dropped(h: Harness) -> None:
