@@ -137,7 +137,7 @@ class Backend:
 
     def consumer(self, group: str, config: dict[str, Any] | None = None) -> Any:
         """A consumer of ``group`` with the service's settings and ``config`` over them."""
-        consumer = self._consumer({**BASE, "group.id": group, **(config or {})})
+        consumer = self.raw_consumer({**BASE, "group.id": group, **(config or {})})
         self._consumers.append(consumer)
         return consumer
 
@@ -176,7 +176,8 @@ class Backend:
     def _create(self, name: str, partitions: int) -> None:
         raise NotImplementedError
 
-    def _consumer(self, config: dict[str, Any]) -> Any:
+    def raw_consumer(self, config: dict[str, Any]) -> Any:
+        """A consumer made with exactly ``config`` (and the bootstrap servers), not closed after."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -198,7 +199,8 @@ class RealBackend(Backend):
     def _create(self, name: str, partitions: int) -> None:
         self._kafka.create_topic(name, partitions)
 
-    def _consumer(self, config: dict[str, Any]) -> Consumer:
+    def raw_consumer(self, config: dict[str, Any]) -> Consumer:
+        """A confluent-kafka consumer on the broker."""
         return Consumer({"bootstrap.servers": self._kafka.bootstrap, **config})
 
     def producer(self, config: dict[str, Any] | None = None) -> Producer:
@@ -229,7 +231,8 @@ class FakeBackend(Backend):
     def _create(self, name: str, partitions: int) -> None:
         self.cluster.create_topic(name, partitions)
 
-    def _consumer(self, config: dict[str, Any]) -> FakeConsumer:
+    def raw_consumer(self, config: dict[str, Any]) -> FakeConsumer:
+        """A fake consumer on the cluster."""
         return self.cluster.consumer(config)
 
     def producer(self, config: dict[str, Any] | None = None) -> FakeProducer:
@@ -262,6 +265,11 @@ def _all(topic: str, partitions: int) -> TPs:
 
 
 # -- consuming ------------------------------------------------------------------------------
+
+
+def test_a_consumer_needs_a_group_id(backend: Backend) -> None:
+    with pytest.raises(ValueError, match=r"group\.id must be set"):
+        backend.raw_consumer({})
 
 
 def test_subscribe_assigns_every_partition_on_the_polling_thread(backend: Backend) -> None:
@@ -657,11 +665,6 @@ def fake() -> Iterator[FakeBackend]:
     made = FakeBackend("fake")
     yield made
     made.close()
-
-
-def test_fake_consumer_needs_a_group_id() -> None:
-    with pytest.raises(ValueError, match=r"group\.id"):
-        FakeCluster().consumer({})
 
 
 def test_fake_never_returns_a_revoked_partition_after_on_revoke(fake: FakeBackend) -> None:
