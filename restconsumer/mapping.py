@@ -137,7 +137,8 @@ class RequestBuilder:
             headers[b"Authorization"] = [f"{d.get('token_type', 'Bearer')} {d['token']}".encode()]
         if self._body_keys is not None:
             headers[b"Content-Type"] = [b"application/json"]
-        self._headers = headers
+        #: The headers every request of the job shares (Host included), never changed.
+        self.headers = headers
 
     def document(self, schema: Any, msg: Any, meta: dict[str, Any]) -> dict[str, Any]:
         """The JSONPath document of one record."""
@@ -178,4 +179,4 @@ class RequestBuilder:
                 body = to_json({k: values[k] for k in self._body_keys if k in values})
             except (TypeError, ValueError) as e:
                 raise TemplateError(f"the JSON body cannot be made: {e}") from e
-        return Outgoing(self.method, url.encode("ascii"), self._headers, body, values.get("id"))
+        return Outgoing(self.method, url.encode("ascii"), self.headers, body, values.get("id"))

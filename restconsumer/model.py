@@ -47,6 +47,12 @@ MAX_DATAMAP = 100
 MAX_PATH = 1000
 
 DEFAULT_RETRY = {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0}
+DEFAULT_MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT = 10_000
+ORDERINGS = ("partition", "key", "none")
+DEFAULT_BATCH = {"max_messages": 100, "max_bytes": 1024 * 1024, "max_wait": 0.5,
+                 "format": "json_array"}
+BATCH_FORMATS = ("json_array", "ndjson")
 DEFAULT_TIMEOUT = 30.0
 
 #: Definition fields, in the order they are shown.
@@ -54,6 +60,7 @@ FIELDS = (
     "id", "owner", "type", "topic", "datamap", "url", "basic_auth", "token",
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
+    "ordering", "max_in_flight", "batch",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -254,6 +261,70 @@ def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[s
         problems.append(Problem("url", "must not have a #fragment"))
     if allow_hosts is not None and parts.hostname.lower() not in allow_hosts:
         problems.append(Problem("url", f"host '{parts.hostname}' is not in the allowed hosts"))
+
+
+def _check_throughput(definition: dict[str, Any], datamap_keys: set[str] | None,
+                      problems: list[Problem]) -> None:
+    """``ordering``, ``max_in_flight`` and ``batch`` (SPEC §11)."""
+    ordering = definition.get("ordering")
+    if ordering is not None:
+        if isinstance(ordering, Mapping):
+            by = _fold_keys(ordering, ("by",), {}, "ordering.", problems).get("by")
+            if not isinstance(by, str) or not by:
+                problems.append(Problem("ordering.by", "must name a datamap key"))
+            elif datamap_keys is not None and by not in datamap_keys:
+                problems.append(Problem("ordering.by", f"'{by}' is not a key of the datamap"))
+            else:
+                definition["ordering"] = {"by": by}
+        elif not isinstance(ordering, str) or ordering.lower() not in ORDERINGS:
+            problems.append(Problem("ordering", "must be \"partition\", \"key\", \"none\" or "
+                                                "{\"by\": datamap key}"))
+        else:
+            definition["ordering"] = ordering.lower()
+    limit = definition.get("max_in_flight")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                              or not 1 <= limit <= MAX_IN_FLIGHT):
+        problems.append(Problem("max_in_flight", f"must be a whole number from 1 to {MAX_IN_FLIGHT}"))
+    batch = definition.get("batch")
+    if batch is None:
+        return
+    if not isinstance(batch, Mapping):
+        problems.append(Problem("batch", "must be an object {max_messages, max_bytes, max_wait, format}"))
+        return
+    batch = _fold_keys(batch, DEFAULT_BATCH, {}, "batch.", problems)
+    count = batch.get("max_messages")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool)
+                              or not 1 <= count <= 10_000):
+        problems.append(Problem("batch.max_messages", "must be a whole number from 1 to 10000"))
+    size = batch.get("max_bytes")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                             or not 1024 <= size <= 64 * 1024 * 1024):
+        problems.append(Problem("batch.max_bytes", "must be a whole number of bytes from 1024 to 64 MiB"))
+    wait = batch.get("max_wait")
+    if wait is not None:
+        if not _number(wait) or not 0 <= wait <= 3600:
+            problems.append(Problem("batch.max_wait", "must be a number of seconds from 0 to 3600"))
+        else:
+            batch["max_wait"] = float(wait)
+    form = batch.get("format")
+    if form is not None and form not in BATCH_FORMATS:
+        problems.append(Problem("batch.format", f"must be one of {', '.join(BATCH_FORMATS)}"))
+    definition["batch"] = batch
+    if "json_body" not in definition:
+        problems.append(Problem("json_body", "is required with batch: the body is the list of "
+                                             "each record's json_body"))
+    method = definition.get("type")
+    if isinstance(method, str) and method.upper() not in BODY_METHODS:
+        problems.append(Problem("batch", f"batches are sent only with {', '.join(BODY_METHODS)}"))
+    url = definition.get("url")
+    if isinstance(url, str) and url_placeholders(url):
+        problems.append(Problem("url", "a batched job's URL holds no placeholders (one request "
+                                       "carries many records)"))
+    if definition.get("query_params"):
+        problems.append(Problem("query_params", "a batched job's query holds no datamap values"))
+    if ordering is not None and definition.get("ordering") != "partition":
+        problems.append(Problem("ordering", "a batched job keeps partition order "
+                                            "(batches of one partition go in order)"))
 
 
 def _check_ca_cert(value: Any, problems: list[Problem]) -> None:
@@ -488,6 +559,8 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
 
     if "dead_letter_topic" in definition:
         _check_topic(definition["dead_letter_topic"], "dead_letter_topic", problems)
+
+    _check_throughput(definition, datamap_keys, problems)
 
     if problems:
         raise InvalidJob(problems)

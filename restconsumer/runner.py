@@ -27,13 +27,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from restconsumer.batching import Batcher, batch_body
 from restconsumer.budget import ByteBudget, prefetch_bytes
 from restconsumer.circuit import Circuit
 from restconsumer.consumer import KafkaLoop, consumer_config
 from restconsumer.deadletters import DeadLetters, dead_letter_headers
 from restconsumer.ledger import TP, Ledger, Ticket
-from restconsumer.mapping import RequestBuilder
-from restconsumer.model import DEFAULT_TIMEOUT, Job
+from restconsumer.mapping import Outgoing, RequestBuilder
+from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
 from restconsumer.ordering import Scheduler
 from restconsumer.retry import RetryPolicy, Verdict, deliver
 from restconsumer.sender import Answer, HTTPSender
@@ -123,6 +124,8 @@ class _Unit:
     record: RecordWork | None
     #: Fetch order across the job: the oldest unfinished record probes an open circuit.
     seq: int = 0
+    #: A batch's records, in order (batched jobs only).
+    batch: list[tuple[_Message, RecordWork]] | None = None
     group: Hashable | None = None
     task: Deferred[None] | None = None
     sending: bool = False
@@ -167,6 +170,7 @@ class JobRunner:
         self._probe_timer: Any = None
         self._probe_wait: float | None = None
         self._probe_start = False
+        self._flush_timers: dict[TP, Any] = {}
         self._stopping = False
         self._next_slot = 0.0
         self._stopped: Deferred[None] | None = None
@@ -196,8 +200,17 @@ class JobRunner:
         self._redirects = bool(d.get("follow_redirects", False))
         self._ca_cert = d.get("ca_cert")
         self._ratelimit = float(d.get("ratelimit", 0))
-        self._max_in_flight = int(d.get("max_in_flight", 64))
+        self._max_in_flight = int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT))
         self._order = _order_key(d.get("ordering", "partition"))
+        batch = {**DEFAULT_BATCH, **d["batch"]} if "batch" in d else None
+        self._batch = batch
+        if batch is not None:
+            self._batcher: Batcher[tuple[_Message, RecordWork]] = Batcher(
+                int(batch["max_messages"]), int(batch["max_bytes"]))
+            headers = builder.headers
+            if batch["format"] == "ndjson":
+                headers = {**headers, b"Content-Type": [b"application/x-ndjson"]}
+            self._batch_headers = headers
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -228,6 +241,8 @@ class JobRunner:
         if self._stopped is not None:
             return self._stopped
         self._stopping = True
+        for tp in list(self._flush_timers):
+            self._drop_batch(tp)
 
         def closed(_: Any) -> None:
             # Whatever a consumer that would not close left behind is abandoned.
@@ -285,6 +300,9 @@ class JobRunner:
                 self._finish(message)
                 continue
             for record in prepared.records:
+                if self._batch is not None and record.request is not None:
+                    self._batch_add(tp, message, record)
+                    continue
                 group: Hashable | None = tp
                 if self._order is not _PARTITION:
                     group = None if record.order is None else (tp, record.order)
@@ -298,6 +316,8 @@ class JobRunner:
         within the revocation grace (lost: none), then are cancelled; the offsets to commit."""
         gone = set(partitions)
         self._scheduler.drop(lambda unit: unit.tp in gone)
+        for tp in partitions:
+            self._drop_batch(tp)
         waiting: list[Deferred[Any]] = []
         for tp in partitions:
             for unit in list(self._active.get(tp, ())):
@@ -395,6 +415,9 @@ class JobRunner:
             unit.task.cancel()
 
     async def _run(self, unit: _Unit) -> None:
+        if unit.batch is not None:
+            await self._run_batch(unit, unit.batch)
+            return
         message, record = unit.message, unit.record
         if record is None:
             self._dead_letter(message, message.prepared.error or "undecodable", None)
@@ -403,7 +426,8 @@ class JobRunner:
             self._dead_letter(message, record.error or "no request", record)
             return
         try:
-            outcome = await deliver(lambda: self._attempt(unit), self.policy, self._clock,
+            outcome = await deliver(lambda: self._attempt(unit, record.request), self.policy,
+                                    self._clock,
                                     on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
                                     cancelled=lambda: unit.cancelled, gate=_Gate(self, unit))
         except CancelledError:
@@ -417,8 +441,7 @@ class JobRunner:
         self._dead_letter(message, outcome.reason, record, status=outcome.status,
                           attempts=outcome.attempts)
 
-    def _attempt(self, unit: _Unit) -> Deferred[Answer]:
-        request = unit.record.request  # type: ignore[union-attr]
+    def _attempt(self, unit: _Unit, request: Outgoing | None) -> Deferred[Answer]:
         assert request is not None
 
         def send(_: Any = None) -> Deferred[Answer]:
@@ -440,6 +463,77 @@ class JobRunner:
         if slot <= now:
             return send()
         return deferLater(self._clock, slot - now, lambda: None).addCallback(send)
+
+    # -- batches -------------------------------------------------------------------------
+
+    def _batch_add(self, tp: TP, message: _Message, record: RecordWork) -> None:
+        request = record.request
+        assert request is not None and self._batch is not None
+        for items in self._batcher.add(tp, (message, record), len(request.body or b"")):
+            self._batch_ready(tp, items)
+        if self._batcher.pending(tp):
+            if tp not in self._flush_timers:
+                self._flush_timers[tp] = self._clock.callLater(self._batch["max_wait"], self._flush, tp)
+        else:
+            self._cancel_flush(tp)
+
+    def _flush(self, tp: TP) -> None:
+        self._flush_timers.pop(tp, None)
+        items = self._batcher.take(tp)
+        if items:
+            self._batch_ready(tp, items)
+            self._pump()
+
+    def _batch_ready(self, tp: TP, items: list[tuple[_Message, RecordWork]]) -> None:
+        # One batch per partition under way at a time: the partition is the order group.
+        self._scheduler.add(tp, _Unit(items[0][0], items[0][1], next(self._seq), batch=items))
+
+    def _cancel_flush(self, tp: TP) -> None:
+        timer = self._flush_timers.pop(tp, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _drop_batch(self, tp: TP) -> None:
+        self._cancel_flush(tp)
+        if self._batch is not None:
+            self._batcher.take(tp)
+
+    def _batch_request(self, items: list[tuple[_Message, RecordWork]]) -> Outgoing:
+        assert self._batch is not None
+        first = items[0][1].request
+        assert first is not None
+        body = batch_body([r.request.body or b"" for _, r in items if r.request is not None],
+                          self._batch["format"])
+        return Outgoing(first.method, first.url, self._batch_headers, body)
+
+    async def _run_batch(self, unit: _Unit, items: list[tuple[_Message, RecordWork]]) -> None:
+        """Send a batch; a batch refused with a non-retryable 4xx is split in halves, sent
+        one after the other, until the refused records are alone: only those are dead-lettered."""
+        request = self._batch_request(items)
+        try:
+            outcome = await deliver(lambda: self._attempt(unit, request), self.policy, self._clock,
+                                    on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
+                                    cancelled=lambda: unit.cancelled, gate=_Gate(self, unit))
+        except CancelledError:
+            return
+        self.stats.retried += outcome.retried
+        if outcome.delivered:
+            now = self._clock.seconds()
+            for message, _ in items:
+                self.stats.delivered_one(now)
+                self._record_ended(message)
+            return
+        refused = outcome.status is not None and 400 <= outcome.status < 500 and \
+            "retries exhausted" not in outcome.reason
+        if refused and len(items) > 1:
+            half = len(items) // 2
+            await self._run_batch(unit, items[:half])
+            await self._run_batch(unit, items[half:])
+            return
+        for message, record in items:
+            self.stats.failed += 1
+            self._dead_letter(message, outcome.reason, record, status=outcome.status,
+                              attempts=outcome.attempts)
 
     def _retrying(self, unit: _Unit, attempt: int, reason: str, wait: float) -> None:
         self._note_error(reason)

@@ -502,3 +502,99 @@ def test_cancelled_error_from_outside_is_not_a_failure(h: Harness) -> None:
     h.runner.revoked([(T, 0)], True)
     assert h.runner.stats.failed == 0
     assert h.runner.stats.last_error is None
+
+
+def batch_job(**batch: Any) -> Job:
+    return validate({"id": "j", "owner": "o", "type": "POST", "topic": T,
+                     "datamap": {"id": "$.msg.id"}, "url": "http://sink.test/p/batch",
+                     "json_body": ["id"], "batch": batch,
+                     "retry": {"max_attempts": 3, "initial_wait": 1, "max_wait": 4}})
+
+
+def test_a_batch_goes_when_full_and_the_rest_after_max_wait() -> None:
+    h = Harness(batch_job(max_messages=3, max_wait=0.5))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(4)])
+    [first] = h.agent.open()
+    assert json.loads(first.body or b"") == [{"id": "m0"}, {"id": "m1"}, {"id": "m2"}]
+    first.answer(200)
+    assert h.loop.commits == {(T, 0): 3}
+    assert h.agent.open() == []
+    h.clock.advance(0.5)
+    [rest] = h.agent.open()
+    assert json.loads(rest.body or b"") == [{"id": "m3"}]
+    rest.answer(200)
+    assert h.loop.commits == {(T, 0): 4}
+    assert h.runner.stats.delivered == 4
+
+
+def test_one_batch_per_partition_under_way_and_ndjson() -> None:
+    h = Harness(batch_job(max_messages=2, format="ndjson"))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(6)])
+    [first] = h.agent.open()
+    assert first.body == b'{"id":"m0"}\n{"id":"m1"}\n'
+    first.answer(200)
+    [second] = h.agent.open()
+    assert second.body == b'{"id":"m2"}\n{"id":"m3"}\n'
+
+
+def test_a_refused_batch_is_split_until_the_refused_records_are_alone() -> None:
+    h = Harness(batch_job(max_messages=10))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(10)])
+    refused = {"m3", "m7"}
+    sent = 0
+    while h.agent.open():
+        pending = h.agent.open()[0]
+        ids = {item["id"] for item in json.loads(pending.body or b"")}
+        pending.answer(400 if ids & refused else 200)
+        sent += 1
+        assert sent < 40
+    dead = sorted(json.loads(v or b"")["id"] for _, v, _, _ in h.dead_letters.sent)
+    assert dead == ["m3", "m7"]
+    assert h.runner.stats.delivered == 8
+    assert h.loop.commits == {(T, 0): 10}
+
+
+def test_a_batch_is_retried_and_holds_its_partition() -> None:
+    h = Harness(batch_job(max_messages=2))
+    h.runner.assigned([(T, 0), (T, 1)])
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}),
+             h.message({"id": "c"}, partition=1), h.message({"id": "d"}, partition=1))
+    first, other = h.agent.open()
+    other.answer(200)
+    first.answer(503)
+    h.clock.advance(1)
+    [again] = h.agent.open()
+    assert again.body == first.body
+    again.answer(200)
+    assert h.loop.commits == {(T, 0): 2, (T, 1): 2}
+    assert h.dead_letters.sent == []
+
+
+def test_ordering_by_a_datamap_key_keeps_each_entity_in_order() -> None:
+    job = validate({"id": "j", "owner": "o", "type": "POST", "topic": T,
+                    "datamap": {"id": "$.msg.id", "who": "$.msg.who"}, "url": "http://sink.test/p/{id}",
+                    "ordering": {"by": "who"}})
+    h = Harness(job)
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "1", "who": "ann"}), h.message({"id": "2", "who": "bob"}),
+             h.message({"id": "3", "who": "ann"}))
+    assert sorted(r.path for r in h.agent.open()) == ["p/1", "p/2"]
+    h.agent.requests[0].answer(200)
+    assert sorted(r.path for r in h.agent.open()) == ["p/2", "p/3"]
+    [three] = [r for r in h.agent.open() if r.path == "p/3"]
+    three.answer(200)
+    assert h.loop.commits == {(T, 0): 1}, "committed past bob's unfinished message"
+    h.agent.open()[0].answer(200)
+    assert h.loop.commits == {(T, 0): 3}
+
+
+def test_max_in_flight_bounds_the_requests_under_way() -> None:
+    h = Harness(make_job(ordering="none", max_in_flight=3))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(10)])
+    assert len(h.agent.open()) == 3
+    h.agent.open()[1].answer(200)
+    assert len(h.agent.open()) == 3
