@@ -29,6 +29,7 @@ from restconsumer.server import APIServer, DrainingSite, OrderedServices
 from restconsumer.status import StatusReporter
 from restconsumer.store import JobStore, RedisAddress
 from restconsumer.supervisor import Supervisor
+from restconsumer.workers import ParentWatch, WorkerPool, worker_environment
 
 __all__ = ["APIServer", "Options", "kafka_config", "makeService"]
 
@@ -50,6 +51,7 @@ ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "reconcile-every": ("RESTCONSUMER_RECONCILE_EVERY", "30"),
     "max-buffer-mb": ("RESTCONSUMER_MAX_BUFFER_MB", "256"),
     "revoke-grace": ("RESTCONSUMER_REVOKE_GRACE", "10"),
+    "workers": ("RESTCONSUMER_WORKERS", "1"),
 }
 
 #: the smallest byte budget, in MiB: below it one large message would pause everything
@@ -90,6 +92,7 @@ class Options(usage.Options):
     optFlags = [
         ["embedded", None, "Try it out: an in-process Kafka (librdkafka's mock cluster) and a "
                            "private redis-server, both gone on exit. Not for production."],
+        ["worker", None, "(internal) Run as a worker process of --workers: jobs only, no API."],
     ]
     optParameters = [
         ["api", None, None, "API endpoint, a Twisted endpoint string "
@@ -116,6 +119,8 @@ class Options(usage.Options):
         ["max-buffer-mb", None, None, "MiB this process may hold of messages fetched but not "
                                       "finished, librdkafka's pre-fetch included; at least 16 "
                                       "[RESTCONSUMER_MAX_BUFFER_MB, default 256]"],
+        ["workers", None, None, "Processes that run the jobs on this machine, 1 to 64 "
+                                "[RESTCONSUMER_WORKERS, default 1]"],
         ["revoke-grace", None, None, "Seconds a revoked partition's requests under way may run "
                                      "on before they are cancelled, 0 to 600 "
                                      "[RESTCONSUMER_REVOKE_GRACE, default 10]"],
@@ -201,6 +206,16 @@ class Options(usage.Options):
             raise usage.UsageError(f"--revoke-grace takes seconds, from 0 to {MAX_REVOKE_GRACE:g}, "
                                    f"not {self['revoke-grace']!r}") from None
 
+        try:
+            self["worker-count"] = int(self["workers"])
+            if not 1 <= self["worker-count"] <= 64:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(f"--workers takes a whole number from 1 to 64, "
+                                   f"not {self['workers']!r}") from None
+        if self["worker-count"] > 1 and self["embedded"]:
+            raise usage.UsageError("--workers is for a real Kafka; --embedded runs one process")
+
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
         if self["log-format"] == "json" and self.parent is not None \
@@ -261,6 +276,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     JobControl(reactor, redis_address, supervisor,
                every=options["reconcile-seconds"]).setServiceParent(top)
 
+    if options["worker"]:
+        # A worker of --workers: jobs only; the main process answers the API.
+        ParentWatch(reactor).setServiceParent(top)
+        return top
+
     if options["jobs"]:
         JobsFolder(options["jobs"], store, reactor,
                    allow_hosts=options["allowed-hosts"]).setServiceParent(top)
@@ -279,6 +299,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         DemoFeed(reactor, options["kafka"]).setServiceParent(top)
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
               clock=reactor, allow_hosts=options["allowed-hosts"], demo_sink=options["embedded"])
+    if options["worker-count"] > 1:
+        WorkerPool(reactor, options["worker-count"] - 1, worker_environment(options)).setServiceParent(top)
     endpoint = endpoints.serverFromString(reactor, options["api"])
     APIServer(endpoint, DrainingSite(api.app.resource(), max_body=MAX_BODY), reactor,
               description=f"Kafka {options['kafka']}, Redis {redis_address}",
