@@ -5,8 +5,9 @@ fetched (decode and datamap, through the handler's ``prepare``) and hands the ba
 the reactor — one hop per batch, none while idle. What the reactor has for it (offsets to
 commit, partitions to pause or resume, stop) waits in a mailbox that the loop reads
 between polls; confluent-kafka has no way to wake a poll, so the poll timeout is short
-while a partition is paused (it may have to resume soon) and a second when idle; lag is
-measured every second while busy, every ten when idle.
+while a partition is paused (it may have to resume soon), a tenth of a second while work
+goes on (offsets to commit come in), and a second when idle; lag is measured every
+second while busy, every ten when idle.
 
 Rebalance callbacks run on this thread, inside ``consume()``. A revocation asks the
 reactor to let go of the partitions (requests under way end or are cancelled) and to
@@ -105,6 +106,7 @@ class KafkaLoop:
     def __init__(self, reactor: Any, name: str, config: dict[str, Any], topics: list[str],
                  handler: LoopHandler, *, consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
                  batch: int = 500, idle_poll: float = 1.0, busy_poll: float = 0.02,
+                 commit_every: float = 0.1,
                  answer_timeout: float = 120.0, close_timeout: float = 15.0) -> None:
         self._reactor = reactor
         self.name = name
@@ -115,6 +117,7 @@ class KafkaLoop:
         self._batch = batch
         self._idle_poll = idle_poll
         self._busy_poll = busy_poll
+        self._commit_every = commit_every
         self._answer_timeout = answer_timeout
         self._close_timeout = close_timeout
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"kafka-{name}")
@@ -247,7 +250,14 @@ class KafkaLoop:
         if now - self._lag_at >= (1.0 if self._busy else 10.0):
             self._lag_at = now
             self._measure_lag(consumer)
-        timeout = self._busy_poll if self._paused else self._idle_poll
+        # Short while partitions are paused (one may resume) or work is going on (its offsets
+        # come to be committed); long only when nothing happened the last turn.
+        if self._paused:
+            timeout = self._busy_poll
+        elif self._busy:
+            timeout = min(self._idle_poll, self._commit_every)
+        else:
+            timeout = self._idle_poll
         # Wait for the first message only, then take what is already there: fetching never
         # waits to fill a batch.
         messages = consumer.consume(num_messages=1, timeout=timeout)

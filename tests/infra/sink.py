@@ -77,6 +77,10 @@ class Sink:
                 pass
 
         class Server(ThreadingHTTPServer):
+            # socketserver's backlog of 5 drops the SYNs of a burst of new connections, which
+            # TCP sends again only after a second.
+            request_queue_size = 128
+
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # a client that vanished (a killed service) is not the test's concern
 
