@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trust roots provide
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -180,11 +181,12 @@ class HTTPSender(Service):
         self._agent = agent
         self._per_host = per_host
         self._allow_hosts = allow_hosts
-        default_trust = None
+        #: The certificates of --ca-file, trusted instead of the system's CAs.
+        self._base: list[ssl.Certificate] | None = None
         if ca_file:
             with open(ca_file, "rb") as f:
-                default_trust = _trust(f.read())
-        self._routes: dict[str | None, _Route] = {None: self._route(default_trust)}
+                self._base = _certificates(f.read())
+        self._routes: dict[str | None, _Route] = {None: self._route(_Trust(self._base, []))}
         self._headers: dict[int, tuple[dict[bytes, list[bytes]], Headers]] = {}
 
     def _headers_of(self, raw: dict[bytes, list[bytes]]) -> Headers:
@@ -215,10 +217,17 @@ class HTTPSender(Service):
     def send(self, request: Outgoing, timeout: float, follow_redirects: bool = False,
              ca_cert: str | None = None) -> Deferred[Answer]:
         """Send one request; fires with the :class:`Answer`, fails on network errors."""
+        if self._allow_hosts is not None:
+            host = _host_of(request.url)
+            if host not in self._allow_hosts:
+                # Checked at send time too: a job stored before the allowlist, or by another
+                # instance, sends nothing outside it.
+                return fail(DestinationRefused(f"host {host!r} is not an allowed host (--allow-hosts)"))
         route = self._routes.get(ca_cert)
         if route is None:
             try:
-                trust = _trust(ca_cert.encode("ascii"))  # type: ignore[union-attr]
+                # A job's CAs are trusted besides the system's (or --ca-file's), not instead.
+                trust = _Trust(self._base, _certificates(ca_cert.encode("ascii")))  # type: ignore[union-attr]
             except Exception as e:  # a PEM cryptography read but pyOpenSSL will not
                 return fail(DestinationRefused(f"the job's ca_cert cannot be used: {e}"))
             route = self._routes[ca_cert] = self._route(trust)
@@ -262,8 +271,31 @@ class HTTPSender(Service):
         raise AssertionError("unreachable")
 
 
-def _trust(pem: bytes) -> Any:
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(c) for c in _split_pem(pem)])
+def _certificates(pem: bytes) -> list[ssl.Certificate]:
+    return [ssl.Certificate.loadPEM(c) for c in _split_pem(pem)]
+
+
+@implementer(IOpenSSLTrustRoot)
+class _Trust:
+    """The system's CAs (or ``base``), plus ``extra``."""
+
+    def __init__(self, base: list[ssl.Certificate] | None, extra: list[ssl.Certificate]) -> None:
+        self._base = base
+        self._extra = extra
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        if self._base is None:
+            context.set_default_verify_paths()
+        store = context.get_cert_store()
+        for cert in (self._base or []) + self._extra:
+            store.add_cert(cert.original)
+
+
+def _host_of(url: bytes) -> str:
+    """The host of an absolute URL, lower case (brackets of an IPv6 literal removed)."""
+    authority = url.split(b"/", 3)[2].rpartition(b"@")[2]
+    host = authority[1:authority.find(b"]")] if authority.startswith(b"[") else authority.partition(b":")[0]
+    return host.decode("ascii", "replace").lower()
 
 
 class _BodyReader(Protocol):

@@ -598,3 +598,25 @@ def test_max_in_flight_bounds_the_requests_under_way() -> None:
     assert len(h.agent.open()) == 3
     h.agent.open()[1].answer(200)
     assert len(h.agent.open()) == 3
+
+
+def test_the_allowlist_holds_at_send_time_for_a_job_stored_before_it() -> None:
+    clock = Clock()
+    agent = FakeAgent(auto=200)
+    h = Harness(agent=agent)
+    h.runner._sender = HTTPSender(clock, agent=agent, allow_hosts=frozenset({"allowed.test"}))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "x"}))
+    assert agent.requests == [], "a request left for a host outside the allowlist"
+    [reason] = h.dead_letters.reasons()
+    assert "'sink.test' is not an allowed host" in reason
+    assert h.loop.commits == {(T, 0): 1}
+
+
+def test_host_of_a_url() -> None:
+    from restconsumer.sender import _host_of
+
+    assert _host_of(b"http://Sink.Test:8080/p?q=1") == "sink.test"
+    assert _host_of(b"https://user:pw@h.example/") == "h.example"
+    assert _host_of(b"http://[::1]:99/x") == "::1"
+    assert _host_of(b"http://10.0.0.1/x") == "10.0.0.1"
