@@ -1,36 +1,64 @@
-"""Delivery throughput of one service process against a bare Twisted Agent loop, same run.
+"""Delivery throughput: one service process, ``--workers 2``, and the ceilings, in one run.
 
-Real Kafka (as in the tests), real Redis, nginx answering 200 on loopback. Produces
-100,000 JSON messages over 4 partitions, measures how fast one ``twistd restconsumer``
-process delivers them (one request per message, 5 datamap paths, ``json_body``), and
-beside it the ceiling: a bare ``Agent`` loop posting the same bodies to the same nginx
-with the same concurrency (one request at a time per partition). Prints both and their
-ratio; the target is 0.7.
+Real Kafka (as in the tests), real Redis, nginx answering 200 on loopback (``apt-get install
+nginx-light``). Produces 100,000 JSON messages over 4 partitions once; each service run is a
+new job (its own consumer group) that reads them all from the start, one request per message
+(5 datamap paths, ``json_body``, ``ordering: partition``: one request at a time per
+partition, so 4 under way). Measured side by side:
 
-    python bench/run.py [--messages N] [--baseline-requests N]
+- the ceiling: a bare Twisted ``Agent`` loop posting the same bodies to the same nginx with the
+  same concurrency (4 loops, one request at a time each; ``bench/agent_baseline.py``);
+- the same loop through treq (``treq.client.HTTPClient`` over the same ``Agent`` and pool,
+  same body producer; ``bench/treq_baseline.py``), so the choice of the hot path stays
+  measured;
+- one service process (target: at least 0.9 x the bare-Agent ceiling);
+- the service with ``--workers 2``: the main process spawns one worker and both consume the
+  job's partitions (target: at least 1.3 x one process), on this machine where the broker
+  and the sink share the cores;
+- CPU seconds per 1,000 messages (requests) of each: for the service, utime + stime of every
+  process in its session (the worker is a child of the main process, in its session) from
+  ``/proc``, from just before its job is created until its last message is committed.
+
+A service's rate is taken once its consumer group is settled (the status shows each process
+holding partitions, none twice) and its first offsets are committed, until every message is
+committed. The machine is shared and noise only ever lowers a rate, so each figure is the
+best of several runs taken in turns: ceilings, one process, --workers, ceilings, --workers,
+one process, ceilings. Each service run starts a fresh service (its own Redis database) and
+stops it after. The load average and the machine's busy CPU during each service run are
+printed with the figures.
+
+    python3 bench/run.py                 # the full run (about ten minutes)
+    python3 bench/run.py --messages 5000 --baseline-requests 2000 --rounds 1 --ceiling-runs 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.infra.kafka import KafkaBroker  # noqa: E402
-from tests.infra.kafka_io import committed, produce  # noqa: E402
+from common import Infra, infra, start_service, stop_service  # noqa: E402
+
+from tests.infra.kafka_io import produce  # noqa: E402
 from tests.infra.ports import free_port, wait_for  # noqa: E402
-from tests.infra.redis import RedisServer  # noqa: E402
 from tests.infra.service import ServiceProcess  # noqa: E402
 
 PARTITIONS = 4
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
+ONE_PROCESS_TARGET = 0.9
+WORKERS_TARGET = 1.3
 NGINX = """
 worker_processes 1;
 daemon off;
@@ -70,106 +98,407 @@ def start_nginx(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     """nginx on a free loopback port, answering 200 to everything."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, timeout=600)
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX.format(dir=workdir, port=port))
     process = subprocess.Popen([binary, "-c", str(conf), "-p", str(workdir)])
-    import urllib.request
-
-    wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/").status == 200, 10, "nginx")
+    wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200,
+             10, "nginx")
     return process, port
 
 
+# --- CPU from /proc ----------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """One process as ``/proc/PID/stat`` shows it."""
+
+    pid: int
+    ppid: int
+    session: int
+    cpu: float  # utime + stime, seconds, every thread
+
+
+def processes() -> list[Proc]:
+    """Every live (not zombie) process of the machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:  # it ended meanwhile
+            continue
+        # The name is in parentheses and may itself hold spaces or parentheses; after it,
+        # rest[0] is field 3 (state), [1] ppid, [3] session, [11] utime, [12] stime.
+        rest = text[text.rindex(")") + 2:].split()
+        if rest[0] == "Z":
+            continue
+        found.append(Proc(int(entry), int(rest[1]), int(rest[3]),
+                          (int(rest[11]) + int(rest[12])) / CLOCK_TICKS))
+    return found
+
+
+def session_of(leader: int, procs: list[Proc]) -> list[Proc]:
+    """The processes of the session that ``leader`` started (the service and its workers)."""
+    return [p for p in procs if p.session == leader]
+
+
+def tree_of(root: int, procs: list[Proc]) -> list[Proc]:
+    """``root`` and its descendants (nginx's master and worker)."""
+    children: dict[int, list[Proc]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p)
+    found = [p for p in procs if p.pid == root]
+    for p in found:
+        found.extend(children.get(p.pid, []))
+    return found
+
+
+def machine_busy() -> tuple[float, float]:
+    """Seconds of CPU the whole machine spent busy, and in all, over all cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    # user nice system idle iowait irq softirq steal
+    total = sum(ticks)
+    return (total - ticks[3] - ticks[4]) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+@dataclass
+class CpuSnapshot:
+    """CPU used so far by each party of a service run."""
+
+    service: float
+    service_processes: int
+    kafka: float
+    nginx: float
+    harness: float
+    busy: float
+    total: float
+    wall: float
+
+    @classmethod
+    def take(cls, leader: int, kafka: int, nginx: int) -> CpuSnapshot:
+        """Read them all now."""
+        procs = processes()
+        service = session_of(leader, procs)
+        busy, total = machine_busy()
+        return cls(service=sum(p.cpu for p in service), service_processes=len(service),
+                   kafka=sum(p.cpu for p in tree_of(kafka, procs)),
+                   nginx=sum(p.cpu for p in tree_of(nginx, procs)),
+                   harness=time.process_time(), busy=busy, total=total, wall=time.perf_counter())
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` shows them."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+# --- the ceilings ----------------------------------------------------------------------------
+
+
+def ceiling_run(script: str, sink: str, bodies: Path, timeout: float) -> dict[str, Any]:
+    """One run of a baseline loop (``agent_baseline.py`` or ``treq_baseline.py``); its figures."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), f"{sink}/people/",
+                             str(bodies), str(PARTITIONS)],
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    figures: dict[str, Any] = json.loads(result.stdout)
+    if figures["failures"]:
+        raise RuntimeError(f"{script}: {figures['failures']} requests were not answered 200")
+    return figures
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceRun:
+    """What one service run measured."""
+
+    workers: int
+    rate: float  # messages/s, once settled, until every message is committed
+    window: int  # messages committed within that
+    requests: int  # requests nginx received during the run
+    cpu_per_1000: float  # CPU seconds of the service's processes per 1,000 messages
+    processes: int  # processes in the service's session at the end of the run
+    kafka_per_1000: float
+    nginx_per_1000: float
+    harness_per_1000: float
+    busy_cores: float  # the whole machine's busy CPU during the run, in cores
+    ours_cores: float  # of which the service, Kafka, nginx and this harness
+    load: str
+    notes: list[str] = field(default_factory=list)
+
+
+class Committed:
+    """Reads a job's committed offsets with one consumer kept open (creating one per look
+    would cost this harness, and so the cores the service shares, far more)."""
+
+    def __init__(self, bootstrap: str, job_id: str, topic: str) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"restconsumer.{job_id}",
+                                   "enable.auto.commit": False})
+        self._partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+
+    def total(self) -> int | None:
+        """Messages committed so far over every partition; None while the broker cannot say
+        (a group coordinator still loading answers NOT_COORDINATOR for a moment)."""
+        from confluent_kafka import KafkaException
+
+        try:
+            offsets = self._consumer.committed(self._partitions, timeout=10)
+        except KafkaException:
+            return None
+        return sum(max(tp.offset, 0) for tp in offsets)
+
+    def close(self) -> None:
+        """Close the consumer."""
+        self._consumer.close()
+
+
+def settled(service: ServiceProcess, job_id: str, workers: int) -> bool:
+    """Whether the job's status shows ``workers`` processes each holding partitions, every
+    partition held once (reports are a second old at most)."""
+    try:
+        status = service.request("GET", f"/job/{job_id}/status", timeout=5).json
+    except (OSError, ValueError):
+        return False
+    held = [p for instance in status.get("instances", []) for p in instance["partitions"]]
+    return (len(status.get("instances", [])) == workers
+            and all(instance["partitions"] for instance in status["instances"])
+            and len(held) == len(set(held)) == PARTITIONS)
+
+
+def service_run(env: Infra, name: str, workers: int, *, topic: str, produced: int, sink: str,
+                nginx: subprocess.Popen[bytes], access_log: Path, redis_db: int) -> ServiceRun:
+    """Start a service (``--workers`` when above 1), run one job over the whole topic, stop it."""
+    args = ["--workers", str(workers)] if workers > 1 else None
+    service = start_service(env, name, args=args, redis_db=redis_db)
+    if isinstance(service, str):
+        raise RuntimeError(f"the service ({name}) did not start: {service}")
+    assert service.process is not None and env.kafka.process is not None
+    leader = service.process.pid
+    notes: list[str] = []
+    committed: Committed | None = None
+    try:
+        wait_for(lambda: len(session_of(leader, processes())) >= workers, 30,
+                 f"{workers} processes of the service")
+        before_requests = _lines(access_log)
+        load = load_average()
+        start = CpuSnapshot.take(leader, env.kafka.process.pid, nginx.pid)
+        job = {"id": name, "owner": "bench", "type": "POST", "topic": topic,
+               "datamap": {"id": "$.msg.id", "name": "$.msg.name", "age": "$.msg.age",
+                           "household": "$.msg.household.id", "active": "$.msg.active"},
+               "url": f"{sink}/people/{{id}}",
+               "json_body": ["id", "name", "age", "household", "active"]}
+        answer = service.request("POST", f"/job/{name}", job)
+        if answer.status != 201:
+            raise RuntimeError(f"the job was refused: {answer}")
+        committed = Committed(env.kafka.bootstrap, name, topic)
+        deadline = time.monotonic() + max(120.0, produced / 200)
+        first: tuple[float, int] | None = None  # the first commit seen
+        steady: tuple[float, int] | None = None  # the first commit seen once settled
+        next_status = 0.0
+        while True:
+            now, known = time.perf_counter(), committed.total()
+            done = known or 0
+            if known is not None and done >= produced:
+                break
+            if done > 0 and first is None:
+                first = (now, done)
+            if done > 0 and steady is None and now >= next_status:
+                if settled(service, name, workers):
+                    steady = (now, done)
+                next_status = now + 0.25
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: {done} of {produced} messages committed after "
+                                   f"{max(120.0, produced / 200):.0f} s")
+            time.sleep(0.05 if steady is None else 0.1)
+        end = CpuSnapshot.take(leader, env.kafka.process.pid, nginx.pid)
+        if steady is None:
+            notes.append("the group never showed settled before the end; rate from the first commit")
+            steady = first or (now, 0)
+        if end.service_processes != workers:
+            notes.append(f"{end.service_processes} processes at the end, not {workers}")
+        answer = service.request("POST", f"/job/{name}/stop")
+        if answer.status != 200:
+            notes.append(f"stopping the job answered {answer.status}")
+        thousands = produced / 1000
+        return ServiceRun(
+            workers=workers, rate=(produced - steady[1]) / max(now - steady[0], 1e-9),
+            window=produced - steady[1], requests=_lines(access_log) - before_requests,
+            cpu_per_1000=(end.service - start.service) / thousands, processes=end.service_processes,
+            kafka_per_1000=(end.kafka - start.kafka) / thousands,
+            nginx_per_1000=(end.nginx - start.nginx) / thousands,
+            harness_per_1000=(end.harness - start.harness) / thousands,
+            busy_cores=(end.busy - start.busy) / (end.total - start.total) * CORES,
+            ours_cores=sum(getattr(end, k) - getattr(start, k)
+                           for k in ("service", "kafka", "nginx", "harness")) / (end.wall - start.wall),
+            load=load, notes=notes)
+    finally:
+        if committed is not None:
+            committed.close()
+        print(f"  {name}: {stop_service(service)}", flush=True)
+        try:
+            wait_for(lambda: not session_of(leader, processes()), 30, "every process of the service to end")
+        except TimeoutError:
+            print(f"  {name}: processes of the service still running 30 s after it stopped", flush=True)
+        tracebacks = service.log().count("Traceback")
+        if tracebacks:
+            print(f"  {name}: {tracebacks} tracebacks in its log ({service.log_path})", flush=True)
+
+
+def _lines(path: Path) -> int:
+    """Lines in a file so far (0 if there is none yet)."""
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def best(values: list[float]) -> float:
+    """The best of several runs (noise on a shared machine only ever lowers a rate)."""
+    return max(values)
+
+
 def main() -> None:
+    """Run everything in turns and print the figures side by side."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--baseline-requests", type=int, default=20_000)
+    parser.add_argument("--messages", type=int, default=100_000,
+                        help="messages produced, and delivered by each service run (100,000)")
+    parser.add_argument("--baseline-requests", type=int, default=20_000,
+                        help="requests of each ceiling run (20,000)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="service runs of each kind, taken in turns (2; at most 7)")
+    parser.add_argument("--ceiling-runs", type=int, default=2,
+                        help="runs of each ceiling loop between service runs (2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="the --workers of the service compared with one process (2)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="restconsumer-bench-"))
-    kafka = KafkaBroker(work / "kafka")
-    redis = RedisServer(work / "redis")
-    nginx = None
-    service = None
-    try:
-        kafka.start()
-        redis.start()
-        nginx, port = start_nginx(work / "nginx")
-        sink = f"http://127.0.0.1:{port}"
-
-        bodies = work / "bodies.jsonl"
-        with bodies.open("w") as f:
-            for i in range(args.baseline_requests):
-                m = message(i)
-                f.write(json.dumps({"id": m["id"], "body": body(m)}) + "\n")
-        def ceiling_runs(count: int) -> list[dict[str, float]]:
-            runs = [json.loads(subprocess.run(
-                [sys.executable, str(REPO / "bench" / "agent_baseline.py"), f"{sink}/people/",
-                 str(bodies), str(PARTITIONS)], check=True, capture_output=True, text=True).stdout)
-                for _ in range(count)]
-            assert all(run["failures"] == 0 for run in runs)
-            return runs
-
-        service = ServiceProcess(work / "service", kafka=kafka.bootstrap, redis=redis.url).start()
-        access_log = work / "nginx" / "access.log"
-
-        def deliver_all(name: str) -> tuple[float, int, int]:
-            """Produce the messages to a new topic, run a job on it: rate, produced, requests."""
-            topic = f"bench.{name}"
-            kafka.create_topic(topic, PARTITIONS)
-            produced = produce(kafka.bootstrap, topic,
+    if not 1 <= args.rounds <= 7 or args.ceiling_runs < 1 or args.workers < 2:
+        parser.error("--rounds is 1 to 7, --ceiling-runs at least 1, --workers at least 2")
+    started = time.monotonic()
+    print(f"load average at the start: {load_average()} ({CORES} cores)", flush=True)
+    with infra("restconsumer-bench-") as env:
+        nginx, port = start_nginx(env.work / "nginx")
+        try:
+            sink = f"http://127.0.0.1:{port}"
+            access_log = env.work / "nginx" / "access.log"
+            bodies = env.work / "bodies.jsonl"
+            with bodies.open("w") as f:
+                for i in range(args.baseline_requests):
+                    m = message(i)
+                    f.write(json.dumps({"id": m["id"], "body": body(m)}) + "\n")
+            topic = "bench.people"
+            env.kafka.create_topic(topic, PARTITIONS)
+            produced = produce(env.kafka.bootstrap, topic,
                                (json.dumps(message(i)).encode() for i in range(args.messages)),
                                partitions=PARTITIONS)
-            before = sum(1 for _ in access_log.open()) if access_log.exists() else 0
-            job = {"id": name, "owner": "bench", "type": "POST", "topic": topic,
-                   "datamap": {"id": "$.msg.id", "name": "$.msg.name", "age": "$.msg.age",
-                               "household": "$.msg.household.id", "active": "$.msg.active"},
-                   "url": f"{sink}/people/{{id}}",
-                   "json_body": ["id", "name", "age", "household", "active"]}
-            assert service.request("POST", f"/job/{name}", job).status == 201
+            print(f"produced {produced} messages to {topic} ({PARTITIONS} partitions)", flush=True)
 
-            def done_so_far() -> int:
-                offsets = committed(kafka.bootstrap, f"restconsumer.{name}", topic, PARTITIONS)
-                return sum(max(o, 0) for o in offsets)
+            ceiling_timeout = max(120.0, args.baseline_requests / 100)
+            ceilings: dict[str, list[dict[str, Any]]] = {"agent": [], "treq": []}
 
-            first = wait_for(lambda: (n := done_so_far()) > 0 and (n, time.perf_counter()), 60,
-                             "first commits", every=0.05)
-            start_count, started = first  # type: ignore[misc]
-            wait_for(lambda: done_so_far() >= produced, 600, "every message delivered", every=0.2)
-            rate = (produced - start_count) / (time.perf_counter() - started)
-            assert service.request("POST", f"/job/{name}/stop").status == 200
-            return rate, produced, sum(1 for _ in access_log.open()) - before
+            def ceiling_turn() -> None:
+                for _ in range(args.ceiling_runs):
+                    for kind in ("agent", "treq"):
+                        run = ceiling_run(f"{kind}_baseline.py", sink, bodies, ceiling_timeout)
+                        ceilings[kind].append(run)
+                        print(f"  {kind} loop: {run['per_second']:.0f} requests/s, "
+                              f"{run['cpu_seconds'] / run['requests'] * 1000:.3f} CPU s/1,000",
+                              flush=True)
 
-        # Noise on a shared machine only ever lowers a run, so both sides are the best of
-        # several, taken in turns: ceiling, service, ceiling, service, ceiling.
-        runs = ceiling_runs(2)
-        first_run = deliver_all("first")
-        runs += ceiling_runs(2)
-        second_run = deliver_all("second")
-        runs += ceiling_runs(2)
-        baseline = max(runs, key=lambda run: run["per_second"])
-        rate, produced, _ = max(first_run, second_run)
-        ratio = rate / baseline["per_second"]
-        print(f"bare Agent loop (ceiling): {baseline['per_second']:8.0f} requests/s "
-              f"(best of {', '.join(str(round(run['per_second'])) for run in runs)}; "
-              f"{baseline['requests']} requests each, concurrency {PARTITIONS})")
-        print(f"restconsumer, one process: {rate:8.0f} messages/s "
-              f"(best of {first_run[0]:.0f}, {second_run[0]:.0f}; {produced} JSON messages over "
-              f"{PARTITIONS} partitions, 5 datamap paths, json_body)")
-        print(f"requests nginx received:   {first_run[2]:8d}, {second_run[2]} (for {produced} messages each)")
-        verdict = "MET" if ratio >= 0.7 else "MISSED"
-        print(f"ratio to the ceiling:      {ratio:8.2f} (target 0.70) -> {verdict}")
-    finally:
-        if service is not None:
-            service.stop()
-        if nginx is not None:
+            runs: dict[int, list[ServiceRun]] = {1: [], args.workers: []}
+            ceiling_turn()
+            for r in range(args.rounds):
+                order = [1, args.workers] if r % 2 == 0 else [args.workers, 1]
+                for workers in order:
+                    name = f"one-{r + 1}" if workers == 1 else f"workers{workers}-{r + 1}"
+                    run = service_run(env, name, workers, topic=topic, produced=produced, sink=sink,
+                                      nginx=nginx, access_log=access_log,
+                                      redis_db=2 * r + (workers > 1))
+                    runs[workers].append(run)
+                    print(f"  {name}: {run.rate:.0f} messages/s, {run.cpu_per_1000:.3f} CPU s/1,000 "
+                          f"({run.processes} processes), load {run.load}", flush=True)
+                ceiling_turn()
+        finally:
             nginx.terminate()
-            nginx.wait()
-        redis.stop()
-        kafka.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            try:
+                nginx.wait(20)
+            except subprocess.TimeoutExpired:
+                nginx.kill()
+                nginx.wait(10)
+    report(args, produced, ceilings, runs, time.monotonic() - started)
+
+
+def report(args: argparse.Namespace, produced: int, ceilings: dict[str, list[dict[str, Any]]],
+           runs: dict[int, list[ServiceRun]], took: float) -> None:
+    """Print the figures side by side."""
+    def per_1000(run: dict[str, Any]) -> float:
+        return run["cpu_seconds"] / run["requests"] * 1000
+
+    agent = best([run["per_second"] for run in ceilings["agent"]])
+    treq = best([run["per_second"] for run in ceilings["treq"]])
+    one = best([run.rate for run in runs[1]])
+    many = best([run.rate for run in runs[args.workers]])
+    one_ratio, many_ratio = one / agent, many / one
+
+    def rates(values: list[float]) -> str:
+        return ", ".join(f"{v:.0f}" for v in values)
+
+    def cpus(values: list[float]) -> str:
+        return ", ".join(f"{v:.3f}" for v in values)
+
+    def verdict(met: bool) -> str:
+        return "MET" if met else "MISSED"
+
+    print()
+    print(f"{PARTITIONS} partitions, concurrency {PARTITIONS} (one request at a time per partition); "
+          f"ceilings: {args.baseline_requests} requests a run; service: {produced} JSON messages a run, "
+          f"5 datamap paths, json_body. Rates: best of the runs in brackets; CPU s/1,000: lowest "
+          f"of the runs (all in brackets).")
+    print(f"{'':34}{'rate /s':>9}  {'CPU s/1,000':>11}")
+    print(f"{'bare Agent loop (ceiling)':34}{agent:9.0f}  {min(map(per_1000, ceilings['agent'])):11.3f}"
+          f"   runs ({rates([r['per_second'] for r in ceilings['agent']])})"
+          f" cpu ({cpus([per_1000(r) for r in ceilings['agent']])})")
+    print(f"{'treq over the same Agent and pool':34}{treq:9.0f}  {min(map(per_1000, ceilings['treq'])):11.3f}"
+          f"   runs ({rates([r['per_second'] for r in ceilings['treq']])})"
+          f" cpu ({cpus([per_1000(r) for r in ceilings['treq']])})")
+    for workers, label in ((1, "restconsumer, one process"),
+                           (args.workers, f"restconsumer, --workers {args.workers}")):
+        done = runs[workers]
+        print(f"{label:34}{best([r.rate for r in done]):9.0f}  {min(r.cpu_per_1000 for r in done):11.3f}"
+              f"   runs ({rates([r.rate for r in done])}) cpu ({cpus([r.cpu_per_1000 for r in done])})")
+    print()
+    print(f"treq / bare Agent:              {treq / agent:6.2f} (rate); "
+          f"{min(map(per_1000, ceilings['treq'])) / min(map(per_1000, ceilings['agent'])):.2f} x the CPU "
+          f"per request")
+    print(f"one process / bare Agent:       {one_ratio:6.2f} (target {ONE_PROCESS_TARGET:.2f}) -> "
+          f"{verdict(one_ratio >= ONE_PROCESS_TARGET)}")
+    print(f"--workers {args.workers} / one process:     {many_ratio:6.2f} (target {WORKERS_TARGET:.2f}) -> "
+          f"{verdict(many_ratio >= WORKERS_TARGET)}")
+    print()
+    print("each service run: rate; messages in the rate window; requests nginx received; CPU s per "
+          "1,000 messages of the service / Kafka / nginx / this harness; the machine's busy cores "
+          "(ours of them); load average at the start")
+    for workers in (1, args.workers):
+        for run in runs[workers]:
+            print(f"  --workers {workers}: {run.rate:6.0f}/s; {run.window:6d}; {run.requests:6d}; "
+                  f"{run.cpu_per_1000:.3f} / {run.kafka_per_1000:.3f} / {run.nginx_per_1000:.3f} / "
+                  f"{run.harness_per_1000:.3f}; {run.busy_cores:.2f} ({run.ours_cores:.2f}) cores; "
+                  f"load {run.load}" + "".join(f"; {note}" for note in run.notes))
+    print(f"load average at the end: {load_average()}; the whole run took {took / 60:.1f} min")
 
 
 if __name__ == "__main__":
