@@ -818,11 +818,30 @@ def met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def report(outcomes: dict[str, Outcome], args: argparse.Namespace, load_start: str) -> None:
+def code_under_test() -> str:
+    """The commit the service ran from, and uncommitted changes to its code, if any."""
+    from common import REPO
+
+    def git(*args: str) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        return ""
+
+    changed = git("status", "--short", "--", "restconsumer").splitlines()
+    text = f"commit {git('rev-parse', '--short', 'HEAD') or '?'}"
+    if changed:
+        text += f" + uncommitted changes to {', '.join(line.split(None, 1)[-1] for line in changed)}"
+    return text
+
+
+def report(outcomes: dict[str, Outcome], args: argparse.Namespace, load_start: str,
+           code: str) -> None:
     """Every figure beside its target."""
     print("\n" + "=" * 100)
     print(f"restconsumer throughput, one run ({time.strftime('%Y-%m-%d %H:%M:%S')}), "
           f"{os.cpu_count()} cores; load average at the start {load_start}, at the end {load_text()}")
+    print(f"service code: {code}")
     order = [outcomes[n] for n in ("key", "by", "partition") if n in outcomes]
     if order:
         print(f"\n1. endpoint answering after 50 ms, {PARTITIONS} partitions, {args.messages} messages, "
@@ -930,7 +949,8 @@ def main() -> None:
             print(f"load average {load_text()}: waiting for {wanted} or below", flush=True)
             time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
     load_start = load_text()
-    print(f"load average {load_start}", flush=True)
+    code = code_under_test()
+    print(f"load average {load_start}; service code: {code}", flush=True)
     outcomes: dict[str, Outcome] = {}
     with infra("restconsumer-bench-throughput-") as env:
         slow = SinkProcess(0.05, env.work / "sink-slow.log")
@@ -966,7 +986,7 @@ def main() -> None:
         finally:
             slow.stop()
             fast.stop()
-    report(outcomes, args, load_start)
+    report(outcomes, args, load_start, code)
 
 
 if __name__ == "__main__":
