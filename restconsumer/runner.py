@@ -34,10 +34,11 @@ from restconsumer.consumer import KafkaLoop, consumer_config
 from restconsumer.deadletters import DeadLetters, dead_letter_headers
 from restconsumer.ledger import TP, Ledger, Ticket
 from restconsumer.mapping import Outgoing, RequestBuilder
+from restconsumer.metrics import Metrics
 from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
 from restconsumer.ordering import Scheduler
 from restconsumer.retry import RetryPolicy, Verdict, deliver
-from restconsumer.sender import Answer, HTTPSender
+from restconsumer.sender import Answer, DestinationRefused, HTTPSender
 from restconsumer.work import Incoming, Prepared, RecordWork, prepare
 
 __all__ = ["JobRunner", "JobStats", "Shared"]
@@ -68,6 +69,7 @@ class Shared:
     loop_options: dict[str, Any] = field(default_factory=dict)
     #: How many jobs run in this process (for each one's share of the pre-fetch budget).
     running: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass
@@ -154,6 +156,7 @@ class JobRunner:
         self._sender = shared.sender
         self._dead_letters = shared.dead_letters
         self._budget = shared.budget
+        self._metrics = shared.metrics
         self.stats = JobStats(started_at=self._clock.seconds())
         self.ledger = Ledger()
         self._use(job)
@@ -352,7 +355,7 @@ class JobRunner:
                      "cancelled", job_id=self.job.id, grace=grace)
             return result
 
-        settled: Deferred[Any] = DeferredList(waiting)
+        settled: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
         settled.addTimeout(self._shared.revoke_grace, self._clock, onTimeoutCancel=late)
         return settled.addCallback(let_go)
 
@@ -435,6 +438,7 @@ class JobRunner:
         self.stats.retried += outcome.retried
         if outcome.delivered:
             self.stats.delivered_one(self._clock.seconds())
+            self._metrics.delivered(self.job.id)
             self._record_ended(message)
             return
         self.stats.failed += 1
@@ -446,10 +450,18 @@ class JobRunner:
 
         def send(_: Any = None) -> Deferred[Answer]:
             unit.sending = True
+            began = self._clock.seconds()
             d = self._sender.send(request, self._timeout, self._redirects, self._ca_cert)
 
             def sent(result: Any) -> Any:
                 unit.sending = False
+                if isinstance(result, Answer):
+                    status: int | None = result.status
+                elif unit.cancelled or result.check(DestinationRefused):
+                    return result  # nothing was answered: abandoned, or never sent
+                else:
+                    status = None
+                self._metrics.answered(self.job.id, status, self._clock.seconds() - began)
                 return result
 
             return d.addBoth(sent)
@@ -519,6 +531,7 @@ class JobRunner:
         self.stats.retried += outcome.retried
         if outcome.delivered:
             now = self._clock.seconds()
+            self._metrics.delivered(self.job.id, len(items))
             for message, _ in items:
                 self.stats.delivered_one(now)
                 self._record_ended(message)
@@ -537,6 +550,7 @@ class JobRunner:
 
     def _retrying(self, unit: _Unit, attempt: int, reason: str, wait: float) -> None:
         self._note_error(reason)
+        self._metrics.retried(self.job.id)
         incoming = unit.message.prepared.incoming
         log.warn("job {job_id}: {topic}[{partition}]@{offset} entity {entity}: attempt {attempt} "
                  "failed ({reason}); retrying in {wait:.1f} s", job_id=self.job.id,
@@ -576,6 +590,7 @@ class JobRunner:
             if not self.ledger.current(message.ticket):
                 return
             self.stats.dead_lettered += 1
+            self._metrics.dead_lettered(self.job.id)
             message.open_acks -= 1
             if message.open_records == 0 and message.open_acks == 0:
                 self._finish(message)

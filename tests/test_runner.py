@@ -620,3 +620,35 @@ def test_host_of_a_url() -> None:
     assert _host_of(b"https://user:pw@h.example/") == "h.example"
     assert _host_of(b"http://[::1]:99/x") == "::1"
     assert _host_of(b"http://10.0.0.1/x") == "10.0.0.1"
+
+
+def test_metrics_count_records_requests_retries_and_gauges() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    h = Harness()
+    h.runner.assigned([(T, 0), (T, 1)])
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}, partition=1))
+    h.agent.open()[0].answer(200)
+    h.agent.open()[0].answer(503)
+    h.clock.advance(1)
+    h.agent.open()[0].answer(400)
+    h.runner.loop.lag = {(T, 0): 7}
+    metrics = h.runner._shared.metrics
+    metrics.refresh({"j": h.runner}, h.budget.held)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.exposition().decode())
+               for s in family.samples}
+    assert samples[("restconsumer_messages_total", (("job", "j"), ("outcome", "delivered")))] == 1
+    assert samples[("restconsumer_messages_total", (("job", "j"), ("outcome", "dead_lettered")))] == 1
+    assert samples[("restconsumer_requests_total", (("code", "2xx"), ("job", "j")))] == 1
+    assert samples[("restconsumer_requests_total", (("code", "5xx"), ("job", "j")))] == 1
+    assert samples[("restconsumer_requests_total", (("code", "4xx"), ("job", "j")))] == 1
+    assert samples[("restconsumer_request_duration_seconds_count", (("job", "j"),))] == 3
+    assert samples[("restconsumer_retries_total", (("job", "j"),))] == 1
+    assert samples[("restconsumer_consumer_lag", (("job", "j"), ("partition", "0"), ("topic", T)))] == 7
+    assert samples[("restconsumer_circuit_open", (("job", "j"),))] == 0
+    assert samples[("restconsumer_buffered_bytes", ())] == h.budget.held
+    h.runner.loop.lag = {}
+    metrics.refresh({}, 0)
+    text = metrics.exposition().decode()
+    assert "restconsumer_consumer_lag{" not in text and "restconsumer_circuit_open{" not in text
