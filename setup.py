@@ -18,6 +18,7 @@ setup(
         "jsonpath-ng>=1.6",
         "fastavro>=1.9",
         "cryptography>=42",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [
