@@ -93,7 +93,9 @@ class Ledger:
         if partition is None or partition.epoch != ticket.epoch:
             return False
         fetched = partition.fetched
-        if fetched and fetched[0] == ticket.offset:
+        if not fetched or ticket.offset < fetched[0]:
+            return True  # finished before
+        if fetched[0] == ticket.offset:
             fetched.popleft()
             done = partition.finished
             while fetched and fetched[0] in done:

@@ -53,8 +53,7 @@ class Scheduler(Generic[U]):
                 self.in_flight += 1
                 return None, unit
             units = self._groups.get(group)
-            if not units:  # dropped meanwhile
-                self._groups.pop(group, None)
+            if not units or group in self._busy:  # dropped meanwhile, or a stale duplicate entry
                 continue
             head = units.popleft()
             if not units:
