@@ -24,7 +24,7 @@ from typing import Any
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from restconsumer.batching import Batcher, batch_body
@@ -49,6 +49,8 @@ log = Logger()
 #: one, so that a crash re-sends a bounded window (SPEC §5).
 MAX_WINDOW = 10_000
 RATE_WINDOW = 10.0
+#: Seconds between two summary lines of a job that has work.
+SUMMARY_EVERY = 30.0
 
 
 @dataclass
@@ -174,6 +176,9 @@ class JobRunner:
         self._probe_wait: float | None = None
         self._probe_start = False
         self._flush_timers: dict[TP, Any] = {}
+        self._summary = LoopingCall(self._summarize)
+        self._summary.clock = self._clock
+        self._summarized = (0, 0, 0)
         self._stopping = False
         self._next_slot = 0.0
         self._stopped: Deferred[None] | None = None
@@ -224,6 +229,7 @@ class JobRunner:
         self._shared.running += 1
         self._budget.reserve(self.job.id, self._prefetch)
         self.loop.start()
+        self._summary.start(SUMMARY_EVERY, now=False)
 
     def can_take(self, job: Job) -> bool:
         """Whether ``job`` can replace the running definition without a new consumer."""
@@ -244,6 +250,8 @@ class JobRunner:
         if self._stopped is not None:
             return self._stopped
         self._stopping = True
+        if self._summary.running:
+            self._summary.stop()
         for tp in list(self._flush_timers):
             self._drop_batch(tp)
 
@@ -258,6 +266,20 @@ class JobRunner:
 
         self._stopped = self.loop.stop().addBoth(closed)
         return self._stopped
+
+    def _summarize(self) -> None:
+        """One line about what the job did since the last one, while it has work."""
+        stats = self.stats
+        now = (stats.delivered, stats.retried, stats.dead_lettered)
+        lag = sum(self.loop.lag.values())
+        if now == self._summarized and not lag:
+            return
+        before, self._summarized = self._summarized, now
+        log.info("job {job_id}: delivered {delivered} (+{new}), retried {retried}, dead-lettered "
+                 "{dead_lettered}, {rate} records/s, lag {lag}{circuit}", job_id=self.job.id,
+                 delivered=now[0], new=now[0] - before[0], retried=now[1], dead_lettered=now[2],
+                 rate=stats.rate(self._clock.seconds()), lag=lag,
+                 circuit=", circuit open" if self.circuit.is_open else "")
 
     @property
     def held_bytes(self) -> int:

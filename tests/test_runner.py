@@ -399,7 +399,7 @@ def test_revocation_ends_a_wait_to_retry_at_once(h: Harness) -> None:
     got: list[dict[TP, int]] = []
     h.runner.revoked([(T, 0)], False).addCallback(got.append)
     assert got == [{(T, 0): 0}]
-    assert not h.clock.getDelayedCalls()
+    assert all(c.getTime() >= 30 for c in h.clock.getDelayedCalls()), "only the summary line waits"
     h.clock.advance(100)
     assert len(h.agent.requests) == 1
 
@@ -652,3 +652,22 @@ def test_metrics_count_records_requests_retries_and_gauges() -> None:
     metrics.refresh({}, 0)
     text = metrics.exposition().decode()
     assert "restconsumer_consumer_lag{" not in text and "restconsumer_circuit_open{" not in text
+
+
+def test_a_job_with_work_logs_a_summary_every_30_s() -> None:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = Harness()
+        h.runner.assigned([(T, 0)])
+        h.agent.auto = 200
+        h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))
+        h.clock.advance(30)
+        h.clock.advance(30)
+        lines = [e for e in events if e.get("log_format", "").startswith("job {job_id}: delivered")]
+        assert len(lines) == 1, "a line when there was work, none when there was none"
+        assert lines[0]["delivered"] == 2 and lines[0]["new"] == 2 and lines[0]["job_id"] == "j"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
