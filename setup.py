@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.11",
     packages=[*find_packages(include=["restconsumer", "restconsumer.*"]), "twisted.plugins"],
     package_data={"restconsumer": ["openapi.json"]},
+    entry_points={"console_scripts": ["restconsumer = restconsumer.cli:main"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "klein>=24.8",
