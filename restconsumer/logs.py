@@ -24,9 +24,9 @@ from typing import Any, TextIO
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     formatEvent,
     textFileLogObserver,
 )
@@ -56,7 +56,7 @@ def flatten(event: dict[str, Any]) -> dict[str, Any]:
     level = event.get("log_level")
     record: dict[str, Any] = {
         "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "level": level.name if isinstance(level, LogLevel) else "info",
+        "level": getattr(level, "name", "info"),
         "logger": event.get("log_namespace") or "?",
         "message": formatEvent(event),
     }

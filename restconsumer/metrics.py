@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "code_class"]
+from twisted.web.resource import Resource
+
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "MetricsResource", "code_class"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -128,3 +130,21 @@ class Metrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(pid)
+
+
+class MetricsResource(Resource):
+    """``GET /metrics`` on a listener of its own (``--metrics``), without auth."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        """The text format; 404 for any other path."""
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            return b"not found: the metrics are at /metrics\n"
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
+        return self._metrics.exposition()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -61,8 +62,11 @@ class _Worker(protocol.ProcessProtocol):
         self.number = number
         self.ended: Deferred[None] = Deferred()
 
+    pid: int | None = None
+
     def connectionMade(self) -> None:
-        log.info("worker {n} started (pid {pid})", n=self.number, pid=self.transport.pid)
+        self.pid = self.transport.pid
+        log.info("worker {n} started (pid {pid})", n=self.number, pid=self.pid)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
@@ -73,8 +77,10 @@ class WorkerPool(Service):
     """Keeps ``count`` worker processes running; stops them when it stops."""
 
     def __init__(self, reactor: Any, count: int, env: dict[str, str], *,
-                 argv: list[str] | None = None, stop_timeout: float = 60.0) -> None:
+                 argv: list[str] | None = None, stop_timeout: float = 60.0,
+                 on_ended: Callable[[int], None] | None = None) -> None:
         self._reactor = reactor
+        self._on_ended = on_ended
         self._count = count
         self._env = env
         self._argv = argv or [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -99,6 +105,8 @@ class WorkerPool(Service):
         """A worker ended: while running, another takes its place after a second."""
         if self._workers.get(worker.number) is worker:
             del self._workers[worker.number]
+        if self._on_ended is not None and worker.pid is not None:
+            self._on_ended(worker.pid)
         if self.running:
             log.error("worker {n} ended ({reason}); starting it again", n=worker.number,
                       reason=reason.getErrorMessage())
