@@ -39,7 +39,7 @@ from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIM
 from restconsumer.ordering import Scheduler
 from restconsumer.retry import RetryPolicy, Verdict, deliver
 from restconsumer.sender import Answer, DestinationRefused, HTTPSender
-from restconsumer.work import Incoming, Prepared, RecordWork, prepare
+from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
 
 __all__ = ["JobRunner", "JobStats", "Shared"]
 
@@ -209,7 +209,8 @@ class JobRunner:
         self._ca_cert = d.get("ca_cert")
         self._ratelimit = float(d.get("ratelimit", 0))
         self._max_in_flight = int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT))
-        self._order = _order_key(d.get("ordering", "partition"))
+        self._ordering = d.get("ordering", "partition")
+        self._order = order_key(self._ordering)
         batch = {**DEFAULT_BATCH, **d["batch"]} if "batch" in d else None
         self._batch = batch
         if batch is not None:
@@ -290,8 +291,7 @@ class JobRunner:
 
     def prepare(self, message: Message) -> Prepared:
         """On the Kafka thread: decode, map and build the requests of one message."""
-        order = self._order
-        return prepare(self.builder, _incoming(message), order if callable(order) else None)
+        return prepare(self.builder, _incoming(message), self._order)
 
     def assigned(self, partitions: list[TP]) -> None:
         """These partitions are ours: a new assignment each."""
@@ -329,7 +329,7 @@ class JobRunner:
                     self._batch_add(tp, message, record)
                     continue
                 group: Hashable | None = tp
-                if self._order is not _PARTITION:
+                if self._ordering != "partition":
                     group = None if record.order is None else (tp, record.order)
                 self._scheduler.add(group, _Unit(message, record, next(self._seq)))
         self._pump()
@@ -781,27 +781,6 @@ class _Gate:
 
     def open(self, reason: str) -> None:
         self._runner._open(reason)
-
-
-_PARTITION = object()
-
-
-def _order_key(ordering: Any) -> Any:
-    """The order key function of a job's ``ordering`` (SPEC §11)."""
-    if ordering == "key":
-        return lambda incoming, values: incoming.key
-    if isinstance(ordering, dict) and "by" in ordering:
-        name = ordering["by"]
-        return lambda incoming, values: _hashable(values.get(name))
-    if ordering == "none":
-        return None
-    return _PARTITION
-
-
-def _hashable(value: Any) -> Hashable | None:
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return repr(value)
 
 
 def _observe(d: Deferred[Any]) -> Deferred[None]:

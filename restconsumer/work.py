@@ -13,7 +13,7 @@ from typing import Any
 from restconsumer.decode import UndecodableMessage, decode
 from restconsumer.mapping import Outgoing, RequestBuilder, TemplateError
 
-__all__ = ["Incoming", "Prepared", "RecordWork", "prepare"]
+__all__ = ["Incoming", "OrderKey", "Prepared", "RecordWork", "order_key", "prepare"]
 
 #: What one held object costs besides its bytes (Python objects, dicts, references).
 _OVERHEAD = 600
@@ -94,6 +94,23 @@ class Prepared:
 
 
 OrderKey = Callable[[Incoming, dict[str, Any]], Hashable | None]
+
+
+def order_key(ordering: Any) -> OrderKey | None:
+    """How a job's ``ordering`` (SPEC §11) finds a record's order group beyond its partition:
+    its Kafka key, or a datamap value; None for ``partition`` and ``none`` (no such group)."""
+    if ordering == "key":
+        return lambda incoming, values: incoming.key
+    if isinstance(ordering, dict) and "by" in ordering:
+        name = ordering["by"]
+        return lambda incoming, values: _hashable(values.get(name))
+    return None
+
+
+def _hashable(value: Any) -> Hashable | None:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
 
 
 def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None = None) -> Prepared:

@@ -169,8 +169,7 @@ class Harness:
         self.offsets[tp] = offset + 1
         raw = value if isinstance(value, bytes) else json.dumps(value).encode()
         incoming = Incoming(T, partition, offset, key, raw, [], 1_700_000_000_000)
-        order = self.runner._order
-        return prepare(self.runner.builder, incoming, order if callable(order) else None)
+        return prepare(self.runner.builder, incoming, self.runner._order)
 
     def arrive(self, *prepared: Prepared) -> None:
         self.runner.arrived(list(prepared))

@@ -1,0 +1,119 @@
+"""The dry run (SPEC §9): the requests a job would send for sample messages.
+
+Plain functions, no Twisted, built on the very code delivery uses (:func:`restconsumer.work.prepare`
+and the job's :class:`~restconsumer.mapping.RequestBuilder`): nothing is sent, stored or
+produced. Secrets are shown as ``***``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from restconsumer.mapping import RequestBuilder
+from restconsumer.model import REDACTED, Job, is_secret_header
+from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
+
+__all__ = ["MAX_MESSAGES", "BadEnvelope", "envelope", "preview"]
+
+MAX_MESSAGES = 1000
+
+
+class BadEnvelope(ValueError):
+    """Sample messages that cannot be read; ``problems`` lists each (field path, reason)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in problems))
+        self.problems = problems
+
+
+def envelope(raw: Any, index: int, job: Job, now_ms: int,
+             problems: list[tuple[str, str]]) -> Incoming | None:
+    """One sample message (``{"value": any JSON}`` or ``{"base64": "…"}``, plus optional
+    ``key``, ``topic``, ``partition``, ``offset``, ``timestamp``, ``headers``)."""
+    where = f"messages[{index}]"
+    if not isinstance(raw, Mapping):
+        problems.append((where, "must be an object with value or base64"))
+        return None
+    if ("value" in raw) == ("base64" in raw):
+        problems.append((where, "needs exactly one of value (any JSON) or base64 (raw bytes)"))
+        return None
+    value: bytes | None
+    if "base64" in raw:
+        try:
+            value = base64.b64decode(str(raw["base64"]), validate=True)
+        except (binascii.Error, ValueError):
+            problems.append((f"{where}.base64", "is not valid base64"))
+            return None
+    else:
+        value = json.dumps(raw["value"], ensure_ascii=False).encode("utf-8")
+    key = raw.get("key")
+    if key is not None and not isinstance(key, str):
+        problems.append((f"{where}.key", "must be text"))
+    topic = raw.get("topic", job.topics[0])
+    if not isinstance(topic, str) or not topic:
+        problems.append((f"{where}.topic", "must be a topic name"))
+    numbers = {}
+    for name, default in (("partition", 0), ("offset", index), ("timestamp", now_ms)):
+        number = raw.get(name, default)
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            problems.append((f"{where}.{name}", "must be a whole number, 0 or more"))
+        numbers[name] = number
+    headers = raw.get("headers", {})
+    if not isinstance(headers, Mapping) or not all(isinstance(v, str) for v in headers.values()):
+        problems.append((f"{where}.headers", "must be an object of name: text"))
+        headers = {}
+    unknown = set(raw) - {"value", "base64", "key", "topic", "partition", "offset", "timestamp",
+                          "headers"}
+    if unknown:
+        problems.append((where, f"unknown fields: {', '.join(sorted(unknown))}"))
+    return Incoming(str(topic), numbers["partition"], numbers["offset"],
+                    key.encode("utf-8") if isinstance(key, str) else None, value,
+                    [(str(k), v.encode("utf-8")) for k, v in headers.items()], numbers["timestamp"])
+
+
+def preview(job: Job, messages: Any, now_ms: int) -> list[dict[str, Any]]:
+    """Per record of each sample message: the request it would send, the reason it cannot,
+    or that a filter leaves it out. Raises :class:`BadEnvelope` listing every problem."""
+    if not isinstance(messages, list) or not messages:
+        raise BadEnvelope([("messages", "must be a non-empty list of message envelopes")])
+    if len(messages) > MAX_MESSAGES:
+        raise BadEnvelope([("messages", f"at most {MAX_MESSAGES} messages in one preview")])
+    problems: list[tuple[str, str]] = []
+    incoming = [envelope(raw, i, job, now_ms, problems) for i, raw in enumerate(messages)]
+    if problems:
+        raise BadEnvelope(problems)
+    builder = RequestBuilder(job)
+    order = order_key(job.definition.get("ordering", "partition"))
+    results: list[dict[str, Any]] = []
+    for index, one in enumerate(incoming):
+        assert one is not None
+        prepared = prepare(builder, one, order)
+        results.extend(_results(index, prepared))
+    return results
+
+
+def _results(index: int, prepared: Prepared) -> list[dict[str, Any]]:
+    if prepared.error is not None:
+        return [{"message": index, "record": 0, "error": prepared.error}]
+    return [_result(index, record) for record in prepared.records]
+
+
+def _result(index: int, record: RecordWork) -> dict[str, Any]:
+    base: dict[str, Any] = {"message": index, "record": record.index}
+    if record.error is not None or record.request is None:
+        return {**base, "error": record.error or "no request"}
+    request = record.request
+    headers = {}
+    for name, values in request.headers.items():
+        text = name.decode("latin-1")
+        value = values[0].decode("latin-1") if values else ""
+        headers[text] = REDACTED if is_secret_header(text) else value
+    body = None
+    if request.body is not None:
+        body = request.body.decode("utf-8", "replace")
+    return {**base, "request": {"method": request.method.decode("ascii"),
+                                "url": request.url.decode("ascii"), "headers": headers, "body": body}}

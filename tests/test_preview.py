@@ -1,0 +1,76 @@
+"""The dry run's engine (restconsumer.preview): the requests a job would send, nothing sent."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import fastavro
+import pytest
+
+from restconsumer.model import validate
+from restconsumer.preview import BadEnvelope, preview
+
+JOB = validate({"id": "p", "owner": "o", "type": "POST", "topic": "people",
+                "datamap": {"id": "$.msg.id", "name": "$.msg.name", "who": "$.meta.key"},
+                "url": "https://crm.example/people/{id}", "json_body": ["name", "who"],
+                "basic_auth": {"user": "u", "pw": "s3cret-preview-1"},
+                "headers": {"X-Api-Key": "k3y-preview-2", "X-Trace": "on"}})
+
+
+def avro(records: list[dict[str, str]]) -> str:
+    schema = {"type": "record", "name": "Person",
+              "fields": [{"name": "id", "type": "string"}, {"name": "name", "type": "string"}]}
+    out = io.BytesIO()
+    fastavro.writer(out, fastavro.parse_schema(schema), records, codec="deflate")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_json_missing_key_and_an_avro_container() -> None:
+    results = preview(JOB, [{"value": {"id": "a", "name": "Ann"}, "key": "k1"},
+                            {"value": {"name": "nobody"}},
+                            {"base64": avro([{"id": "b", "name": "Bo"}, {"id": "c", "name": "Cy"}])}],
+                      1_700_000_000_000)
+    assert [(r["message"], r["record"]) for r in results] == [(0, 0), (1, 0), (2, 0), (2, 1)]
+    first = results[0]["request"]
+    assert first["method"] == "POST"
+    assert first["url"] == "https://crm.example/people/a"
+    assert json.loads(first["body"]) == {"name": "Ann", "who": "k1"}
+    assert first["headers"]["Authorization"] == "***"
+    assert first["headers"]["X-Api-Key"] == "***"
+    assert first["headers"]["X-Trace"] == "on"
+    assert "needs 'id'" in results[1]["error"]
+    assert [r["request"]["url"] for r in results[2:]] == ["https://crm.example/people/b",
+                                                          "https://crm.example/people/c"]
+    assert "s3cret-preview-1" not in json.dumps(results) and "k3y-preview-2" not in json.dumps(results)
+
+
+def test_text_and_undecodable_messages() -> None:
+    results = preview(JOB, [{"base64": base64.b64encode(b"plain words").decode()},
+                            {"base64": base64.b64encode(b"\xff\xfe\x00").decode()}], 0)
+    assert "needs 'id'" in results[0]["error"]
+    assert results[1] == {"message": 1, "record": 0, "error": results[1]["error"]}
+    assert "neither Avro" in results[1]["error"]
+
+
+def test_meta_fields_come_from_the_envelope() -> None:
+    job = validate({"id": "m", "owner": "o", "type": "GET", "topic": "t",
+                    "datamap": {"id": "$.meta.offset", "p": "$.meta.partition", "h": "$.meta.headers.h"},
+                    "url": "http://h/{id}", "query_params": ["p", "h"]})
+    [result] = preview(job, [{"value": 1, "partition": 3, "offset": 42, "headers": {"h": "v"}}], 0)
+    assert result["request"]["url"] == "http://h/42?p=3&h=v"
+    assert result["request"]["body"] is None
+
+
+def test_every_problem_of_the_envelopes_is_listed() -> None:
+    with pytest.raises(BadEnvelope) as caught:
+        preview(JOB, [{"value": 1, "base64": "AA=="}, {"base64": "!!"}, 7,
+                      {"value": 1, "partition": -1, "key": 5, "headers": [1], "extra": 1}], 0)
+    fields = [field for field, _ in caught.value.problems]
+    assert fields == ["messages[0]", "messages[1].base64", "messages[2]", "messages[3].key",
+                      "messages[3].partition", "messages[3].headers", "messages[3]"]
+    with pytest.raises(BadEnvelope):
+        preview(JOB, [], 0)
+    with pytest.raises(BadEnvelope):
+        preview(JOB, {"value": 1}, 0)
