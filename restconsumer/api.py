@@ -56,7 +56,8 @@ class API:
                  kafka_check: Callable[[], Deferred[dict[str, Any]]], *,
                  supervisor: Supervisor, reporter: StatusReporter, mover: OffsetMover,
                  clock: IReactorTime, allow_hosts: frozenset[str] | None = None,
-                 max_body: int = MAX_BODY, demo_sink: bool = False) -> None:
+                 max_body: int = MAX_BODY,
+                 demo_sink: Callable[[str, str, bytes], None] | None = None) -> None:
         self.store = store
         self.supervisor = supervisor
         self.reporter = reporter
@@ -115,7 +116,8 @@ class API:
     @app.handle_errors(OffsetError)
     def _offset_error(self, request: IRequest, failure: Failure) -> bytes:
         e: OffsetError = failure.value
-        error = {400: "bad set_offset", 409: "conflict", 503: "offsets not moved"}.get(e.status, "error")
+        error = {400: "bad set_offset", 409: "conflict", 501: "set_offset not supported by this Kafka",
+                 503: "offsets not moved"}.get(e.status, "error")
         return _json(request, e.status, {"error": error, "details": [str(e)]})
 
     @app.handle_errors(StoreUnavailable)
@@ -169,13 +171,12 @@ class API:
     @app.route("/embedded/echo/", branch=True,
                methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     def echo(self, request: IRequest) -> bytes:
-        """``--embedded`` only: a demo endpoint for jobs to call; logs what it got, answers 200."""
-        if not self.demo_sink:
+        """``--embedded`` only: a demo endpoint for jobs to call; ``demo_sink`` counts what it
+        got (restconsumer.embedded logs a summary), answers 200."""
+        if self.demo_sink is None:
             raise NotFound()
         body = request.content.read(self.max_body)
-        self.log.info("demo endpoint got {method} {uri} {body}", method=request.method.decode(),
-                      uri=request.uri.decode("utf-8", "replace"),
-                      body=body.decode("utf-8", "replace")[:500])
+        self.demo_sink(request.method.decode(), request.uri.decode("utf-8", "replace"), body)
         return _json(request, 200, {"received": len(body)})
 
     @app.route("/openapi.json", methods=["GET"])

@@ -4,6 +4,11 @@ Kafka only lets a group's offsets be changed while the group is empty, so the jo
 halted everywhere first (a mark in Redis, announced on its channel: every instance stops
 its consumer, committing what it finished), the offsets are moved once the group is
 empty, and the mark is lifted so that every instance starts again from there.
+
+Before anything is halted, the broker is asked to describe the group once: a Kafka that
+cannot (librdkafka's mock cluster of ``--embedded``) could never say when the group is
+empty, so set_offset is refused there with 501 and nothing changes. Every refusal or
+failure of a move is logged with its reason.
 """
 
 from __future__ import annotations
@@ -12,7 +17,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import (
+    ConsumerGroupState,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -28,7 +39,7 @@ log = Logger()
 
 
 class OffsetError(Exception):
-    """A set_offset that cannot be done: ``status`` says why (400, 409, 503)."""
+    """A set_offset that cannot be done: ``status`` says why (400, 409, 501, 503)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -84,7 +95,24 @@ class OffsetMover(ThreadService):
         self._admin: AdminClient | None = None
 
     async def move(self, job: Job, request: OffsetRequest) -> list[dict[str, Any]]:
-        """Halt the job everywhere, move its offsets, let it run again; the new offsets."""
+        """Halt the job everywhere, move its offsets, let it run again; the new offsets.
+
+        Raises :class:`OffsetError` (logged with its reason); 501 and 503 from the first
+        look at the group come before the job is halted, so nothing has changed then.
+        """
+        try:
+            return await self._move(job, request)
+        except OffsetError as e:
+            log.warn("job {job_id}: set_offset to {where} not done ({status}): {reason}",
+                     job_id=job.id, where=request.where, status=e.status, reason=str(e))
+            raise
+
+    async def _move(self, job: Job, request: OffsetRequest) -> list[dict[str, Any]]:
+        # A broker that cannot describe the group is found out before the job is halted.
+        try:
+            await self.in_thread(self._members, f"restconsumer.{job.id}")
+        except OffsetError as e:
+            raise OffsetError(e.status, f"{e}; nothing was changed" if e.status == 503 else str(e)) from e
         token = uuid.uuid4().hex
         ttl = int(self._empty_timeout + 60)
         if not await self._store.begin_offset_move(job.id, token, ttl):
@@ -114,7 +142,7 @@ class OffsetMover(ThreadService):
                 raise OffsetError(503, f"{members} consumers of group {group} did not let go "
                                        f"within {self._empty_timeout:.0f} s; nothing was moved")
             await deferLater(self._clock, 0.25, lambda: None)
-        return await self.in_thread(self._move, group, job.topics, request)
+        return await self.in_thread(self._move_offsets, group, job.topics, request)
 
     # -- admin thread --------------------------------------------------------------------
 
@@ -127,12 +155,19 @@ class OffsetMover(ThreadService):
         try:
             description = self._client().describe_consumer_groups([group])[group].result(timeout=10)
         except KafkaException as e:
+            error = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+            if error is not None and error.code() == KafkaError._UNSUPPORTED_FEATURE:
+                raise OffsetError(501, f"this Kafka cannot describe consumer groups ({error.str()}), "
+                                       f"so set_offset could never tell when group {group} has let "
+                                       f"go of its partitions; librdkafka's mock cluster (--embedded) "
+                                       f"is such a Kafka. Nothing was changed") from e
             raise OffsetError(503, f"cannot describe group {group}: {e}") from e
         if description.state in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD):
             return 0
         return max(1, len(description.members))
 
-    def _move(self, group: str, topics: list[str], request: OffsetRequest) -> list[dict[str, Any]]:
+    def _move_offsets(self, group: str, topics: list[str],
+                      request: OffsetRequest) -> list[dict[str, Any]]:
         admin = self._client()
         partitions: list[TopicPartition] = []
         for topic in [request.topic] if request.topic else topics:

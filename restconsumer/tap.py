@@ -19,7 +19,15 @@ from restconsumer.auth import Authenticator, load_tokens
 from restconsumer.budget import ByteBudget
 from restconsumer.control import JobControl
 from restconsumer.deadletters import DeadLetters
-from restconsumer.embedded import DemoFeed, EmbeddedKafka, EmbeddedRedis
+from restconsumer.embedded import (
+    DemoFeed,
+    DemoSink,
+    EmbeddedGuide,
+    EmbeddedKafka,
+    EmbeddedRedis,
+    EmbeddedSite,
+    loopback_endpoint,
+)
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
 from restconsumer.offsets import OffsetMover
@@ -255,6 +263,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         log.warn("*** EMBEDDED MODE: for trying restconsumer out only. Kafka is librdkafka's "
                  "in-memory mock cluster at {kafka}, Redis a private redis-server at {redis}; "
                  "everything is lost on exit. ***", kafka=options["kafka"], redis=str(redis_address))
+        options["api"], api_warning = loopback_endpoint(options["api"])
+        if api_warning:
+            log.warn(api_warning)
 
     store = JobStore(redis_address)
     store.setServiceParent(top)
@@ -295,14 +306,21 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Printed this once only: it is the one way to learn the generated token.
         token_note = (f"No API credentials configured: generated API token (shown once): "
                       f"{auth.token}  -- use: Authorization: Bearer <token>")
+    demo_sink = None
     if options["embedded"]:
-        DemoFeed(reactor, options["kafka"]).setServiceParent(top)
+        demo_sink = DemoSink()
+        DemoFeed(reactor, options["kafka"], demo_sink).setServiceParent(top)
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
-              clock=reactor, allow_hosts=options["allowed-hosts"], demo_sink=options["embedded"])
+              clock=reactor, allow_hosts=options["allowed-hosts"], demo_sink=demo_sink)
     if options["worker-count"] > 1:
         WorkerPool(reactor, options["worker-count"] - 1, worker_environment(options)).setServiceParent(top)
     endpoint = endpoints.serverFromString(reactor, options["api"])
-    APIServer(endpoint, DrainingSite(api.app.resource(), max_body=MAX_BODY), reactor,
-              description=f"Kafka {options['kafka']}, Redis {redis_address}",
-              token_note=token_note).setServiceParent(top)
+    site_type = EmbeddedSite if options["embedded"] else DrainingSite
+    server = APIServer(endpoint, site_type(api.app.resource(), max_body=MAX_BODY), reactor,
+                       description=f"Kafka {options['kafka']}, Redis {redis_address}",
+                       token_note=token_note)
+    server.setServiceParent(top)
+    if options["embedded"]:
+        EmbeddedGuide(reactor, store, server, auth, options["kafka"],
+                      allow_hosts=options["allowed-hosts"]).setServiceParent(top)
     return top
