@@ -180,7 +180,7 @@ class JobRunner:
         self._summary.clock = self._clock
         self._summarized = (0, 0, 0)
         self._stopping = False
-        self._next_slot = 0.0
+        self._pacer = _Pacer(self._clock)
         self._stopped: Deferred[None] | None = None
         self.loop = shared.loop_factory(self._reactor, job.id, self._consumer_config(), job.topics, self,
                               consumer_factory=shared.consumer_factory,
@@ -491,12 +491,8 @@ class JobRunner:
         if self._ratelimit <= 0:
             return send()
         # Every attempt, retries too, keeps the job's pace.
-        now = self._clock.seconds()
-        slot = max(now, self._next_slot)
-        self._next_slot = slot + self._ratelimit
-        if slot <= now:
-            return send()
-        return deferLater(self._clock, slot - now, lambda: None).addCallback(send)
+        self._pacer.every = self._ratelimit
+        return self._pacer.turn().addCallback(send)
 
     # -- batches -------------------------------------------------------------------------
 
@@ -757,6 +753,41 @@ class JobRunner:
     def _room(self) -> None:
         for tp in list(self._paused):
             self._check(tp)
+
+
+class _Pacer:
+    """Lets one waiter go at a time, at least ``every`` seconds after the last one went —
+    measured when it really went, so a late wake-up never shortens the next gap."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.every = 0.0
+        self._waiting: deque[Deferred[None]] = deque()
+        self._last = float("-inf")
+        self._timer: Any = None
+
+    def turn(self) -> Deferred[None]:
+        """Fires when it is this caller's turn; cancelling it gives the turn up."""
+        d: Deferred[None] = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+        self._schedule()
+        return d
+
+    def _schedule(self) -> None:
+        if not self._waiting or (self._timer is not None and self._timer.active()):
+            return
+        delay = self._last + self.every - self._clock.seconds()
+        if delay <= 0:
+            self._release()
+        else:
+            self._timer = self._clock.callLater(delay, self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        if self._waiting:
+            self._last = self._clock.seconds()
+            self._waiting.popleft().callback(None)
+        self._schedule()
 
 
 class _Gate:

@@ -670,3 +670,17 @@ def test_a_job_with_work_logs_a_summary_every_30_s() -> None:
         assert lines[0]["delivered"] == 2 and lines[0]["new"] == 2 and lines[0]["job_id"] == "j"
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_ratelimit_spaces_every_send_even_when_a_wake_up_is_late() -> None:
+    h = Harness(make_job(ratelimit=1.0, ordering="none"))
+    h.runner.assigned([(T, 0)])
+    h.agent.auto = 200
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(4)])
+    assert len(h.agent.requests) == 1
+    h.clock.advance(1.5)  # one wake-up half a second late
+    assert len(h.agent.requests) == 2
+    h.clock.advance(0.9)
+    assert len(h.agent.requests) == 2, "the next send came less than 1 s after the last"
+    h.clock.advance(0.1)
+    assert len(h.agent.requests) == 3
