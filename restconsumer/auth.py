@@ -9,8 +9,9 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Authenticator", "Principal", "load_tokens"]
+__all__ = ["Authenticator", "Principal", "TokenFile", "load_token_file", "load_tokens"]
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,78 @@ class Principal:
         return self.owner is None or self.owner == owner
 
 
-def load_tokens(path: str | Path) -> dict[str, str]:
-    """Read a tokens file: a JSON object of token → owner. Raises ValueError if malformed."""
+@dataclass(frozen=True)
+class TokenFile:
+    """A tokens file: each token's owner, and the topics an owner's jobs may use."""
+
+    owners: dict[str, str] = field(default_factory=dict)
+    #: owner → shell-style globs (fnmatch) its jobs' topics must match; absent: any topic
+    topic_limits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _entry(number: int, token: Any, value: Any,
+           problems: list[str]) -> tuple[str, tuple[str, ...] | None] | None:
+    # Entries are named by their place in the file: an error message never shows a token.
+    where = f"entry {number}"
+    if not isinstance(token, str) or not token:
+        problems.append("every token must be a non-empty string")
+        return None
+    if isinstance(value, str) and value:
+        return value, None
+    if not isinstance(value, dict):
+        problems.append(f"{where}: must map to an owner, or to {{\"owner\": o, \"topics\": [globs]}}")
+        return None
+    unknown = sorted(set(value) - {"owner", "topics"})
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {', '.join(map(str, unknown))} "
+                        f"(only owner and topics)")
+    owner, topics = value.get("owner"), value.get("topics")
+    if not isinstance(owner, str) or not owner:
+        problems.append(f"{where}: owner must be a non-empty string")
+        return None
+    if not isinstance(topics, list) or not topics or not all(
+            isinstance(t, str) and t.strip() for t in topics):
+        problems.append(f"{where}: topics must be a non-empty list of topic globs "
+                        f"(e.g. \"aether.*\")")
+        return None
+    return owner, tuple(topics)
+
+
+def load_token_file(path: str | Path) -> TokenFile:
+    """Read a tokens file: a JSON object mapping each token to an owner, or to
+    ``{"owner": o, "topics": ["aether.*", ...]}`` to limit the topics that owner's jobs use.
+
+    The limits belong to the owner: every token of one owner must give the same ones.
+    Raises ValueError saying every problem (never a token in full).
+    """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read the tokens file {path}: {e}") from e
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and k and isinstance(v, str) and v for k, v in data.items()
-    ):
-        raise ValueError(f"the tokens file {path} must be a JSON object of token: owner")
-    return data
+    if not isinstance(data, dict):
+        raise ValueError(f"the tokens file {path} must be a JSON object of token: owner "
+                         f"(or token: {{\"owner\": o, \"topics\": [globs]}})")
+    problems: list[str] = []
+    owners: dict[str, str] = {}
+    limits: dict[str, tuple[str, ...] | None] = {}
+    for number, (token, value) in enumerate(data.items(), 1):
+        entry = _entry(number, token, value, problems)
+        if entry is None:
+            continue
+        owner, topics = entry
+        owners[token] = owner
+        if owner in limits and limits[owner] != topics:
+            problems.append(f"owner {owner!r} is given different topic limits by different "
+                            f"tokens: give every token of an owner the same")
+        limits.setdefault(owner, topics)
+    if problems:
+        raise ValueError(f"the tokens file {path}: " + "; ".join(dict.fromkeys(problems)))
+    return TokenFile(owners, {o: t for o, t in limits.items() if t is not None})
+
+
+def load_tokens(path: str | Path) -> dict[str, str]:
+    """Read a tokens file (see :func:`load_token_file`): token → owner. ValueError if malformed."""
+    return load_token_file(path).owners
 
 
 def _same(given: str, expected: str) -> bool:

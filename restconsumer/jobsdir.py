@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from restconsumer.model import InvalidJob, validate
+from restconsumer.model import InvalidJob, Policy, validate
 from restconsumer.store import JobStore, StoreUnavailable
 
 __all__ = ["JobFile", "JobsFolder", "read_folder"]
@@ -45,17 +45,21 @@ class JobsFolder(Service):
 
     The files are read when the service is built (before the reactor runs); the jobs
     are written once Redis answers, retrying every ``retry_every`` seconds until then.
+    Each is checked against the ``policy`` as a job posted to the API is (allowed hosts,
+    its owner's topic limits, secret references).
     """
 
     log = Logger()
 
     def __init__(self, folder: str | Path, store: JobStore, clock: IReactorTime, *,
-                 allow_hosts: frozenset[str] | None = None, retry_every: float = 1.0) -> None:
+                 allow_hosts: frozenset[str] | None = None, policy: Policy | None = None,
+                 retry_every: float = 1.0) -> None:
         self.folder = Path(folder)
         self.files = read_folder(folder)
         self._store = store
         self._clock = clock
         self._allow_hosts = allow_hosts
+        self._policy = policy
         self._retry_every = retry_every
         self._later: IDelayedCall | None = None
         self.done: Deferred[dict[str, list[str]]] = Deferred()
@@ -93,7 +97,7 @@ class JobsFolder(Service):
             for index, raw in enumerate(file.definitions):
                 where = file.name if len(file.definitions) == 1 else f"{file.name}[{index}]"
                 try:
-                    job = validate(raw, allow_hosts=self._allow_hosts)
+                    job = validate(raw, allow_hosts=self._allow_hosts, policy=self._policy)
                 except InvalidJob as e:
                     self.log.error("jobs folder: {file} is not a valid job: {reason}",
                                    file=where, reason=str(e))

@@ -6,19 +6,30 @@ through :func:`validate` and :func:`load`, so a job means the same thing everywh
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.x509 import load_pem_x509_certificates
 from jsonpath_ng import JSONPath
 from jsonpath_ng.ext import parse as _parse_jsonpath
+
+from restconsumer.secrets import (
+    REDACTED,
+    hash_view,
+    is_secret_header,
+    origin_of,
+    redact_secrets,
+    reference_problems,
+    slots,
+)
 
 __all__ = [
     "ID_PATTERN",
@@ -26,6 +37,7 @@ __all__ = [
     "REDACTED",
     "InvalidJob",
     "Job",
+    "Policy",
     "Problem",
     "default_dead_letter_topic",
     "is_secret_header",
@@ -40,7 +52,6 @@ TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 BODY_METHODS = ("POST", "PUT", "PATCH")
-REDACTED = "***"
 
 #: Limits that keep compiling a job's JSONPaths (~20 ms each) short.
 MAX_DATAMAP = 100
@@ -64,7 +75,28 @@ FIELDS = (
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
-_SECRET_HEADER = re.compile(r"authorization|cookie|key|token|secret|passw", re.I)
+#: Headers of the connection itself: set by the HTTP client, never by a job (a job setting
+#: them could smuggle a second request, or reach another virtual host behind an allowed name).
+CONNECTION_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
+                                "upgrade", "te", "trailer", "keep-alive"})
+#: Fields naming topics the job writes to (``result_topic`` comes with SPEC §12).
+OUTPUT_TOPICS = ("dead_letter_topic", "result_topic")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the service allows beyond a definition's own rules (SPEC §8).
+
+    ``allow_hosts`` limits the URL's host; ``topic_limits`` maps an owner to the shell-style
+    globs its jobs' topics must match (an owner not in it has no limit); ``files_allowed``
+    says whether ``${file:NAME}`` references may be used (a ``--secrets-dir`` is set);
+    ``secret_digest`` (an HMAC under ``--secret-key``) is what the hash sees of a secret.
+    """
+
+    allow_hosts: frozenset[str] | None = None
+    topic_limits: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    files_allowed: bool = False
+    secret_digest: Callable[[str], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,23 +167,29 @@ def default_dead_letter_topic(job_id: str) -> str:
     return f"restconsumer.deadletter.{job_id}"
 
 
-def is_secret_header(name: str) -> bool:
-    """Whether a header's value is a credential that must never be shown."""
-    return bool(_SECRET_HEADER.search(name))
-
-
 def redact(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a stored job with every secret replaced by ``***``."""
-    shown = dict(stored)
-    if isinstance(shown.get("basic_auth"), Mapping):
-        shown["basic_auth"] = {**shown["basic_auth"], "pw": REDACTED}
-    if shown.get("token") is not None:
-        shown["token"] = REDACTED
-    if isinstance(shown.get("headers"), Mapping):
-        shown["headers"] = {
-            k: (REDACTED if is_secret_header(k) else v) for k, v in shown["headers"].items()
-        }
+    """A copy of a stored job with every secret replaced by ``***``.
+
+    Secret references (``${env:…}``, ``${file:…}``) are shown as they are: they name a
+    secret, they are not one. Credentials in the URL (refused since, but perhaps stored
+    before) are masked too.
+    """
+    shown = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in stored.items()}
+    redact_secrets(shown)
+    url = shown.get("url")
+    if isinstance(url, str) and "@" in url:
+        shown["url"] = _mask_userinfo(url)
     return shown
+
+
+def _mask_userinfo(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{REDACTED}@{parts.netloc.rpartition('@')[2]}"))
 
 
 def url_placeholders(template: str) -> list[str]:
@@ -169,7 +207,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _canonical_hash(definition: Mapping[str, Any]) -> str:
+def _canonical_hash(definition: Mapping[str, Any],
+                    digest: Callable[[str], str] | None = None) -> str:
+    if digest is not None:
+        # Under --secret-key, a secret enters the hash only as an HMAC under the key: a
+        # plain SHA-256 over a weak password would let whoever reads the hash guess it.
+        definition = hash_view(definition, digest)
     text = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -219,6 +262,10 @@ def _check_headers(value: Any, problems: list[Problem]) -> None:
         where = f"headers.{key}"
         if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", str(key)):
             problems.append(Problem(where, "is not a valid header name"))
+        elif str(key).lower() in CONNECTION_HEADERS or str(key).lower().startswith("proxy-"):
+            problems.append(Problem(where, "is a header of the connection, which the service "
+                                           "sets itself; a job may not set it (nor any Proxy-* "
+                                           "header)"))
         if not isinstance(item, str):
             problems.append(Problem(where, "must be a string"))
         elif "\n" in item or "\r" in item:
@@ -252,6 +299,9 @@ def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[s
         problems.append(Problem("url", "has no host"))
         return
     del port
+    if parts.username is not None or parts.password is not None:
+        problems.append(Problem("url", "must not hold credentials (user:password@host): give "
+                                       "them in basic_auth"))
     first = PLACEHOLDER.search(url)
     authority_end = len(f"{parts.scheme}://{parts.netloc}")
     if first is not None and first.start() < authority_end:
@@ -360,63 +410,89 @@ def _origin(url: Any) -> tuple[str, str, int | None] | None:
 def _restore_secrets(folded: dict[str, Any], previous: Mapping[str, Any] | None) -> None:
     """Keep a stored secret where the client sent back the ``***`` it was shown.
 
-    Only while the URL keeps its scheme, host and port: a stored secret is never sent on
-    to a destination it was not given for.
+    Only while the field the secret is sent to (``url``; ``oauth2.token_url`` for the OAuth2
+    client secret) keeps its scheme, host and port: a stored secret is never sent on to a
+    destination it was not given for.
     """
-    if not previous or _origin(folded.get("url")) != _origin(previous.get("url")):
+    if not previous:
         return
-    auth, old_auth = folded.get("basic_auth"), previous.get("basic_auth")
-    if isinstance(auth, dict) and isinstance(old_auth, Mapping):
-        for key in list(auth):
-            if key.lower() in ("pw", "password") and auth[key] == REDACTED:
-                auth[key] = old_auth.get("pw")
-    if folded.get("token") == REDACTED and previous.get("token"):
-        folded["token"] = previous["token"]
-    headers, old_headers = folded.get("headers"), previous.get("headers")
-    if isinstance(headers, dict) and isinstance(old_headers, Mapping):
-        old = {str(k).lower(): v for k, v in old_headers.items()}
-        for key, value in list(headers.items()):
-            if value == REDACTED and str(key).lower() in old:
-                headers[key] = old[str(key).lower()]
+    old = {s.path.lower(): s for s in slots(previous)}
+    for slot in slots(folded):
+        before = old.get(slot.path.lower())
+        if slot.value != REDACTED or before is None:
+            continue
+        where = _origin(origin_of(folded, slot.origin))
+        if where is not None and where == _origin(origin_of(previous, slot.origin)):
+            slot.container[slot.key] = before.value
 
 
 def _refuse_hidden(folded: Mapping[str, Any], problems: list[Problem]) -> None:
     """A ``***`` that could not be restored is the mask, not a secret: ask for the real one."""
-    why = "is *** (a hidden value): send the secret itself (*** keeps the stored one only " \
-          "while the URL's scheme, host and port stay)"
-    auth = folded.get("basic_auth")
-    if isinstance(auth, Mapping):
-        for key, value in auth.items():
-            if str(key).lower() in ("pw", "password") and value == REDACTED:
-                problems.append(Problem("basic_auth.pw", why))
-    if folded.get("token") == REDACTED:
-        problems.append(Problem("token", why))
-    headers = folded.get("headers")
-    if isinstance(headers, Mapping):
-        for key, value in headers.items():
-            if value == REDACTED and is_secret_header(str(key)):
-                problems.append(Problem(f"headers.{key}", why))
+    for slot in slots(folded):
+        if slot.value == REDACTED:
+            problems.append(Problem(slot.path, f"is *** (a hidden value): send the secret "
+                                               f"itself (*** keeps the stored one only while "
+                                               f"{slot.origin} keeps its scheme, host and port)"))
+
+
+def _check_topics_allowed(definition: Mapping[str, Any], limits: Mapping[str, Sequence[str]],
+                          problems: list[Problem]) -> None:
+    """An owner's topic limits (its tokens' globs), and no output topic that is also a source."""
+    topics = definition.get("topic")
+    sources = [t for t in topics if isinstance(t, str)] if isinstance(topics, list) else []
+    jid = definition.get("id")
+    default_dlt = default_dead_letter_topic(jid) if isinstance(jid, str) else None
+    for name in OUTPUT_TOPICS:
+        out = definition.get(name)
+        if isinstance(out, str) and out in sources:
+            problems.append(Problem(name, f"'{out}' is also a source topic of the job: its "
+                                          f"messages would come back to it"))
+    if default_dlt is not None and "dead_letter_topic" not in definition and default_dlt in sources:
+        problems.append(Problem("topic", f"'{default_dlt}' is the job's own dead-letter topic"))
+    owner = definition.get("owner")
+    globs = limits.get(owner) if isinstance(owner, str) else None
+    if globs is None:
+        return
+    allowed = ", ".join(globs)
+
+    def outside(topic: str) -> bool:
+        return not any(fnmatch.fnmatchcase(topic, g) for g in globs)
+
+    for i, topic in enumerate(sources):
+        if outside(topic):
+            problems.append(Problem(f"topic[{i}]", f"'{topic}' is not among the topics owner "
+                                                   f"'{owner}' may use ({allowed})"))
+    for name in OUTPUT_TOPICS:
+        out = definition.get(name)
+        if isinstance(out, str) and out != default_dlt and outside(out):
+            problems.append(Problem(name, f"'{out}' is not among the topics owner '{owner}' "
+                                          f"may use ({allowed})"))
 
 
 def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any] | None = None,
-             allow_hosts: frozenset[str] | None = None, modified: str | None = None) -> Job:
+             allow_hosts: frozenset[str] | None = None, policy: Policy | None = None,
+             modified: str | None = None) -> Job:
     """Check a job definition and return the :class:`Job` it describes.
 
     ``job_id`` is the id the definition must carry (the ``{id}`` of the route);
     ``previous`` is the stored job it replaces, whose secrets are kept where the
-    definition holds ``***``; ``allow_hosts`` limits the URL's host. Raises
-    :class:`InvalidJob` listing every problem; ``modified`` defaults to now.
+    definition holds ``***``; ``policy`` is what the service allows besides (its
+    ``allow_hosts`` may also be given alone). Raises :class:`InvalidJob` listing every
+    problem; ``modified`` defaults to now.
     """
+    if policy is None:
+        policy = Policy(allow_hosts=allow_hosts)
+    elif allow_hosts is not None:
+        policy = Policy(allow_hosts, policy.topic_limits, policy.files_allowed, policy.secret_digest)
+    allow_hosts = policy.allow_hosts
     problems: list[Problem] = []
     if not isinstance(raw, Mapping):
         raise InvalidJob([Problem("", "a job must be a JSON object")])
     folded = _fold_keys(raw, FIELDS + GENERATED, {}, "", problems)
     for generated in GENERATED:
         folded.pop(generated, None)
-    if isinstance(folded.get("basic_auth"), Mapping):
-        folded["basic_auth"] = dict(folded["basic_auth"])
-    if isinstance(folded.get("headers"), Mapping):
-        folded["headers"] = dict(folded["headers"])
+    # Copies, so that restoring secrets never changes the caller's objects.
+    folded = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in folded.items()}
     _restore_secrets(folded, previous)
     _refuse_hidden(folded, problems)
 
@@ -561,19 +637,26 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
         _check_topic(definition["dead_letter_topic"], "dead_letter_topic", problems)
 
     _check_throughput(definition, datamap_keys, problems)
+    _check_topics_allowed(definition, policy.topic_limits, problems)
+    for path, reason in reference_problems(definition, policy.files_allowed):
+        problems.append(Problem(path, reason))
 
     if problems:
         raise InvalidJob(problems)
 
     definition = {name: definition[name] for name in FIELDS if name in definition}
-    digest = _canonical_hash(definition)
+    digest = _canonical_hash(definition, policy.secret_digest)
     if modified is None:
         same = previous is not None and previous.get("hash") == digest
         modified = previous["modified"] if same and previous.get("modified") else _now()
     return Job(definition=definition, modified=modified, hash=digest, paths=paths)
 
 
-def load(stored: Mapping[str, Any]) -> Job:
-    """The :class:`Job` of a definition read back from the store, keeping its ``modified``."""
+def load(stored: Mapping[str, Any], policy: Policy | None = None) -> Job:
+    """The :class:`Job` of a definition read back from the store, keeping its ``modified``.
+
+    With a ``policy``, the definition is checked against it again (topic limits, secret
+    references), as it is when a job starts.
+    """
     modified = stored.get("modified") if isinstance(stored, Mapping) else None
-    return validate(stored, modified=modified if isinstance(modified, str) else None)
+    return validate(stored, policy=policy, modified=modified if isinstance(modified, str) else None)

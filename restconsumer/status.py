@@ -114,6 +114,19 @@ class StatusReporter(Service):
                 return  # counted again at the next flush: nothing is lost
             except Exception:
                 log.failure("job {job_id}: reporting its status failed", job_id=runner.job.id)
+        for job_id in list(self._supervisor.errors):
+            # A job that cannot run here: other instances' status answers say why.
+            try:
+                await self._store.put_instance_state(job_id, self.instance, self.failed(job_id))
+            except StoreUnavailable:
+                return
+            except Exception:
+                log.failure("job {job_id}: reporting its error failed", job_id=job_id)
+
+    def failed(self, job_id: str) -> dict[str, Any]:
+        """This instance's report of a job it cannot run (see ``Supervisor.errors``)."""
+        error = self._supervisor.errors[job_id]
+        return {"at": self._clock.seconds(), "partitions": [], "error": error.as_dict()}
 
     def _runner_stopped(self, runner: JobRunner) -> None:
         # Its last counts still have to reach Redis; while shutting down, one try only.
@@ -147,6 +160,13 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
         for name, delta in reporter.unreported(runner).items():
             counters[name] += delta
         reports[reporter.instance] = reporter.local(runner)
+    elif job_id in supervisor.errors:
+        reports[reporter.instance] = reporter.failed(job_id)
+    # A job that cannot run (a secret reference not resolved, a topic not allowed...): the
+    # error state, with the reason of the latest instance to say so.
+    failing = [r["error"] for r in reports.values() if isinstance(r, dict)
+               and isinstance(r.get("error"), dict) and now - float(r.get("at", 0)) <= FRESH]
+    error = max(failing, key=lambda e: str(e.get("at") or ""), default=None)
     fresh = {name: r for name, r in reports.items()
              if isinstance(r, dict) and now - float(r.get("at", 0)) <= FRESH and r.get("partitions")}
     lag: dict[str, int] = {}
@@ -163,6 +183,8 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
         state = "stopped"
     elif record.moving_offsets:
         state = "moving offsets"
+    elif error is not None:
+        state = "error"
     else:
         state = "running" if fresh else "starting"
     return {
@@ -174,6 +196,7 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
         "rate": round(sum(float(r.get("rate", 0)) for r in fresh.values()), 2),
         "bytes_held": sum(int(r.get("bytes_held", 0)) for r in fresh.values()),
         "last_error": last_error,
+        "error": error if state == "error" else None,
         "circuit": circuit,
         "instances": [{"instance": name, "partitions": r.get("partitions", []),
                        "rate": r.get("rate", 0)} for name, r in sorted(fresh.items())],

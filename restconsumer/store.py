@@ -7,6 +7,7 @@ holds every id, and each change is published on ``msg/job:{id}``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -19,10 +20,19 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from restconsumer.model import Job
+from restconsumer.model import InvalidJob, Job, Policy, load
+from restconsumer.secrets import (
+    FINGERPRINT_KEY,
+    SecretKey,
+    check_key,
+    needs_sealing,
+    open_definition,
+    seal_definition,
+    sealed_fingerprints,
+)
 
-__all__ = ["JOB_SET", "STOPPED_SET", "JobRecord", "JobStore", "RedisAddress", "StoreUnavailable",
-           "channel", "job_key"]
+__all__ = ["JOB_SET", "STOPPED_SET", "JobRecord", "JobStore", "KeyRefused", "RedisAddress",
+           "StoreUnavailable", "channel", "job_key"]
 
 JOB_SET = "list_jobs"
 STOPPED_SET = "stopped_jobs"
@@ -69,6 +79,13 @@ def channel(job_id: str) -> str:
 # the API request that made it is cut off half-way.
 _PUT = """
 if ARGV[4] == '1' then redis.call('DEL', KEYS[3], KEYS[4]) end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'update')
+return 1
+"""
+_REPLACE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], 'update')
@@ -123,6 +140,10 @@ class StoreUnavailable(Exception):
     """Redis cannot be reached right now; the caller should answer 503."""
 
 
+class KeyRefused(Exception):
+    """The secret key (or its absence) does not fit what Redis holds: the instance must not run."""
+
+
 @dataclass(frozen=True)
 class RedisAddress:
     """Where Redis is, parsed from a ``redis://`` or ``rediss://`` URL."""
@@ -162,16 +183,29 @@ class JobStore(Service):
 
     While no connection is up, every call fails at once with :class:`StoreUnavailable`
     rather than waiting for Redis to come back.
+
+    Job secrets (SPEC §8): with a ``secret_key`` they are written encrypted and read back
+    decrypted; without one, as they are. Before its first call answers, the store checks
+    the key against the fingerprint kept in Redis and the jobs stored there (and encrypts
+    under the first key what is in clear or under an older key). A key that does not fit
+    calls ``on_refused`` with the reason (by default: log it and end the process), and
+    every call fails from then on.
     """
 
     log = Logger()
 
     def __init__(self, address: RedisAddress, *, clock: IReactorTime | None = None,
                  poolsize: int = 4, reply_timeout: float = 5.0, connect_timeout: float = 2.0,
-                 watch_every: float = 2.0) -> None:
+                 watch_every: float = 2.0, secret_key: SecretKey | None = None,
+                 on_refused: Callable[[str], object] | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self._clock = clock
+        self.secret_key = secret_key
+        self._on_refused = on_refused or self._end_process
+        self._checked = False
+        self._checking: list[Deferred[None]] | None = None
+        self._refused: str | None = None
         self._watch_every = watch_every
         self._watch: LoopingCall | None = None
         self.address = address
@@ -183,6 +217,12 @@ class JobStore(Service):
     def startService(self) -> None:
         """Start connecting to Redis, and watch that the pool keeps trying."""
         super().startService()
+        if self.secret_key is None:
+            self.log.warn("no --secret-key: job secrets (passwords, tokens, credential headers) "
+                          "are stored in Redis as they are, readable by whoever can read Redis")
+        else:
+            self.log.info("job secrets are stored encrypted under the key with fingerprint "
+                          "{fingerprint}", fingerprint=self.secret_key.fingerprint)
         self._connect()
         self._watch = LoopingCall(self._check_pool)
         self._watch.clock = self._clock
@@ -201,6 +241,9 @@ class JobStore(Service):
         self._redis._factory.maxDelay = 2
 
     def _check_pool(self) -> Deferred[Any] | None:
+        if self.connected and not self._checked and self._checking is None:
+            # Checked as soon as Redis answers, even if nothing asks the store for anything.
+            Deferred.fromCoroutine(self._key_checked()).addErrback(lambda _: None)
         # txredisapi gives up for good when a connection is lost during its AUTH or
         # SELECT (a proxy that accepts while Redis is down does that): start afresh.
         if self._redis is None or not self._redis._factory.stopped:
@@ -225,6 +268,13 @@ class JobStore(Service):
         return self._redis is not None and self._redis._factory.size > 0
 
     async def _call(self, method: str, *args: Any) -> Any:
+        if not self._checked:
+            await self._key_checked()
+        return await self._raw(method, *args)
+
+    async def _raw(self, method: str, *args: Any) -> Any:
+        if self._refused is not None:
+            raise StoreUnavailable(f"not started: {self._refused}")
         if not self.connected:
             raise StoreUnavailable(f"Redis at {self.address} is not connected")
         try:
@@ -233,17 +283,133 @@ class JobStore(Service):
             # A ResponseError here is Redis refusing to work (READONLY, OOM, LOADING...).
             raise StoreUnavailable(f"Redis at {self.address}: {e}") from e
 
+    # -- the secret key --------------------------------------------------------------------
+
+    def _end_process(self, reason: str) -> None:
+        from restconsumer.server import end_process
+
+        self.log.critical("{reason}; the process ends", reason=reason)
+        end_process(self._clock)  # type: ignore[arg-type]
+
+    async def _key_checked(self) -> None:
+        """Wait for the key check (starting it if none runs); StoreUnavailable if it failed."""
+        if self._checked:
+            return
+        if self._refused is not None:
+            raise StoreUnavailable(f"not started: {self._refused}")
+        if self._checking is not None:
+            waiting: Deferred[None] = Deferred()
+            self._checking.append(waiting)
+            await waiting
+            return
+        self._checking = []
+        error: BaseException | None = None
+        try:
+            await self._check_key()
+            self._checked = True
+        except KeyRefused as e:
+            self._refused = str(e)
+            self._on_refused(str(e))
+            error = StoreUnavailable(f"not started: {e}")
+        except StoreUnavailable as e:
+            error = e
+        waiting_list, self._checking = self._checking, None
+        for d in waiting_list:
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(error)
+        if error is not None:
+            raise error
+
+    async def _stored_raw(self) -> dict[str, str]:
+        ids = sorted(str(i) for i in await self._raw("smembers", JOB_SET))
+        if not ids:
+            return {}
+        values = await self._raw("mget", [job_key(i) for i in ids])
+        return {i: v for i, v in zip(ids, values, strict=False) if v is not None}
+
+    async def _check_key(self) -> None:
+        """Compare the key with what Redis holds; encrypt what is in clear or under an old key."""
+        key = self.secret_key
+        stored_raw = await self._stored_raw()
+        jobs = {i: job for i, raw in stored_raw.items() if (job := self._parse(i, raw)) is not None}
+        found: set[str] = set()
+        for job in jobs.values():
+            found |= sealed_fingerprints(job)
+        plain = [i for i, job in jobs.items() if key is not None and needs_sealing(job, key)]
+        fingerprint = await self._raw("get", FINGERPRINT_KEY)
+        verdict = check_key(fingerprint, found, len(plain), key)
+        if verdict.error is not None:
+            raise KeyRefused(verdict.error)
+        if key is None:
+            return
+        if fingerprint is None:
+            if not await self._raw("setnx", FINGERPRINT_KEY, key.fingerprint):
+                # Another instance wrote one first: it must be one of ours too.
+                fingerprint = await self._raw("get", FINGERPRINT_KEY)
+                verdict = check_key(fingerprint, found, len(plain), key)
+                if verdict.error is not None:
+                    raise KeyRefused(verdict.error)
+        elif verdict.store is not None:
+            self.log.info("secret key rotation: the key with fingerprint {new} now encrypts "
+                          "(was {old})", new=verdict.store, old=fingerprint)
+            await self._raw("set", FINGERPRINT_KEY, verdict.store)
+        resealed = 0
+        for job_id in plain:
+            resealed += await self._reseal(job_id, stored_raw[job_id], jobs[job_id], key)
+        if resealed:
+            self.log.info("job secrets of {n} stored jobs encrypted under the key with fingerprint "
+                          "{fingerprint} (they were in clear or under an older key)", n=resealed,
+                          fingerprint=key.fingerprint)
+
+    async def _reseal(self, job_id: str, raw: str, job: dict[str, Any], key: SecretKey) -> int:
+        opened, unreadable = open_definition(job, key)
+        if unreadable:
+            return 0
+        try:
+            # Its hash covers the secrets through an HMAC under the key now.
+            renewed = load(opened, Policy(secret_digest=key.digest)).stored()
+        except InvalidJob:
+            renewed = opened
+        value = json.dumps(seal_definition(renewed, key), ensure_ascii=False)
+        done = await self._raw("eval", _REPLACE, [job_key(job_id), JOB_SET],
+                               [value, job_id, channel(job_id), raw])
+        return int(bool(done))
+
+    def _seal(self, job: Job) -> str:
+        stored = job.stored()
+        if self.secret_key is not None:
+            stored = seal_definition(stored, self.secret_key)
+        return json.dumps(stored, ensure_ascii=False)
+
+    def _open(self, job_id: str, stored: dict[str, Any] | None) -> dict[str, Any] | None:
+        if stored is None:
+            return None
+        # A secret no key opens is left encrypted: the supervisor puts such a job in its
+        # error state, saying why; the API shows it as ***.
+        opened, _ = open_definition(stored, self.secret_key)
+        return opened
+
+    # -- jobs --------------------------------------------------------------------------------
+
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless Redis answers."""
         await self._call("ping")
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        """The stored job with that id, or None."""
+        """The stored job with that id (secrets decrypted), or None."""
+        job, _ = await self.read(job_id)
+        return job
+
+    async def read(self, job_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The stored job with that id (secrets decrypted) and its stored text, to
+        :meth:`replace` it only if nobody changed it meanwhile; (None, None) if there is none."""
         raw = await self._call("get", job_key(job_id))
-        return self._decode(job_id, raw)
+        return self._decode(job_id, raw), raw
 
     async def all(self) -> list[dict[str, Any]]:
-        """Every stored job, ordered by id."""
+        """Every stored job (secrets decrypted), ordered by id."""
         ids = sorted(await self.ids())
         if not ids:
             return []
@@ -317,15 +483,21 @@ class JobStore(Service):
         """Store a job and announce the change; a ``new`` job starts with fresh counters."""
         await self._call("eval", _PUT,
                          [job_key(job.id), JOB_SET, _stats_key(job.id), _instances_key(job.id)],
-                         [json.dumps(job.stored(), ensure_ascii=False), job.id, channel(job.id),
-                          "1" if new else "0"])
+                         [self._seal(job), job.id, channel(job.id), "1" if new else "0"])
 
     async def create(self, job: Job) -> bool:
         """Store a job only if none has its id; True if it was created (and announced)."""
         created = await self._call(
             "eval", _CREATE, [job_key(job.id), JOB_SET, _stats_key(job.id), _instances_key(job.id)],
-            [json.dumps(job.stored(), ensure_ascii=False), job.id, channel(job.id)])
+            [self._seal(job), job.id, channel(job.id)])
         return bool(created)
+
+    async def replace(self, job: Job, expected: str) -> bool:
+        """Store a job only if its stored text is still ``expected`` (as :meth:`read` gave it);
+        True if it was replaced (and announced), False if it changed or went meanwhile."""
+        replaced = await self._call("eval", _REPLACE, [job_key(job.id), JOB_SET],
+                                    [self._seal(job), job.id, channel(job.id), expected])
+        return bool(replaced)
 
     async def delete(self, job_id: str) -> bool:
         """Remove a job, its run state and counters, and announce it; False if there was none."""
@@ -339,7 +511,7 @@ class JobStore(Service):
         """Publish ``action`` on the job's channel, for every instance to act on."""
         await self._call("publish", channel(job_id), action)
 
-    def _decode(self, job_id: str, raw: Any) -> dict[str, Any] | None:
+    def _parse(self, job_id: str, raw: Any) -> dict[str, Any] | None:
         if raw is None:
             return None
         try:
@@ -348,3 +520,6 @@ class JobStore(Service):
             self.log.error("job {job_id}: the stored value is not JSON; ignored", job_id=job_id)
             return None
         return value if isinstance(value, dict) else None
+
+    def _decode(self, job_id: str, raw: Any) -> dict[str, Any] | None:
+        return self._open(job_id, self._parse(job_id, raw))

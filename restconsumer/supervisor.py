@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
 
-from restconsumer.model import InvalidJob, Job, load
+from restconsumer.model import InvalidJob, Job, Policy, load
 from restconsumer.runner import JobRunner, Shared
+from restconsumer.secrets import UnresolvedSecrets, resolve, sealed_paths
 from restconsumer.store import JobRecord, JobStore, StoreUnavailable
 
-__all__ = ["Supervisor"]
+__all__ = ["JobError", "Supervisor"]
 
 log = Logger()
 _LOOK_UP = object()
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a stored job cannot run on this instance (its ``error`` state), since when."""
+
+    reason: str
+    at: str
+    hash: str | None
+
+    def as_dict(self) -> dict[str, str]:
+        """As the status shows it."""
+        return {"reason": self.reason, "at": self.at}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Supervisor(Service):
@@ -24,13 +46,26 @@ class Supervisor(Service):
 
     Changes for one job are applied one at a time (a per-job lock), so an update racing a
     delete always ends as the store says.
+
+    A job is checked again when it starts here (SPEC §8): against the ``policy`` (its
+    owner's topic limits, its secret references), its encrypted secrets opened, and its
+    references resolved from ``environ`` and ``secrets_dir``. A job that fails is not run:
+    it is in :attr:`errors`, which the status shows, and is tried again on every change and
+    reconcile.
     """
 
     def __init__(self, store: JobStore, shared: Shared, *,
-                 runner_factory: Callable[[Job, Shared], JobRunner] = JobRunner) -> None:
+                 runner_factory: Callable[[Job, Shared], JobRunner] = JobRunner,
+                 policy: Policy | None = None, environ: Mapping[str, str] | None = None,
+                 secrets_dir: str | Path | None = None) -> None:
         self._store = store
         self._shared = shared
         self._runner_factory = runner_factory
+        self._policy = policy if policy is not None else Policy()
+        self._environ = environ if environ is not None else os.environ
+        self._secrets_dir = secrets_dir
+        #: Jobs stored but unable to run here, and why.
+        self.errors: dict[str, JobError] = {}
         self.runners: dict[str, JobRunner] = {}
         self._locks: dict[str, DeferredLock] = {}
         self._stopping: set[Deferred[None]] = set()
@@ -65,7 +100,7 @@ class Supervisor(Service):
         except StoreUnavailable as e:
             log.warn("reconcile skipped: {reason}", reason=str(e))
             return
-        for job_id in sorted(set(self.runners) | stored):
+        for job_id in sorted(set(self.runners) | set(self.errors) | stored):
             # Each job is read afresh under its lock: a change applied meanwhile is not
             # undone by an older snapshot, and one bad job does not hold up the others.
             try:
@@ -104,16 +139,37 @@ class Supervisor(Service):
             if not lock.locked and not lock.waiting:
                 self._locks.pop(job_id, None)
 
-    @staticmethod
-    def _desired(job_id: str, stored: dict[str, Any] | None) -> Job | None:
+    def _desired(self, job_id: str, stored: dict[str, Any] | None) -> Job | None:
         if stored is None:
+            self.errors.pop(job_id, None)
             return None
         try:
-            return load(stored)
-        except InvalidJob as e:
-            log.error("job {job_id}: the stored definition is invalid, not running it: {reason}",
-                      job_id=job_id, reason=str(e))
-            return None
+            return self._runnable(stored)
+        except (InvalidJob, UnresolvedSecrets) as e:
+            reason = str(e)
+        previous = self.errors.get(job_id)
+        if previous is None or previous.reason != reason:
+            # Said once, not at every reconcile.
+            log.error("job {job_id}: cannot run, not started: {reason}", job_id=job_id,
+                      reason=reason)
+            self.errors[job_id] = JobError(reason, _now(), stored.get("hash"))
+        return None
+
+    def _runnable(self, stored: dict[str, Any]) -> Job:
+        """The job to run: checked, its secrets decrypted and its references resolved."""
+        # What the store could not decrypt is still encrypted.
+        sealed = sealed_paths(stored)
+        if sealed:
+            raise UnresolvedSecrets([(path, f"cannot be decrypted: it is encrypted under the key "
+                                            f"with fingerprint {fingerprint}, which this "
+                                            f"instance's --secret-key does not hold")
+                                     for path, fingerprint in sealed])
+        job = load(stored, self._policy)
+        definition = resolve(job.definition, self._environ, self._secrets_dir)
+        if definition == job.definition:
+            return job
+        # The hash stays that of the stored definition: a resolved value is no change of it.
+        return Job(definition=definition, modified=job.modified, hash=job.hash, paths=job.paths)
 
     async def _apply(self, job_id: str, job: Job | None) -> None:
         runner = self.runners.get(job_id)
