@@ -351,20 +351,17 @@ def machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
-def runqueue_wait(pid: int) -> tuple[float, float]:
-    """Seconds spent runnable but waiting for a CPU (``/proc/PID/task/*/schedstat``, second
-    field) by the live threads of ``pid`` summed, and by its main thread (the reactor's):
-    what a busy machine costs a process."""
-    waited = main = 0.0
+def schedstat(pid: int) -> dict[int, tuple[float, float]]:
+    """Each live thread of ``pid``: (seconds on a CPU, seconds runnable but waiting for one),
+    from ``/proc/PID/task/*/schedstat`` — what a busy machine costs a process."""
+    found: dict[int, tuple[float, float]] = {}
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError, ValueError, IndexError), \
                     open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                seconds = int(f.read().split()[1]) / 1e9
-                waited += seconds
-                if task == str(pid):
-                    main = seconds
-    return waited, main
+                fields = f.read().split()
+                found[int(task)] = (int(fields[0]) / 1e9, int(fields[1]) / 1e9)
+    return found
 
 
 def load_text() -> str:
@@ -375,7 +372,8 @@ def load_text() -> str:
 
 @dataclass
 class Meter:
-    """CPU used by the service and by the whole machine between ``start`` and ``stop``."""
+    """CPU used by the service, its sink and the whole machine between ``start`` and ``stop``
+    (``wall`` seconds)."""
 
     pid: int
     sink_pid: int
@@ -383,12 +381,14 @@ class Meter:
     sink_cpu: float = 0.0
     service_waited: float = 0.0
     reactor_waited: float = 0.0
+    reactor_cpu: float = 0.0
     machine_busy: float = 0.0
     load_start: str = ""
     load_end: str = ""
     _cpu0: float = 0.0
     _sink0: float = 0.0
-    _waited0: tuple[float, float] = (0.0, 0.0)
+    wall: float = 0.0
+    _sched0: dict[int, tuple[float, float]] = field(default_factory=dict)
     _ticks0: tuple[int, int] = (0, 0)
 
     def start(self) -> Meter:
@@ -398,7 +398,8 @@ class Meter:
         self.load_start = load_text()
         self._cpu0 = cpu_seconds(self.pid)
         self._sink0 = cpu_seconds(self.sink_pid)
-        self._waited0 = runqueue_wait(self.pid)
+        self._sched0 = schedstat(self.pid)
+        self.wall = time.monotonic()
         self._ticks0 = machine_ticks()
         return self
 
@@ -406,24 +407,30 @@ class Meter:
         """Take the ending readings."""
         from common import cpu_seconds
 
+        self.wall = time.monotonic() - self.wall
         with contextlib.suppress(OSError):
             self.service_cpu = cpu_seconds(self.pid) - self._cpu0
         with contextlib.suppress(OSError):
             self.sink_cpu = cpu_seconds(self.sink_pid) - self._sink0
-        waited, main = runqueue_wait(self.pid)
-        self.service_waited = waited - self._waited0[0]
-        self.reactor_waited = main - self._waited0[1]
+        # Per thread, so that a thread that ended meanwhile takes nothing away.
+        for tid, (ran, waited) in schedstat(self.pid).items():
+            ran0, waited0 = self._sched0.get(tid, (0.0, 0.0))
+            self.service_waited += waited - waited0
+            if tid == self.pid:
+                self.reactor_cpu, self.reactor_waited = ran - ran0, waited - waited0
         busy, total = machine_ticks()
         self.machine_busy = (busy - self._ticks0[0]) / max(1, total - self._ticks0[1])
         self.load_end = load_text()
         return self
 
-    def text(self, seconds: float) -> str:
+    def text(self) -> str:
         """The readings, as printed."""
+        seconds = self.wall
         share = self.service_cpu / seconds if seconds > 0 else 0.0
-        return (f"service CPU {self.service_cpu:.1f} s ({share:.0%} of one core); waiting for a "
-                f"CPU: its reactor thread {self.reactor_waited:.1f} s of {seconds:.1f} s, all its "
-                f"threads {self.service_waited:.1f} s; sink CPU {self.sink_cpu:.1f} s; machine "
+        return (f"service CPU {self.service_cpu:.1f} s ({share:.0%} of one core; the reactor "
+                f"thread {self.reactor_cpu:.1f} s); waiting for a CPU: the reactor thread "
+                f"{self.reactor_waited:.1f} s of {seconds:.1f} s, all its live threads "
+                f"{self.service_waited:.1f} s; sink CPU {self.sink_cpu:.1f} s; machine "
                 f"{self.machine_busy:.0%} busy (both cores), load {self.load_start} -> {self.load_end}")
 
 
@@ -654,7 +661,7 @@ class Bench:
         outcome.extra["connections"] = outcome.got["connections"] - connections
         print(f"  {outcome.got['distinct']}/{produced} in {outcome.seconds:.1f} s: "
               f"{outcome.rate:.0f} messages/s, {outcome.got['violations']} order violations, "
-              f"{outcome.got['duplicates']} repeats; {meter.text(outcome.seconds)}", flush=True)
+              f"{outcome.got['duplicates']} repeats; {meter.text()}", flush=True)
         return outcome
 
     @staticmethod
@@ -761,7 +768,7 @@ class Bench:
                   f"{outcome.extra.get('ref_p50', float('nan')):.1f} ms, p99 "
                   f"{outcome.extra.get('ref_p99', float('nan')):.1f} ms; "
                   f"produced at {outcome.extra['produce_rate']:.0f}/s; "
-                  f"{meter.text(produced_in)}", flush=True)
+                  f"{meter.text()}", flush=True)
 
     # -- 3. batch -----------------------------------------------------------------------------
 
@@ -800,7 +807,7 @@ class Bench:
         print(f"  {outcome.got['distinct']}/{produced} records in {outcome.got['requests']} requests: "
               f"{outcome.rate_from_create:.0f} records/s from the job's creation, "
               f"{outcome.rate:.0f}/s from the first batch; "
-              f"{meter.text(max(outcome.seconds + outcome.startup, 0.001))}", flush=True)
+              f"{meter.text()}", flush=True)
         return outcome
 
 
@@ -866,8 +873,10 @@ def report(outcomes: dict[str, Outcome], args: argparse.Namespace, load_start: s
               "\"!\" = not all arrived in time)")
         for o in order:
             if not o.error:
+                assert o.meter is not None
                 print(f"   {o.label}: {o.rate_from_create:.0f} messages/s counting from the job's "
-                      f"creation (first request {o.startup:.1f} s after it)")
+                      f"creation (first request {o.startup:.1f} s after it); "
+                      f"{o.meter.text()}")
     lat = outcomes.get("latency")
     if lat is not None:
         print(f"\n2. latency CreateTime -> request at a loopback sink answering at once, "
@@ -886,7 +895,7 @@ def report(outcomes: dict[str, Outcome], args: argparse.Namespace, load_start: s
                   f"{e['over_50']} of {e['measured']} over 50 ms; produced at "
                   f"{e['produce_rate']:.0f}/s, the producer at most {e['producer_late_ms']:.0f} ms behind "
                   f"its schedule; {lat.got['duplicates']} repeats"
-                  f"{'' if lat.complete else '; NOT ALL ARRIVED'}; {lat.meter.text(lat.seconds)})")
+                  f"{'' if lat.complete else '; NOT ALL ARRIVED'}; {lat.meter.text()})")
     batch = outcomes.get("batch")
     if batch is not None:
         print(f"\n3. batch mode, batches of 100, json_body, {batch.wanted} messages produced first")
@@ -901,7 +910,7 @@ def report(outcomes: dict[str, Outcome], args: argparse.Namespace, load_start: s
                   f"{batch.startup:.1f} s after the job's creation; {g['distinct']}/{batch.wanted} "
                   f"records{'' if batch.complete else ' (NOT ALL)'} in {g['requests']} requests, "
                   f"{g['duplicates']} repeats; "
-                  f"{batch.meter.text(max(batch.seconds + batch.startup, 0.001))})")
+                  f"{batch.meter.text()})")
     print("=" * 100)
 
 
