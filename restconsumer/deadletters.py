@@ -6,17 +6,27 @@ how many attempts, the last status and the reason — built here, in one place.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import time
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from restconsumer.mapping import RequestBuilder
+from restconsumer.model import DEFAULT_TIMEOUT, Job
+from restconsumer.retry import RetryPolicy, deliver
 from restconsumer.threads import ThreadService
-from restconsumer.work import Incoming
+from restconsumer.work import Incoming, prepare
 
-__all__ = ["DeadLetters", "dead_letter_headers"]
+__all__ = ["DeadLetterReader", "DeadLetters", "ReplayRunning", "Replays", "dead_letter_headers",
+           "describe_letter", "original"]
+
+log = Logger()
 
 
 def dead_letter_headers(job_id: str, incoming: Incoming, reason: str, *, record: int | None = None,
@@ -100,3 +110,279 @@ class DeadLetters(ThreadService):
         except Exception as e:  # BufferError when the queue is full, KafkaException otherwise
             return fail(RuntimeError(f"cannot produce to {topic}: {e}"))
         return done
+
+
+def _text_or_base64(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None or ms < 0:
+        return None
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def describe_letter(message: Any) -> dict[str, Any] | None:
+    """A dead letter as ``GET /job/{id}/deadletters`` shows it (None: not a dead letter)."""
+    headers = {k: (v or b"") for k, v in (message.headers() or [])}
+    if "restconsumer.job" not in headers:
+        return None
+    text = {k: v.decode("utf-8", "replace") for k, v in headers.items() if k.startswith("restconsumer.")}
+
+    def number(name: str) -> int | None:
+        value = text.get(name, "")
+        return int(value) if value.lstrip("-").isdigit() else None
+
+    kind, stamp = message.timestamp()
+    return {
+        "partition": message.partition(), "offset": message.offset(),
+        "timestamp": _iso(stamp if kind else None),
+        "source": {"topic": text.get("restconsumer.topic"), "partition": number("restconsumer.partition"),
+                   "offset": number("restconsumer.offset")},
+        "record": number("restconsumer.record"),
+        "reason": text.get("restconsumer.reason"), "status": number("restconsumer.status"),
+        "attempts": number("restconsumer.attempts"),
+        "key": _text_or_base64(message.key()), "value": _text_or_base64(message.value()),
+    }
+
+
+def original(message: Any) -> Incoming | None:
+    """The source message a dead letter carries, at its original coordinates."""
+    headers = [(k, v) for k, v in (message.headers() or [])]
+    ours = {k: (v or b"").decode("utf-8", "replace") for k, v in headers if k.startswith("restconsumer.")}
+    try:
+        partition = int(ours["restconsumer.partition"])
+        offset = int(ours["restconsumer.offset"])
+        topic = ours["restconsumer.topic"]
+    except (KeyError, ValueError):
+        return None
+    kind, stamp = message.timestamp()
+    return Incoming(topic, partition, offset, message.key(), message.value(),
+                    [(k, v) for k, v in headers if not k.startswith("restconsumer.")],
+                    stamp if kind else None)
+
+
+class DeadLetterReader(ThreadService):
+    """Reads a job's dead letters from Kafka, on a thread of its own."""
+
+    def __init__(self, reactor: Any, config: dict[str, Any], *, scan: int = 20_000) -> None:
+        super().__init__(reactor, "dead-letter-reader")
+        self._config = config
+        self._scan = scan
+
+    def latest(self, job_id: str, topic: str, limit: int) -> Deferred[list[dict[str, Any]]]:
+        """The job's newest ``limit`` dead letters, newest last."""
+        return self.in_thread(self._latest, job_id, topic, limit)
+
+    def _consumer(self, group: str) -> Consumer:
+        return Consumer({**self._config, "group.id": group, "enable.auto.commit": False,
+                         "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+
+    def _partitions(self, consumer: Consumer, topic: str) -> list[int]:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return []
+        return sorted(metadata.partitions)
+
+    def _latest(self, job_id: str, topic: str, limit: int) -> list[dict[str, Any]]:
+        consumer = self._consumer(f"restconsumer.{job_id}.reader")
+        try:
+            found: list[dict[str, Any]] = []
+            for partition in self._partitions(consumer, topic):
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                # Newest first: read back in windows until enough of this job's letters are seen.
+                end = high
+                mine: list[dict[str, Any]] = []
+                while end > low and len(mine) < limit and high - end < self._scan:
+                    start = max(low, end - max(limit, 100))
+                    mine = [m for m in self._read(consumer, topic, partition, start, end)
+                            if m["job"] == job_id] + mine
+                    end = start
+                found.extend(m["letter"] for m in mine[-limit:])
+            found.sort(key=lambda letter: (letter["timestamp"] or "", letter["partition"], letter["offset"]))
+            return found[-limit:]
+        finally:
+            consumer.close()
+
+    def _read(self, consumer: Consumer, topic: str, partition: int, start: int,
+              end: int) -> list[dict[str, Any]]:
+        consumer.assign([TopicPartition(topic, partition, start)])
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        position = start
+        while position < end and time.monotonic() < deadline:
+            for message in consumer.consume(500, 1.0):
+                if message.error() is not None:
+                    if message.error().code() == KafkaError._PARTITION_EOF:
+                        position = end
+                    continue
+                position = message.offset() + 1
+                if message.offset() >= end:
+                    continue
+                letter = describe_letter(message)
+                if letter is not None:
+                    job = (dict(message.headers() or []).get("restconsumer.job") or b"").decode(
+                        "utf-8", "replace")
+                    out.append({"job": job, "letter": letter, "message": message})
+        return out
+
+    def replay_plan(self, job_id: str, topic: str) -> Deferred[dict[int, tuple[int, int]]]:
+        """Per partition: from where the last replay stopped (or the start) to the end now."""
+        return self.in_thread(self._plan, job_id, topic)
+
+    def _plan(self, job_id: str, topic: str) -> dict[int, tuple[int, int]]:
+        consumer = self._consumer(f"restconsumer.{job_id}.replay")
+        try:
+            partitions = self._partitions(consumer, topic)
+            committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+            plan = {}
+            for tp in committed:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+                start = max(tp.offset, low) if tp.offset >= 0 else low
+                plan[tp.partition] = (start, high)
+            return plan
+        finally:
+            consumer.close()
+
+    def letters(self, job_id: str, topic: str, partition: int, start: int,
+                end: int) -> Deferred[list[tuple[int, Incoming | None]]]:
+        """The dead letters of one partition between two offsets: (offset, the original
+        message if it is one of this job's, else None)."""
+        def read() -> list[tuple[int, Incoming | None]]:
+            consumer = self._consumer(f"restconsumer.{job_id}.reader")
+            try:
+                out = []
+                for item in self._read(consumer, topic, partition, start, end):
+                    message = item["message"]
+                    out.append((message.offset(), original(message) if item["job"] == job_id else None))
+                return out
+            finally:
+                consumer.close()
+
+        return self.in_thread(read)
+
+    def done(self, job_id: str, topic: str, partition: int, offset: int) -> Deferred[None]:
+        """Remember that the replay of ``partition`` got to ``offset``."""
+        def commit() -> None:
+            consumer = self._consumer(f"restconsumer.{job_id}.replay")
+            try:
+                consumer.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+            finally:
+                consumer.close()
+
+        return self.in_thread(commit)
+
+
+class ReplayRunning(Exception):
+    """A replay of this job's dead letters is under way already."""
+
+
+class Replays:
+    """Replays of jobs' dead letters through the job again (``POST /job/{id}/deadletters/replay``).
+
+    A replay reads the job's dead-letter topic from where the previous replay stopped (its
+    group ``restconsumer.{id}.replay`` remembers) up to the end offsets taken when it starts,
+    skips the letters of other jobs, and sends each of this job's letters as the job would
+    send its original message; one that fails again becomes a new dead letter that keeps its
+    original source coordinates.
+    """
+
+    def __init__(self, reader: DeadLetterReader, sender: Any, dead_letters: DeadLetters,
+                 clock: Any, *, chunk: int = 500) -> None:
+        self._reader = reader
+        self._sender = sender
+        self._dead_letters = dead_letters
+        self._clock = clock
+        self._chunk = chunk
+        self._progress: dict[str, dict[str, Any]] = {}
+        self._tasks: dict[str, Deferred[None]] = {}
+
+    def progress(self, job_id: str) -> dict[str, Any] | None:
+        """The latest replay of ``job_id`` on this instance, if any."""
+        return self._progress.get(job_id)
+
+    async def start(self, job: Job) -> dict[int, tuple[int, int]]:
+        """Start replaying; the plan ``{partition: (from, to)}``. Raises :class:`ReplayRunning`."""
+        if job.id in self._tasks:
+            raise ReplayRunning(f"a replay of job {job.id} is under way")
+        self._tasks[job.id] = Deferred()  # held while the plan is read
+        try:
+            plan = await self._reader.replay_plan(job.id, job.dead_letter_topic)
+        except BaseException:
+            del self._tasks[job.id]
+            raise
+        now = self._clock.seconds()
+        self._progress[job.id] = {
+            "state": "running", "started": _iso(int(now * 1000)), "finished": None,
+            "partitions": {str(p): [a, b] for p, (a, b) in plan.items()},
+            "replayed": 0, "delivered": 0, "dead_lettered": 0, "error": None,
+        }
+        task = Deferred.fromCoroutine(self._run(job, plan))
+        self._tasks[job.id] = task
+
+        def ended(result: Any) -> None:
+            self._tasks.pop(job.id, None)
+            progress = self._progress[job.id]
+            progress["finished"] = _iso(int(self._clock.seconds() * 1000))
+            if isinstance(result, Failure):
+                progress["state"] = "failed"
+                progress["error"] = result.getErrorMessage()
+                log.failure("job {job_id}: replay of dead letters failed", result, job_id=job.id)
+            else:
+                progress["state"] = "done"
+                log.info("job {job_id}: replay done: {n} dead letters sent again, {d} delivered, "
+                         "{f} dead-lettered again", job_id=job.id, n=progress["replayed"],
+                         d=progress["delivered"], f=progress["dead_lettered"])
+
+        task.addBoth(ended)
+        return plan
+
+    async def _run(self, job: Job, plan: dict[int, tuple[int, int]]) -> None:
+        builder = RequestBuilder(job)
+        policy = RetryPolicy.of(job.retry)
+        d = job.definition
+        timeout = float(d.get("timeout", DEFAULT_TIMEOUT))
+        topic = job.dead_letter_topic
+        progress = self._progress[job.id]
+        for partition, (start, end) in sorted(plan.items()):
+            position = start
+            while position < end:
+                until = min(end, position + self._chunk)
+                for _, incoming in await self._reader.letters(job.id, topic, partition, position, until):
+                    if incoming is None:
+                        continue  # another job's letter on a shared topic
+                    progress["replayed"] += 1
+                    prepared = prepare(builder, incoming)
+                    if prepared.error is not None:
+                        await self._again(job, incoming, prepared.error, None, None, 0)
+                        continue
+                    for record in prepared.records:
+                        if record.request is None:
+                            await self._again(job, incoming, record.error or "no request", record.index,
+                                              None, 0)
+                            continue
+                        request = record.request
+                        outcome = await deliver(
+                            lambda r=request: self._sender.send(r, timeout, bool(d.get("follow_redirects")),
+                                                                d.get("ca_cert")),
+                            policy, self._clock)
+                        if outcome.delivered:
+                            progress["delivered"] += 1
+                        else:
+                            await self._again(job, incoming, outcome.reason, record.index, outcome.status,
+                                              outcome.attempts)
+                await self._reader.done(job.id, topic, partition, until)
+                position = until
+
+    async def _again(self, job: Job, incoming: Incoming, reason: str, record: int | None,
+                     status: int | None, attempts: int) -> None:
+        headers = dead_letter_headers(job.id, incoming, f"replayed: {reason}", record=record,
+                                      status=status, attempts=attempts)
+        await self._dead_letters.send(job.dead_letter_topic, incoming.key, incoming.value, headers)
+        self._progress[job.id]["dead_lettered"] += 1
