@@ -23,7 +23,10 @@ each job below reads it from the start, in a consumer group of its own.
    the duplicates there (at least once allows them), and what the endpoint received.
 
 Each job's dead-letter topic is created (one partition, as the broker would auto-create it)
-before the job, so that the reader is there from the first dead letter. Part 1 runs
+before the job, so that the reader is there from the first dead letter. The fresh broker is
+first warmed up (its consumer-offsets topic created, which costs the first group join of a
+new broker seconds, and its produce path exercised) so that a figure is not the broker's
+start-up. Part 1 runs
 ``--rounds`` times in turns (refused, accepted, refused, ...) in one service process; the
 best round counts, every round is printed. Beside each flood: the CPU the service, the
 broker and this benchmark used per message, how busy the machine was and how long the
@@ -61,7 +64,17 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Infra, ServiceProcess, cpu_seconds, infra, start_service, stop_service, thread_cpu, verdict
+from common import (
+    Infra,
+    ServiceProcess,
+    cpu_seconds,
+    infra,
+    start_service,
+    stderr_to,
+    stop_service,
+    thread_cpu,
+    verdict,
+)
 
 PARTITIONS = 4
 TOPIC = "bench.deadletters"
@@ -232,6 +245,43 @@ def produce_messages(bootstrap: str, total: int) -> int:
     return acked[0]
 
 
+def warm_up_broker(bootstrap: str, timeout: float) -> str:
+    """Bring a fresh broker to where a long-running one is: its consumer-offsets topic created
+    (the first group join of a new broker waits for it, seconds) and its produce path warmed by
+    a producer configured as the service's dead-letter producer. What was done, as printed."""
+    topic = "bench.warmup"
+    begin = time.monotonic()
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                         "enable.idempotence": True})
+    headers = [(f"restconsumer.h{k}", b"x" * 16) for k in range(7)]
+    for i in range(20_000):
+        while True:
+            try:
+                producer.produce(topic, value=message(i), headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    left = producer.flush(max(1.0, timeout))
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-warmup",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    joined = False
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                consumer.commit(message=msg, asynchronous=False)
+                joined = True
+                break
+    finally:
+        consumer.close()
+    return (f"broker warmed up in {time.monotonic() - begin:.1f} s: 20,000 messages produced as the "
+            f"dead-letter producer does{f' ({left} not acknowledged)' if left else ''}, a consumer group "
+            f"{'joined and committed' if joined else 'NOT joined within the deadline'}")
+
+
 def dead_letter_topic(job_id: str) -> str:
     """The default dead-letter topic of a job."""
     return f"restconsumer.deadletter.{job_id}"
@@ -397,7 +447,7 @@ class CpuUse:
     cpus: int
     busy: float  # share of the machine's CPU time that was busy (0..1)
     service: float  # CPU seconds of the service process
-    main_thread: float  # CPU seconds of its busiest thread (the reactor's)
+    main_thread: float  # CPU seconds of its main thread (the reactor's)
     broker: float  # CPU seconds of the Kafka broker
     bench: float  # CPU seconds of this process (the endpoint and the dead-letter reader)
     reactor_waited: float  # seconds the service's main (reactor) thread was runnable but had no CPU
@@ -406,6 +456,8 @@ class CpuUse:
     def line(self, messages: int) -> str:
         """The figures, per message where it makes sense, as printed."""
         ours = self.service + self.broker + self.bench
+        ran, waited = self.main_thread / self.seconds, self.reactor_waited / self.seconds
+        idle = max(0.0, 1 - ran - waited)
         others = max(0.0, self.busy * self.cpus * self.seconds - ours) / self.seconds
 
         def per(cpu: float) -> str:
@@ -414,8 +466,8 @@ class CpuUse:
         return (f"CPU per message: service {per(self.service)} (its reactor thread {per(self.main_thread)}), "
                 f"broker {per(self.broker)}, this benchmark {per(self.bench)}; the machine "
                 f"({self.cpus} CPUs) was {self.busy * 100:.0f}% busy, other processes using "
-                f"{others:.2f} CPUs; the reactor thread waited {self.reactor_waited:.1f} s of "
-                f"{self.seconds:.1f} s for a CPU; load average {self.load}")
+                f"{others:.2f} CPUs; load average {self.load}; the service's reactor thread ran "
+                f"{ran:.0%} of the time, waited for a CPU {waited:.0%}, was idle {idle:.0%}")
 
 
 #: What :class:`CpuWatch` takes at the beginning: wall time, machine ticks, service CPU, its threads'
@@ -487,8 +539,8 @@ class CpuWatch:
         wall, ticks, service, threads, broker, bench, waited = self._begin
         now_ticks = machine_ticks()
         now_threads = self._threads()
-        main = max((cpu - threads.get(tid, ("", 0.0))[1] for tid, (_, cpu) in now_threads.items()),
-                   default=0.0)
+        pid = self.service_pid  # its main thread runs the reactor
+        main = now_threads.get(pid, ("", 0.0))[1] - threads.get(pid, ("", 0.0))[1]
         total = now_ticks[0] - ticks[0]
         busy = 1 - (now_ticks[1] - ticks[1]) / total if total else 0.0
         return CpuUse(time.monotonic() - wall, os.cpu_count() or 1, busy,
@@ -732,6 +784,10 @@ def main() -> None:
             produced = produce_messages(env.kafka.bootstrap, total)
             print(f"produced {produced} JSON messages to {TOPIC} ({PARTITIONS} partitions) in "
                   f"{time.monotonic() - begin:.1f} s", flush=True)
+            # librdkafka's "coordinator load in progress" lines of a fresh broker go to a file.
+            with stderr_to(env.work / "warmup-stderr.log"):
+                warmed = warm_up_broker(env.kafka.bootstrap, args.timeout)
+            print(warmed, flush=True)
 
             print("\n== 1. a refused stream (400 for all), and the same stream accepted (200); "
                   f"{args.rounds} round(s) in one service process", flush=True)
