@@ -98,6 +98,7 @@ class JobControl(Service):
         factory.username = a.username
         factory.replyTimeout = 10
         factory.maxDelay = 2
+        factory.noisy = False  # no "Starting factory" line at every reconnect
         endpoint: Any = HostnameEndpoint(self._reactor, a.host, a.port, timeout=5)
         if a.tls:
             endpoint = wrapClientTLS(optionsForClientTLS(a.host), endpoint)

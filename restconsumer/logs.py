@@ -23,10 +23,12 @@ from typing import Any, TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     textFileLogObserver,
 )
@@ -88,11 +90,29 @@ def json_observer(stream: TextIO | None = None) -> ILogObserver:
     return observe
 
 
+#: Twisted's and txredisapi's words at every connection attempt: the service says once when
+#: a part goes away and once when it is back (restconsumer.watch), so these go at debug.
+_CHATTER = ("Starting factory {factory!r}", "Stopping factory {factory!r}",
+            "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
+            "Discarding dead connection.")
+
+
+@provider(ILogFilterPredicate)
+def _quiet(event: dict[str, Any]) -> PredicateResult:
+    """Let Twisted's connection chatter through only at debug level."""
+    said = event.get("log_format")
+    if said == "{log_text}":  # a legacy log.msg, as txredisapi writes them
+        said = event.get("log_text")
+    if said in _CHATTER and LEVELS[_settings["level"]] > LogLevel.debug:
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def observer() -> ILogObserver:
     """twistd's ``--logger`` factory: text or JSON, at the configured level."""
     write = json_observer() if _settings["format"] == "json" else textFileLogObserver(sys.stdout)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[_settings["level"]])
-    return FilteringLogObserver(write, [predicate])
+    return FilteringLogObserver(write, [_quiet, predicate])
 
 
 class _ToTwisted(logging.Handler):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce
 from tests.infra.ports import free_port, wait_for
+from tests.infra.redis import RedisServer
 from tests.infra.service import ServiceProcess
 from tests.infra.sink import Received, Sink
 
@@ -99,3 +103,29 @@ def test_log_level_warn_leaves_out_info(services: Start) -> None:
     quiet = services()
     quiet.stop()
     assert "API listening" in quiet.log()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test stops and starts."""
+    server = RedisServer(tmp_path / "own-redis", persist=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_away_and_back_is_said_once_each(
+        services: Start, own_redis: RedisServer) -> None:
+    """Redis stopped for ~12 s: one line that it is unreachable, one that it is back — not a
+    line per reconnect attempt, and no "Starting factory" noise."""
+    service = services(redis=own_redis.url)
+    own_redis.stop()
+    wait_for(lambda: "Redis is unreachable" in service.log(), 20, "the line saying Redis is away")
+    time.sleep(12)
+    own_redis.start()
+    wait_for(lambda: "Redis is reachable again" in service.log(), 30, "the line saying it is back")
+    text = service.log()
+    assert text.count("Redis is unreachable") == 1
+    assert text.count("Redis is reachable again") == 1
+    assert "Starting factory" not in text
+    assert len(text.splitlines()) < 80, "a line per reconnect attempt"
