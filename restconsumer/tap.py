@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from twisted.application.service import IService
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
 from restconsumer import __version__
 from restconsumer.api import API, MAX_BODY
@@ -30,6 +34,9 @@ from restconsumer.embedded import (
 )
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
+from restconsumer.logs import LEVELS, kafka_logger
+from restconsumer.logs import configure as configure_logs
+from restconsumer.metrics import MULTIPROC_ENV, Metrics, MetricsResource
 from restconsumer.offsets import OffsetMover
 from restconsumer.runner import Shared
 from restconsumer.sender import HTTPSender
@@ -37,6 +44,7 @@ from restconsumer.server import APIServer, DrainingSite, OrderedServices
 from restconsumer.status import StatusReporter
 from restconsumer.store import JobStore, RedisAddress
 from restconsumer.supervisor import Supervisor
+from restconsumer.watch import DependencyWatch
 from restconsumer.workers import ParentWatch, WorkerPool, worker_environment
 
 __all__ = ["APIServer", "Options", "kafka_config", "makeService"]
@@ -56,6 +64,8 @@ ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "allow-hosts": ("RESTCONSUMER_ALLOW_HOSTS", None),
     "ca-file": ("RESTCONSUMER_CA_FILE", None),
     "log-format": ("RESTCONSUMER_LOG_FORMAT", "text"),
+    "log-level": ("RESTCONSUMER_LOG_LEVEL", "info"),
+    "metrics": ("RESTCONSUMER_METRICS", None),
     "reconcile-every": ("RESTCONSUMER_RECONCILE_EVERY", "30"),
     "max-buffer-mb": ("RESTCONSUMER_MAX_BUFFER_MB", "256"),
     "revoke-grace": ("RESTCONSUMER_REVOKE_GRACE", "10"),
@@ -122,6 +132,10 @@ class Options(usage.Options):
         ["ca-file", None, None, "PEM bundle of CAs for HTTPS endpoints "
                                 "[RESTCONSUMER_CA_FILE, default the system's CAs]"],
         ["log-format", None, None, "text or json [RESTCONSUMER_LOG_FORMAT, default text]"],
+        ["log-level", None, None, "debug, info, warn or error [RESTCONSUMER_LOG_LEVEL, default info]"],
+        ["metrics", None, None, "Serve GET /metrics without auth on a listener of its own, a "
+                                "Twisted endpoint string [RESTCONSUMER_METRICS, default: only "
+                                "on the API, with auth]"],
         ["reconcile-every", None, None, "Seconds between two full comparisons of the running jobs "
                                         "with Redis [RESTCONSUMER_RECONCILE_EVERY, default 30]"],
         ["max-buffer-mb", None, None, "MiB this process may hold of messages fetched but not "
@@ -226,19 +240,41 @@ class Options(usage.Options):
 
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
-        if self["log-format"] == "json" and self.parent is not None \
-                and not self.parent.get("logger"):
+        self["log-level"] = self["log-level"].lower()
+        if self["log-level"] not in LEVELS:
+            raise usage.UsageError("--log-level is debug, info, warn or error")
+        configure_logs(self["log-level"], self["log-format"])
+        if self.parent is not None and not self.parent.get("logger"):
             # twistd reads its log observer (a dotted name) after our options are parsed.
-            self.parent["logger"] = "restconsumer.logs.json_observer"
+            self.parent["logger"] = "restconsumer.logs.observer"
+        if self["metrics"]:
+            try:
+                endpoints._parseServer(self["metrics"], None)
+            except Exception as e:
+                raise usage.UsageError(f"--metrics {self['metrics']!r} is not an endpoint string: "
+                                       f"{e}") from e
 
         if self["embedded"] and EmbeddedRedis.binary() is None:
             raise usage.UsageError("--embedded needs redis-server on the PATH "
                                    "(apt-get install redis-server)")
 
 
+class _RemoveOnStop(Service):
+    """Removes a folder of the process's when the service stops."""
+
+    def __init__(self, folder: str) -> None:
+        self._folder = folder
+
+    def stopService(self) -> None:
+        """Remove the folder."""
+        super().stopService()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
 def kafka_config(options: Options) -> dict[str, Any]:
     """The librdkafka settings every Kafka client of the service starts from."""
-    return {**options["kafka-options"], "bootstrap.servers": options["kafka"]}
+    # librdkafka's own messages go through the service's log.
+    return {"logger": kafka_logger, **options["kafka-options"], "bootstrap.servers": options["kafka"]}
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -275,9 +311,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     dead_letters = DeadLetters(reactor, kafka)
     dead_letters.setServiceParent(top)
     budget = ByteBudget(options["max-buffer-bytes"])
+    if options["worker-count"] > 1 and not options["worker"]:
+        # Every process of the service writes its metrics here; /metrics adds them up.
+        folder = tempfile.mkdtemp(prefix="restconsumer-metrics-")
+        os.environ[MULTIPROC_ENV] = folder
+        top.addService(_RemoveOnStop(folder))
+    metrics = Metrics()
     shared = Shared(reactor, kafka, sender, dead_letters, budget,
-                    revoke_grace=options["revoke-grace"])
+                    revoke_grace=options["revoke-grace"], metrics=metrics)
     supervisor = Supervisor(store, shared)
+    TimerService(2.0, lambda: metrics.refresh(supervisor.runners, budget.held)).setServiceParent(top)
     # The reporter stops after the jobs, so that their last counts reach Redis.
     reporter = StatusReporter(store, supervisor, reactor)
     reporter.setServiceParent(top)
@@ -298,6 +341,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     probe = KafkaProbe(reactor, reactor, kafka)
     probe.setServiceParent(top)
+    DependencyWatch(store.ping, probe.check).setServiceParent(top)
 
     auth = Authenticator.configure(options["api-token"], options["api-user"],
                                    options["api-password"], options["scoped-tokens"])
@@ -313,7 +357,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
               clock=reactor, allow_hosts=options["allowed-hosts"], demo_sink=demo_sink)
     if options["worker-count"] > 1:
-        WorkerPool(reactor, options["worker-count"] - 1, worker_environment(options)).setServiceParent(top)
+        WorkerPool(reactor, options["worker-count"] - 1, worker_environment(options),
+                   on_ended=Metrics.process_ended).setServiceParent(top)
+    if options["metrics"]:
+        metrics_site = Site(MetricsResource(metrics))
+        StreamServerEndpointService(endpoints.serverFromString(reactor, options["metrics"]),
+                                    metrics_site).setServiceParent(top)
     endpoint = endpoints.serverFromString(reactor, options["api"])
     site_type = EmbeddedSite if options["embedded"] else DrainingSite
     server = APIServer(endpoint, site_type(api.app.resource(), max_body=MAX_BODY), reactor,

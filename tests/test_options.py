@@ -16,6 +16,7 @@ from twisted.python import usage
 from restconsumer import tap
 from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
+from restconsumer.logs import kafka_logger
 from restconsumer.store import JobStore, RedisAddress
 from restconsumer.tap import ENVIRONMENT, APIServer, Options, kafka_config, makeService
 from tests.infra.certs import make_pki
@@ -78,6 +79,9 @@ VALUES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "reconcile-every": lambda _: ("5", "0.5"),
     "max-buffer-mb": lambda _: ("64", "1024"),
     "revoke-grace": lambda _: ("2.5", "0"),
+    "workers": lambda _: ("3", "2"),
+    "log-level": lambda _: ("debug", "warn"),
+    "metrics": lambda _: ("tcp:9100", "tcp:0:interface=127.0.0.1"),
 }
 
 # options kept in another form than their text
@@ -107,6 +111,9 @@ def test_environment_variable_names() -> None:
         "reconcile-every": "RESTCONSUMER_RECONCILE_EVERY",
         "max-buffer-mb": "RESTCONSUMER_MAX_BUFFER_MB",
         "revoke-grace": "RESTCONSUMER_REVOKE_GRACE",
+        "workers": "RESTCONSUMER_WORKERS",
+        "log-level": "RESTCONSUMER_LOG_LEVEL",
+        "metrics": "RESTCONSUMER_METRICS",
     }
 
 
@@ -131,7 +138,7 @@ def test_defaults() -> None:
     assert options["revoke-grace"] == 10.0
     assert options["kafka-options"] == {}
     assert not options["embedded"]
-    assert kafka_config(options) == {"bootstrap.servers": "localhost:9092"}
+    assert kafka_config(options) == {"bootstrap.servers": "localhost:9092", "logger": kafka_logger}
 
 
 @pytest.mark.parametrize("name", sorted(ENVIRONMENT))
@@ -195,7 +202,8 @@ def test_kafka_option_is_repeatable() -> None:
         "sasl.jaas.config": "a=b;c=d",
         "client.id": "",
     }
-    assert kafka_config(options) == {**options["kafka-options"], "bootstrap.servers": "broker:9093"}
+    assert kafka_config(options) == {**options["kafka-options"], "bootstrap.servers": "broker:9093",
+                                     "logger": kafka_logger}
 
 
 def test_kafka_option_given_twice_keeps_the_last() -> None:
