@@ -77,8 +77,13 @@ def to_json(value: Any) -> bytes:
     A string with a lone surrogate (legal in JSON text, not in UTF-8) is written as its
     ``\\uXXXX`` escape, so the body is still valid JSON.
     """
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+    text = _COMPACT.encode(value)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":"), default=_jsonable).encode("ascii")
+        return _ASCII.encode(value).encode("ascii")
+
+
+# Made once: json.dumps with arguments builds a new encoder on every call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+_ASCII = json.JSONEncoder(separators=(",", ":"), default=_jsonable)

@@ -552,7 +552,8 @@ class JobRunner:
             self._metrics.delivered(self.job.id, len(items))
             for message, _ in items:
                 self.stats.delivered_one(now)
-                self._record_ended(message)
+                self._record_ended(message, settle=False)
+            self._settle({unit.tp})
             return
         refused = outcome.status is not None and 400 <= outcome.status < 500 and \
             "retries exhausted" not in outcome.reason
@@ -582,10 +583,10 @@ class JobRunner:
 
     # -- outcomes ------------------------------------------------------------------------
 
-    def _record_ended(self, message: _Message) -> None:
+    def _record_ended(self, message: _Message, settle: bool = True) -> None:
         message.open_records -= 1
         if message.open_records == 0 and message.open_acks == 0:
-            self._finish(message)
+            self._finish(message, settle)
 
     def _dead_letter(self, message: _Message, reason: str, record: RecordWork | None, *,
                      status: int | None = None, attempts: int = 0) -> None:
@@ -637,16 +638,26 @@ class JobRunner:
                 await deferLater(self._clock, wait * (0.5 + random.random()), lambda: None)
                 wait = min(wait * 2, 30.0)
 
-    def _finish(self, message: _Message) -> None:
+    def _finish(self, message: _Message, settle: bool = True) -> None:
+        """The message is done: out of the ledger and the budget; with ``settle``, its
+        commit point goes to the Kafka loop and its partition is checked (a batch settles
+        once for all its messages)."""
         ticket = message.ticket
         held = self._held.get(ticket.tp)
         if held is None or held.get(ticket.offset) is not message:
             return  # revoked meanwhile: released and committed then
         del held[ticket.offset]
         self._budget.release(self.job.id, message.size)
-        if self.ledger.finished(ticket):
-            self.loop.commit(self.ledger.take_due())
-        self._check(ticket.tp)
+        self.ledger.finished(ticket)
+        if settle:
+            self._settle({ticket.tp})
+
+    def _settle(self, partitions: set[TP]) -> None:
+        due = self.ledger.take_due()
+        if due:
+            self.loop.commit(due)
+        for tp in partitions:
+            self._check(tp)
 
     # -- the circuit ---------------------------------------------------------------------
 
