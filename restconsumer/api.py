@@ -16,7 +16,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from restconsumer.auth import Authenticator, Principal
-from restconsumer.model import InvalidJob, load, redact, validate
+from restconsumer.model import InvalidJob, Policy, load, redact, validate
 from restconsumer.offsets import OffsetError, OffsetMover, OffsetRequest
 from restconsumer.status import StatusReporter, job_status
 from restconsumer.store import JobStore, StoreUnavailable
@@ -26,6 +26,8 @@ __all__ = ["API", "MAX_BODY", "APIError"]
 
 #: The largest request body the API reads, in bytes.
 MAX_BODY = 1024 * 1024
+#: How often a create or update is tried again when the job changed under it.
+WRITE_ATTEMPTS = 5
 #: The OpenAPI 3 description, served as it is.
 OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
 
@@ -56,6 +58,7 @@ class API:
                  kafka_check: Callable[[], Deferred[dict[str, Any]]], *,
                  supervisor: Supervisor, reporter: StatusReporter, mover: OffsetMover,
                  clock: IReactorTime, allow_hosts: frozenset[str] | None = None,
+                 policy: Policy | None = None,
                  max_body: int = MAX_BODY,
                  demo_sink: Callable[[str, str, bytes], None] | None = None) -> None:
         self.store = store
@@ -67,6 +70,8 @@ class API:
         self.auth = auth
         self.kafka_check = kafka_check
         self.allow_hosts = allow_hosts
+        #: What a job must also respect: allowed hosts, owners' topic limits, secret references.
+        self.policy = policy if policy is not None else Policy(allow_hosts=allow_hosts)
         self.max_body = max_body
 
     # -- helpers -----------------------------------------------------------------------
@@ -152,7 +157,11 @@ class API:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:
-        """Liveness and readiness: 200 when Redis and Kafka answer, 503 otherwise."""
+        """Liveness and readiness: 200 when Redis and Kafka answer, 503 otherwise.
+
+        Without credentials only up or down per part; the details (error texts, brokers)
+        only for a caller the API authenticates.
+        """
 
         async def redis() -> dict[str, Any]:
             try:
@@ -165,6 +174,8 @@ class API:
             [Deferred.fromCoroutine(redis()), self.kafka_check()]
         )
         ready = redis_state["ok"] and kafka_state["ok"]
+        if self.auth.authenticate(request.getHeader(b"Authorization")) is None:
+            redis_state, kafka_state = {"ok": redis_state["ok"]}, {"ok": kafka_state["ok"]}
         body = {"status": "ok" if ready else "unavailable", "redis": redis_state, "kafka": kafka_state}
         return _json(request, 200 if ready else 503, body)
 
@@ -209,23 +220,35 @@ class API:
 
     @app.route("/job/<job_id>", methods=["POST"])
     async def put_job(self, request: IRequest, job_id: str) -> bytes:
-        """Create or replace a job: 201 created, 200 updated, 400 with every problem."""
+        """Create or replace a job: 201 created, 200 updated, 400 with every problem.
+
+        Atomic (SPEC §8): a job is created only if no job has its id, and replaced only if
+        it is still the one read; otherwise it is read again and the request decided anew,
+        so two creations at once give one 201 and one 200 (or 403 for another owner).
+        """
         principal = self._principal(request)
         raw = self._body(request)
-        previous = await self.store.get(job_id)
-        if previous is not None and not principal.may_see(str(previous.get("owner"))):
-            # Another owner's job is not shown to exist, and cannot be taken over.
-            raise APIError(403, "forbidden", [f"job {job_id} belongs to another owner"])
-        try:
-            job = validate(raw, job_id, previous=previous, allow_hosts=self.allow_hosts)
-        except InvalidJob as e:
-            raise APIError(400, "invalid job", [p.as_dict() for p in e.problems]) from e
-        if not principal.may_see(job.owner):
-            raise APIError(403, "forbidden", [f"this token may not create jobs for {job.owner}"])
-        await self.store.put(job, new=previous is None)
-        self.log.info("job {job_id} {what} (hash {hash})", job_id=job.id,
-                      what="created" if previous is None else "updated", hash=job.hash[:12])
-        return _json(request, 201 if previous is None else 200, job.public())
+        for _ in range(WRITE_ATTEMPTS):
+            previous, version = await self.store.read(job_id)
+            if previous is not None and not principal.may_see(str(previous.get("owner"))):
+                # Another owner's job is not shown to exist, and cannot be taken over.
+                raise APIError(403, "forbidden", [f"job {job_id} belongs to another owner"])
+            try:
+                job = validate(raw, job_id, previous=previous, policy=self.policy)
+            except InvalidJob as e:
+                raise APIError(400, "invalid job", [p.as_dict() for p in e.problems]) from e
+            if not principal.may_see(job.owner):
+                raise APIError(403, "forbidden", [f"this token may not create jobs for {job.owner}"])
+            if previous is None:
+                done = await self.store.create(job)
+            else:
+                done = await self.store.replace(job, version or "")
+            if done:
+                self.log.info("job {job_id} {what} (hash {hash})", job_id=job.id,
+                              what="created" if previous is None else "updated", hash=job.hash[:12])
+                return _json(request, 201 if previous is None else 200, job.public())
+        raise APIError(409, "conflict", [f"job {job_id} kept changing while it was written; "
+                                         f"send it again"])
 
     @app.route("/job/<job_id>", methods=["DELETE"])
     async def delete_job(self, request: IRequest, job_id: str) -> bytes:

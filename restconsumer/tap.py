@@ -19,7 +19,7 @@ from twisted.web.server import Site
 
 from restconsumer import __version__
 from restconsumer.api import API, MAX_BODY
-from restconsumer.auth import Authenticator, load_tokens
+from restconsumer.auth import Authenticator, load_token_file
 from restconsumer.budget import ByteBudget
 from restconsumer.control import JobControl
 from restconsumer.deadletters import DeadLetters
@@ -37,8 +37,10 @@ from restconsumer.jobsdir import JobsFolder
 from restconsumer.logs import LEVELS, kafka_logger
 from restconsumer.logs import configure as configure_logs
 from restconsumer.metrics import MULTIPROC_ENV, Metrics, MetricsResource
+from restconsumer.model import Policy
 from restconsumer.offsets import OffsetMover
 from restconsumer.runner import Shared
+from restconsumer.secrets import ENV_PREFIX, SecretKey
 from restconsumer.sender import HTTPSender
 from restconsumer.server import APIServer, DrainingSite, OrderedServices
 from restconsumer.status import StatusReporter
@@ -70,6 +72,12 @@ ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "max-buffer-mb": ("RESTCONSUMER_MAX_BUFFER_MB", "256"),
     "revoke-grace": ("RESTCONSUMER_REVOKE_GRACE", "10"),
     "workers": ("RESTCONSUMER_WORKERS", "1"),
+}
+
+#: the secret options (SPEC §8): option name → environment variable; no defaults
+SECRET_ENVIRONMENT: dict[str, str] = {
+    "secret-key": "RESTCONSUMER_SECRET_KEY_FILE",
+    "secrets-dir": "RESTCONSUMER_SECRETS_DIR",
 }
 
 #: the smallest byte budget, in MiB: below it one large message would pause everything
@@ -131,6 +139,11 @@ class Options(usage.Options):
                                     "[RESTCONSUMER_ALLOW_HOSTS, default any host]"],
         ["ca-file", None, None, "PEM bundle of CAs for HTTPS endpoints "
                                 "[RESTCONSUMER_CA_FILE, default the system's CAs]"],
+        ["secret-key", None, None, "File of Fernet keys, one a line, the first encrypting: job "
+                                   "secrets are stored encrypted in Redis "
+                                   "[RESTCONSUMER_SECRET_KEY_FILE, default: stored as they are]"],
+        ["secrets-dir", None, None, "Folder whose files jobs may name as ${file:NAME} secrets "
+                                    "[RESTCONSUMER_SECRETS_DIR, default none]"],
         ["log-format", None, None, "text or json [RESTCONSUMER_LOG_FORMAT, default text]"],
         ["log-level", None, None, "debug, info, warn or error [RESTCONSUMER_LOG_LEVEL, default info]"],
         ["metrics", None, None, "Serve GET /metrics without auth on a listener of its own, a "
@@ -191,12 +204,25 @@ class Options(usage.Options):
 
         if bool(self["api-user"]) != bool(self["api-password"]):
             raise usage.UsageError("--api-user and --api-password go together")
+        for name, variable in SECRET_ENVIRONMENT.items():
+            if self[name] is None:
+                self[name] = env.get(variable) or None
         self["scoped-tokens"] = {}
+        self["topic-limits"] = {}
         if self["tokens"]:
             try:
-                self["scoped-tokens"] = load_tokens(self["tokens"])
+                tokens = load_token_file(self["tokens"])
             except ValueError as e:
                 raise usage.UsageError(f"--tokens: {e}") from e
+            self["scoped-tokens"], self["topic-limits"] = tokens.owners, tokens.topic_limits
+        self["secret-keys"] = None
+        if self["secret-key"]:
+            try:
+                self["secret-keys"] = SecretKey.from_file(self["secret-key"])
+            except ValueError as e:
+                raise usage.UsageError(f"--secret-key: {e}") from e
+        if self["secrets-dir"] and not Path(self["secrets-dir"]).is_dir():
+            raise usage.UsageError(f"--secrets-dir {self['secrets-dir']}: no such folder")
 
         hosts = [h.strip().lower() for h in (self["allow-hosts"] or "").split(",") if h.strip()]
         self["allowed-hosts"] = frozenset(hosts) if hosts else None
@@ -277,6 +303,28 @@ def kafka_config(options: Options) -> dict[str, Any]:
     return {"logger": kafka_logger, **options["kafka-options"], "bootstrap.servers": options["kafka"]}
 
 
+def policy(options: Options, *, hosts: bool = True) -> Policy:
+    """What jobs must respect besides their own rules (SPEC §8); ``hosts``: the allowlist too
+    (when a job starts, the sender enforces it at send time instead)."""
+    key: SecretKey | None = options["secret-keys"]
+    return Policy(allow_hosts=options["allowed-hosts"] if hosts else None,
+                  topic_limits=options["topic-limits"],
+                  files_allowed=options["secrets-dir"] is not None,
+                  secret_digest=key.digest if key is not None else None)
+
+
+def secret_environment(options: Options) -> dict[str, str]:
+    """What a worker of ``--workers`` needs besides :func:`worker_environment`: the secret
+    variables jobs may reference, the key file, the secrets folder, the tokens file (topic
+    limits are checked again when a job starts)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+    for name, variable in (*SECRET_ENVIRONMENT.items(), ("tokens", "RESTCONSUMER_TOKENS")):
+        env.pop(variable, None)
+        if options[name]:
+            env[variable] = os.path.abspath(options[name])
+    return env
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """The whole service: embedded parts if asked, store, delivery, job control, API.
 
@@ -303,7 +351,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         if api_warning:
             log.warn(api_warning)
 
-    store = JobStore(redis_address)
+    store = JobStore(redis_address, secret_key=options["secret-keys"])
     store.setServiceParent(top)
     kafka = kafka_config(options)
     sender = HTTPSender(reactor, ca_file=options["ca-file"], allow_hosts=options["allowed-hosts"])
@@ -319,7 +367,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     metrics = Metrics()
     shared = Shared(reactor, kafka, sender, dead_letters, budget,
                     revoke_grace=options["revoke-grace"], metrics=metrics)
-    supervisor = Supervisor(store, shared)
+    supervisor = Supervisor(store, shared, policy=policy(options, hosts=False),
+                            secrets_dir=options["secrets-dir"])
     TimerService(2.0, lambda: metrics.refresh(supervisor.runners, budget.held)).setServiceParent(top)
     # The reporter stops after the jobs, so that their last counts reach Redis.
     reporter = StatusReporter(store, supervisor, reactor)
@@ -337,7 +386,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     if options["jobs"]:
         JobsFolder(options["jobs"], store, reactor,
-                   allow_hosts=options["allowed-hosts"]).setServiceParent(top)
+                   policy=policy(options)).setServiceParent(top)
 
     probe = KafkaProbe(reactor, reactor, kafka)
     probe.setServiceParent(top)
@@ -355,9 +404,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         demo_sink = DemoSink()
         DemoFeed(reactor, options["kafka"], demo_sink).setServiceParent(top)
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
-              clock=reactor, allow_hosts=options["allowed-hosts"], demo_sink=demo_sink)
+              clock=reactor, allow_hosts=options["allowed-hosts"], policy=policy(options),
+              demo_sink=demo_sink)
     if options["worker-count"] > 1:
-        WorkerPool(reactor, options["worker-count"] - 1, worker_environment(options),
+        environment = {**worker_environment(options), **secret_environment(options)}
+        WorkerPool(reactor, options["worker-count"] - 1, environment,
                    on_ended=Metrics.process_ended).setServiceParent(top)
     if options["metrics"]:
         metrics_site = Site(MetricsResource(metrics))

@@ -41,13 +41,27 @@ def demo_job(**changes: Any) -> dict[str, Any]:
 
 
 def test_health_reports_redis_and_kafka_without_auth(services: Start) -> None:
-    """/health needs no token and says that both Redis and the real broker answer."""
+    """/health needs no token and says that both Redis and the real broker answer; the
+    details (broker count, error texts) only with credentials."""
     service = services()
     answer = service.request("GET", "/health", token=None)
     assert answer.status == 200, answer
-    assert answer.json["redis"]["ok"] is True
-    assert answer.json["kafka"]["ok"] is True
-    assert answer.json["kafka"]["brokers"] == 1
+    assert answer.json == {"status": "ok", "redis": {"ok": True}, "kafka": {"ok": True}}
+    detailed = service.request("GET", "/health")
+    assert detailed.json["kafka"]["brokers"] == 1
+    assert service.request("GET", "/health", token="wrong-token").json["kafka"] == {"ok": True}
+
+
+def test_health_without_credentials_hides_the_error_texts(services: Start) -> None:
+    """Redis away: without credentials only that it is down; with them, why."""
+    service = services(redis="redis://127.0.0.1:1/0")
+    bare = service.request("GET", "/health", token=None)
+    assert bare.status == 503
+    assert bare.json["redis"] == {"ok": False}
+    assert "127.0.0.1" not in bare.body.decode()
+    detailed = service.request("GET", "/health")
+    assert detailed.status == 503
+    assert detailed.json["redis"]["ok"] is False and "127.0.0.1:1" in detailed.json["redis"]["error"]
 
 
 @pytest.mark.parametrize(("method", "path"), [
@@ -300,4 +314,4 @@ def test_json_log_format(services: Start) -> None:
     messages = [e["message"] for e in events]
     assert any(m.startswith("restconsumer API listening on http://127.0.0.1:") for m in messages)
     assert any(m.startswith("job demo created") for m in messages)
-    assert all("log_level" in e for e in events)
+    assert all(e.get("level") in ("debug", "info", "warn", "error", "critical") for e in events)

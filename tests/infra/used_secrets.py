@@ -17,6 +17,7 @@ Two sources, so that a new test's secret cannot be missed:
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 import secrets as _random
 from collections.abc import Iterable
@@ -129,7 +130,7 @@ class _Collector(ast.NodeVisitor):
         self.generic_visit(node)
 
     def _options(self, items: list[ast.expr]) -> None:
-        for before, after in zip(items, items[1:], strict=False):
+        for before, after in itertools.pairwise(items):
             if self.value(before) in SECRET_OPTIONS:
                 self.add(after)
 
