@@ -1,10 +1,10 @@
 """Delivery throughput: one service process, ``--workers 2``, and the ceilings, in one run.
 
 Real Kafka (as in the tests), real Redis, nginx answering 200 on loopback (``apt-get install
-nginx-light``). Produces 100,000 JSON messages over 4 partitions once; each service run is a
-new job (its own consumer group) that reads them all from the start, one request per message
-(5 datamap paths, ``json_body``, ``ordering: partition``: one request at a time per
-partition, so 4 under way). Measured side by side:
+nginx-light``). Each service run is a fresh service and a new job on a new topic of 4
+partitions that gets 100,000 JSON messages, one request per message (5 datamap paths,
+``json_body``, ``ordering: partition``: one request at a time per partition, so 4 under way).
+Measured side by side:
 
 - the ceiling: a bare Twisted ``Agent`` loop posting the same bodies to the same nginx with the
   same concurrency (4 loops, one request at a time each; ``bench/agent_baseline.py``);
@@ -19,15 +19,21 @@ partition, so 4 under way). Measured side by side:
   process in its session (the worker is a child of the main process, in its session) from
   ``/proc``, from just before its job is created until its last message is committed.
 
-A service's rate is taken once its consumer group is settled (the status shows each process
-holding partitions, none twice) and its first offsets are committed, until every message is
-committed. The machine is shared and noise only ever lowers a rate, so each figure is the
-best of several runs taken in turns: ceilings, one process, --workers, ceilings, --workers,
-one process, ceilings. Each service run starts a fresh service (its own Redis database) and
-stops it after. The load average and the machine's busy CPU during each service run are
+By default the job is created on the empty topic, the messages are produced once its
+consumer group is settled (the status shows each process holding partitions, none twice),
+and the rate is taken from the end of producing (a backlog of most of the messages by then)
+until every message is committed. With ``--backlog-first`` the messages are produced before
+the job is created, as a job started on a backlog sees it (the group then settles while
+work is under way); the rate is then taken from the first commit once settled. A run whose
+commits make no progress for ``--stall`` seconds is reported as stalled (its service log is
+kept) and the others go on.
+
+The machine is shared and noise only ever lowers a rate, so each figure is the best of
+several runs taken in turns: ceilings, one process, --workers, ceilings, --workers, one
+process, ceilings. The load average and the machine's busy CPU during each service run are
 printed with the figures.
 
-    python3 bench/run.py                 # the full run (about ten minutes)
+    python3 bench/run.py                 # the full run (about five minutes)
     python3 bench/run.py --messages 5000 --baseline-requests 2000 --rounds 1 --ceiling-runs 1
 """
 
@@ -39,6 +45,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -222,8 +229,8 @@ class ServiceRun:
     """What one service run measured."""
 
     workers: int
-    rate: float  # messages/s, once settled, until every message is committed
-    window: int  # messages committed within that
+    rate: float | None  # messages/s over the window; None when the run stalled
+    window: int  # messages committed within the window (committed in all, when stalled)
     requests: int  # requests nginx received during the run
     cpu_per_1000: float  # CPU seconds of the service's processes per 1,000 messages
     processes: int  # processes in the service's session at the end of the run
@@ -276,36 +283,76 @@ def settled(service: ServiceProcess, job_id: str, workers: int) -> bool:
             and len(held) == len(set(held)) == PARTITIONS)
 
 
-def service_run(env: Infra, name: str, workers: int, *, topic: str, produced: int, sink: str,
+@dataclass
+class Options:
+    """How the service runs go (from the command line)."""
+
+    messages: int
+    backlog_first: bool
+    stall: float
+    logs: Path
+
+
+def job_of(name: str, topic: str, sink: str) -> dict[str, Any]:
+    """The benchmark's job: a person to ``POST /people/{id}``, 5 datamap paths, ``json_body``."""
+    return {"id": name, "owner": "bench", "type": "POST", "topic": topic,
+            "datamap": {"id": "$.msg.id", "name": "$.msg.name", "age": "$.msg.age",
+                        "household": "$.msg.household.id", "active": "$.msg.active"},
+            "url": f"{sink}/people/{{id}}",
+            "json_body": ["id", "name", "age", "household", "active"]}
+
+
+def produce_messages(bootstrap: str, topic: str, count: int) -> tuple[int, float]:
+    """Produce ``count`` test messages round-robin over the partitions; how many, how long."""
+    began = time.perf_counter()
+    produced = produce(bootstrap, topic, (json.dumps(message(i)).encode() for i in range(count)),
+                       partitions=PARTITIONS)
+    return produced, time.perf_counter() - began
+
+
+def service_run(env: Infra, name: str, workers: int, options: Options, *, sink: str,
                 nginx: subprocess.Popen[bytes], access_log: Path, redis_db: int) -> ServiceRun:
-    """Start a service (``--workers`` when above 1), run one job over the whole topic, stop it."""
+    """Start a service (``--workers`` when above 1), run one job on a new topic, stop it."""
+    assert env.kafka.process is not None
+    topic = f"bench.{name}"
+    env.kafka.create_topic(topic, PARTITIONS)
+    produced = 0
+    if options.backlog_first:
+        produced, took = produce_messages(env.kafka.bootstrap, topic, options.messages)
+        print(f"  {name}: produced {produced} messages in {took:.1f} s before the job", flush=True)
     args = ["--workers", str(workers)] if workers > 1 else None
     service = start_service(env, name, args=args, redis_db=redis_db)
     if isinstance(service, str):
         raise RuntimeError(f"the service ({name}) did not start: {service}")
-    assert service.process is not None and env.kafka.process is not None
+    assert service.process is not None
     leader = service.process.pid
     notes: list[str] = []
     committed: Committed | None = None
+    keep_log = False
     try:
         wait_for(lambda: len(session_of(leader, processes())) >= workers, 30,
                  f"{workers} processes of the service")
         before_requests = _lines(access_log)
         load = load_average()
         start = CpuSnapshot.take(leader, env.kafka.process.pid, nginx.pid)
-        job = {"id": name, "owner": "bench", "type": "POST", "topic": topic,
-               "datamap": {"id": "$.msg.id", "name": "$.msg.name", "age": "$.msg.age",
-                           "household": "$.msg.household.id", "active": "$.msg.active"},
-               "url": f"{sink}/people/{{id}}",
-               "json_body": ["id", "name", "age", "household", "active"]}
-        answer = service.request("POST", f"/job/{name}", job)
+        answer = service.request("POST", f"/job/{name}", job_of(name, topic, sink))
         if answer.status != 201:
             raise RuntimeError(f"the job was refused: {answer}")
         committed = Committed(env.kafka.bootstrap, name, topic)
+        if not options.backlog_first:
+            try:
+                wait_for(lambda: settled(service, name, workers), 60, "the job's consumer group to settle",
+                         every=0.25)
+            except TimeoutError:
+                notes.append("the group had not settled 60 s after the job was created")
+            produced, took = produce_messages(env.kafka.bootstrap, topic, options.messages)
+            print(f"  {name}: produced {produced} messages in {took:.1f} s", flush=True)
         deadline = time.monotonic() + max(120.0, produced / 200)
         first: tuple[float, int] | None = None  # the first commit seen
         steady: tuple[float, int] | None = None  # the first commit seen once settled
+        progress = (time.monotonic(), -1)  # when the committed count last moved, and to what
         next_status = 0.0
+        stalled = False
         while True:
             now, known = time.perf_counter(), committed.total()
             done = known or 0
@@ -317,23 +364,36 @@ def service_run(env: Infra, name: str, workers: int, *, topic: str, produced: in
                 if settled(service, name, workers):
                     steady = (now, done)
                 next_status = now + 0.25
+            if done != progress[1]:
+                progress = (time.monotonic(), done)
+            elif time.monotonic() - progress[0] > options.stall:
+                stalled = True
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: {done} of {produced} messages committed after "
                                    f"{max(120.0, produced / 200):.0f} s")
             time.sleep(0.05 if steady is None else 0.1)
         end = CpuSnapshot.take(leader, env.kafka.process.pid, nginx.pid)
-        if steady is None:
-            notes.append("the group never showed settled before the end; rate from the first commit")
-            steady = first or (now, 0)
+        rate: float | None = None
+        window = done
+        if stalled:
+            keep_log = True
+            notes.append(f"STALLED: {done} of {produced} committed, none more for {options.stall:.0f} s; "
+                         f"{stall_detail(service, name)}")
+        else:
+            if steady is None:
+                notes.append("the group never showed settled before the end; rate from the first commit")
+                steady = first or (now, 0)
+            rate, window = (produced - steady[1]) / max(now - steady[0], 1e-9), produced - steady[1]
         if end.service_processes != workers:
             notes.append(f"{end.service_processes} processes at the end, not {workers}")
         answer = service.request("POST", f"/job/{name}/stop")
         if answer.status != 200:
             notes.append(f"stopping the job answered {answer.status}")
-        thousands = produced / 1000
+        thousands = max(done, 1) / 1000
         return ServiceRun(
-            workers=workers, rate=(produced - steady[1]) / max(now - steady[0], 1e-9),
-            window=produced - steady[1], requests=_lines(access_log) - before_requests,
+            workers=workers, rate=rate, window=window,
+            requests=_lines(access_log) - before_requests,
             cpu_per_1000=(end.service - start.service) / thousands, processes=end.service_processes,
             kafka_per_1000=(end.kafka - start.kafka) / thousands,
             nginx_per_1000=(end.nginx - start.nginx) / thousands,
@@ -342,6 +402,9 @@ def service_run(env: Infra, name: str, workers: int, *, topic: str, produced: in
             ours_cores=sum(getattr(end, k) - getattr(start, k)
                            for k in ("service", "kafka", "nginx", "harness")) / (end.wall - start.wall),
             load=load, notes=notes)
+    except BaseException:
+        keep_log = True
+        raise
     finally:
         if committed is not None:
             committed.close()
@@ -352,7 +415,25 @@ def service_run(env: Infra, name: str, workers: int, *, topic: str, produced: in
             print(f"  {name}: processes of the service still running 30 s after it stopped", flush=True)
         tracebacks = service.log().count("Traceback")
         if tracebacks:
-            print(f"  {name}: {tracebacks} tracebacks in its log ({service.log_path})", flush=True)
+            keep_log = True
+            print(f"  {name}: {tracebacks} tracebacks in its log", flush=True)
+        if keep_log:
+            options.logs.mkdir(parents=True, exist_ok=True)
+            kept = options.logs / f"{name}.log"
+            shutil.copy(service.log_path, kept)
+            print(f"  {name}: its log is kept in {kept}", flush=True)
+
+
+def stall_detail(service: ServiceProcess, job_id: str) -> str:
+    """What the status says of a stalled job: lag per partition, each process' partitions."""
+    try:
+        status = service.request("GET", f"/job/{job_id}/status", timeout=5).json
+    except (OSError, ValueError) as e:
+        return f"no status ({e})"
+    lag = {p: n for p, n in status.get("lag", {}).items() if n}
+    held = ", ".join(f"pid {i['instance'].split(':')[1]}: {' '.join(i['partitions'])}"
+                     for i in status.get("instances", []))
+    return f"lag {lag}, {held}; bytes held {status.get('bytes_held')}; circuit {status['circuit']['state']}"
 
 
 def _lines(path: Path) -> int:
@@ -366,9 +447,11 @@ def _lines(path: Path) -> int:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def best(values: list[float]) -> float:
-    """The best of several runs (noise on a shared machine only ever lowers a rate)."""
-    return max(values)
+def best(values: list[float | None]) -> float | None:
+    """The best of several runs (noise on a shared machine only ever lowers a rate); None
+    when no run finished."""
+    done = [v for v in values if v is not None]
+    return max(done) if done else None
 
 
 def main() -> None:
@@ -376,7 +459,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=100_000,
-                        help="messages produced, and delivered by each service run (100,000)")
+                        help="messages produced for, and delivered by, each service run (100,000)")
     parser.add_argument("--baseline-requests", type=int, default=20_000,
                         help="requests of each ceiling run (20,000)")
     parser.add_argument("--rounds", type=int, default=2,
@@ -385,9 +468,21 @@ def main() -> None:
                         help="runs of each ceiling loop between service runs (2)")
     parser.add_argument("--workers", type=int, default=2,
                         help="the --workers of the service compared with one process (2)")
+    parser.add_argument("--backlog-first", action="store_true",
+                        help="produce the messages before creating the job (the group settles "
+                             "while work is under way)")
+    parser.add_argument("--stall", type=float, default=30.0,
+                        help="seconds without a commit after which a service run counts as stalled (30)")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="where the logs of stalled or failed service runs are kept "
+                             "(default: a new /tmp/restconsumer-bench-logs-* folder)")
     args = parser.parse_args()
-    if not 1 <= args.rounds <= 7 or args.ceiling_runs < 1 or args.workers < 2:
-        parser.error("--rounds is 1 to 7, --ceiling-runs at least 1, --workers at least 2")
+    if not 1 <= args.rounds <= 7 or args.ceiling_runs < 1 or args.workers < 2 or args.stall <= 0:
+        parser.error("--rounds is 1 to 7, --ceiling-runs at least 1, --workers at least 2, "
+                     "--stall above 0")
+    options = Options(messages=args.messages, backlog_first=args.backlog_first, stall=args.stall,
+                      logs=args.logs or Path(tempfile.gettempdir()) /
+                      f"restconsumer-bench-logs-{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.monotonic()
     print(f"load average at the start: {load_average()} ({CORES} cores)", flush=True)
     with infra("restconsumer-bench-") as env:
@@ -400,13 +495,6 @@ def main() -> None:
                 for i in range(args.baseline_requests):
                     m = message(i)
                     f.write(json.dumps({"id": m["id"], "body": body(m)}) + "\n")
-            topic = "bench.people"
-            env.kafka.create_topic(topic, PARTITIONS)
-            produced = produce(env.kafka.bootstrap, topic,
-                               (json.dumps(message(i)).encode() for i in range(args.messages)),
-                               partitions=PARTITIONS)
-            print(f"produced {produced} messages to {topic} ({PARTITIONS} partitions)", flush=True)
-
             ceiling_timeout = max(120.0, args.baseline_requests / 100)
             ceilings: dict[str, list[dict[str, Any]]] = {"agent": [], "treq": []}
 
@@ -425,11 +513,11 @@ def main() -> None:
                 order = [1, args.workers] if r % 2 == 0 else [args.workers, 1]
                 for workers in order:
                     name = f"one-{r + 1}" if workers == 1 else f"workers{workers}-{r + 1}"
-                    run = service_run(env, name, workers, topic=topic, produced=produced, sink=sink,
-                                      nginx=nginx, access_log=access_log,
-                                      redis_db=2 * r + (workers > 1))
+                    run = service_run(env, name, workers, options, sink=sink, nginx=nginx,
+                                      access_log=access_log, redis_db=2 * r + (workers > 1))
                     runs[workers].append(run)
-                    print(f"  {name}: {run.rate:.0f} messages/s, {run.cpu_per_1000:.3f} CPU s/1,000 "
+                    rate = "stalled" if run.rate is None else f"{run.rate:.0f} messages/s"
+                    print(f"  {name}: {rate}, {run.cpu_per_1000:.3f} CPU s/1,000 "
                           f"({run.processes} processes), load {run.load}", flush=True)
                 ceiling_turn()
         finally:
@@ -439,62 +527,68 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 nginx.kill()
                 nginx.wait(10)
-    report(args, produced, ceilings, runs, time.monotonic() - started)
+    report(args, ceilings, runs, time.monotonic() - started)
 
 
-def report(args: argparse.Namespace, produced: int, ceilings: dict[str, list[dict[str, Any]]],
+def report(args: argparse.Namespace, ceilings: dict[str, list[dict[str, Any]]],
            runs: dict[int, list[ServiceRun]], took: float) -> None:
     """Print the figures side by side."""
     def per_1000(run: dict[str, Any]) -> float:
         return run["cpu_seconds"] / run["requests"] * 1000
 
-    agent = best([run["per_second"] for run in ceilings["agent"]])
-    treq = best([run["per_second"] for run in ceilings["treq"]])
-    one = best([run.rate for run in runs[1]])
-    many = best([run.rate for run in runs[args.workers]])
-    one_ratio, many_ratio = one / agent, many / one
-
-    def rates(values: list[float]) -> str:
-        return ", ".join(f"{v:.0f}" for v in values)
+    def rates(values: list[float | None]) -> str:
+        return ", ".join("stalled" if v is None else f"{v:.0f}" for v in values)
 
     def cpus(values: list[float]) -> str:
         return ", ".join(f"{v:.3f}" for v in values)
 
-    def verdict(met: bool) -> str:
-        return "MET" if met else "MISSED"
+    def ratio(label: str, value: float | None, of: float | None, target: float) -> None:
+        if value is None or of is None:
+            print(f"{label:32}   n/a (target {target:.2f}): no run finished -> MISSED")
+            return
+        met = value / of >= target
+        print(f"{label:32}{value / of:6.2f} (target {target:.2f}) -> {'MET' if met else 'MISSED'}")
 
+    agent = best([run["per_second"] for run in ceilings["agent"]])
+    treq = best([run["per_second"] for run in ceilings["treq"]])
+    assert agent is not None and treq is not None
+    agent_cpu, treq_cpu = min(map(per_1000, ceilings["agent"])), min(map(per_1000, ceilings["treq"]))
+    mode = "produced before the job was created" if args.backlog_first else \
+        "produced once the job's group had settled; rate from the end of producing"
     print()
     print(f"{PARTITIONS} partitions, concurrency {PARTITIONS} (one request at a time per partition); "
-          f"ceilings: {args.baseline_requests} requests a run; service: {produced} JSON messages a run, "
-          f"5 datamap paths, json_body. Rates: best of the runs in brackets; CPU s/1,000: lowest "
-          f"of the runs (all in brackets).")
+          f"ceilings: {args.baseline_requests} requests a run; service: {args.messages} JSON messages "
+          f"a run ({mode}), 5 datamap paths, json_body. Rate: the best run; CPU s/1,000: the lowest "
+          f"run; every run in brackets.")
     print(f"{'':34}{'rate /s':>9}  {'CPU s/1,000':>11}")
-    print(f"{'bare Agent loop (ceiling)':34}{agent:9.0f}  {min(map(per_1000, ceilings['agent'])):11.3f}"
+    print(f"{'bare Agent loop (ceiling)':34}{agent:9.0f}  {agent_cpu:11.3f}"
           f"   runs ({rates([r['per_second'] for r in ceilings['agent']])})"
           f" cpu ({cpus([per_1000(r) for r in ceilings['agent']])})")
-    print(f"{'treq over the same Agent and pool':34}{treq:9.0f}  {min(map(per_1000, ceilings['treq'])):11.3f}"
+    print(f"{'treq over the same Agent and pool':34}{treq:9.0f}  {treq_cpu:11.3f}"
           f"   runs ({rates([r['per_second'] for r in ceilings['treq']])})"
           f" cpu ({cpus([per_1000(r) for r in ceilings['treq']])})")
     for workers, label in ((1, "restconsumer, one process"),
                            (args.workers, f"restconsumer, --workers {args.workers}")):
         done = runs[workers]
-        print(f"{label:34}{best([r.rate for r in done]):9.0f}  {min(r.cpu_per_1000 for r in done):11.3f}"
+        top = best([r.rate for r in done])
+        finished = [r.cpu_per_1000 for r in done if r.rate is not None]
+        print(f"{label:34}{'stalled' if top is None else f'{top:.0f}':>9}  "
+              f"{min(finished) if finished else float('nan'):11.3f}"
               f"   runs ({rates([r.rate for r in done])}) cpu ({cpus([r.cpu_per_1000 for r in done])})")
+    one, many = best([r.rate for r in runs[1]]), best([r.rate for r in runs[args.workers]])
     print()
-    print(f"treq / bare Agent:              {treq / agent:6.2f} (rate); "
-          f"{min(map(per_1000, ceilings['treq'])) / min(map(per_1000, ceilings['agent'])):.2f} x the CPU "
+    print(f"{'treq / bare Agent:':32}{treq / agent:6.2f} (rate); {treq_cpu / agent_cpu:.2f} x the CPU "
           f"per request")
-    print(f"one process / bare Agent:       {one_ratio:6.2f} (target {ONE_PROCESS_TARGET:.2f}) -> "
-          f"{verdict(one_ratio >= ONE_PROCESS_TARGET)}")
-    print(f"--workers {args.workers} / one process:     {many_ratio:6.2f} (target {WORKERS_TARGET:.2f}) -> "
-          f"{verdict(many_ratio >= WORKERS_TARGET)}")
+    ratio("one process / bare Agent:", one, agent, ONE_PROCESS_TARGET)
+    ratio(f"--workers {args.workers} / one process:", many, one, WORKERS_TARGET)
     print()
     print("each service run: rate; messages in the rate window; requests nginx received; CPU s per "
-          "1,000 messages of the service / Kafka / nginx / this harness; the machine's busy cores "
-          "(ours of them); load average at the start")
+          "1,000 messages of the service / Kafka / nginx / this harness (producing included); the "
+          "machine's busy cores (ours of them); load average at the start")
     for workers in (1, args.workers):
         for run in runs[workers]:
-            print(f"  --workers {workers}: {run.rate:6.0f}/s; {run.window:6d}; {run.requests:6d}; "
+            rate = "stalled" if run.rate is None else f"{run.rate:.0f}/s"
+            print(f"  --workers {workers}: {rate:>7}; {run.window:6d}; {run.requests:6d}; "
                   f"{run.cpu_per_1000:.3f} / {run.kafka_per_1000:.3f} / {run.nginx_per_1000:.3f} / "
                   f"{run.harness_per_1000:.3f}; {run.busy_cores:.2f} ({run.ours_cores:.2f}) cores; "
                   f"load {run.load}" + "".join(f"; {note}" for note in run.notes))
