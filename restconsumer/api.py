@@ -247,6 +247,8 @@ class API:
                 self.log.info("job {job_id} {what} (hash {hash})", job_id=job.id,
                               what="created" if previous is None else "updated", hash=job.hash[:12])
                 return _json(request, 201 if previous is None else 200, job.public())
+            self.log.info("job {job_id} was {what} meanwhile; the request is decided again",
+                          job_id=job_id, what="created" if previous is None else "changed")
         raise APIError(409, "conflict", [f"job {job_id} kept changing while it was written; "
                                          f"send it again"])
 

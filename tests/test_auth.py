@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from restconsumer.auth import Authenticator, Principal, load_tokens
+from restconsumer.auth import Authenticator, Principal, load_token_file, load_tokens
 
 
 def basic(user: str, password: str) -> bytes:
@@ -228,3 +228,47 @@ def test_load_tokens_refuses_non_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'{"t\xff": "alice"}')
     with pytest.raises(ValueError, match="tokens file"):
         load_tokens(path)
+
+
+# --- topic limits in the tokens file (SPEC §8) -------------------------------------------
+
+
+def test_tokens_may_limit_their_owner_to_topics(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({
+        "tok-a1": {"owner": "alice", "topics": ["aether.*", "shared.people"]},
+        "tok-a2": {"owner": "alice", "topics": ["aether.*", "shared.people"]},
+        "tok-b": "bob",
+    }), encoding="utf-8")
+    tokens = load_token_file(path)
+    assert tokens.owners == {"tok-a1": "alice", "tok-a2": "alice", "tok-b": "bob"}
+    assert tokens.topic_limits == {"alice": ("aether.*", "shared.people")}
+    assert load_tokens(path) == tokens.owners
+
+
+@pytest.mark.parametrize("entries, words", [
+    ({"t1": {"owner": "alice"}}, "topics must be a non-empty list"),
+    ({"t1": {"owner": "alice", "topics": []}}, "topics must be a non-empty list"),
+    ({"t1": {"owner": "alice", "topics": ["a", 3]}}, "topics must be a non-empty list"),
+    ({"t1": {"topics": ["a"]}}, "owner must be a non-empty string"),
+    ({"t1": {"owner": "alice", "topics": ["a"], "admin": True}}, "unknown field(s) admin"),
+    ({"t1": {"owner": "alice", "topics": ["a.*"]}, "t2": {"owner": "alice", "topics": ["b.*"]}},
+     "different topic limits"),
+    ({"t1": {"owner": "alice", "topics": ["a.*"]}, "t2": "alice"}, "different topic limits"),
+])
+def test_bad_topic_limits_are_refused_without_showing_a_token(
+        tmp_path: Path, entries: dict[str, object], words: str) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    with pytest.raises(ValueError) as caught:
+        load_token_file(path)
+    assert words in str(caught.value) and "tokens file" in str(caught.value)
+    assert "t1" not in str(caught.value).replace(str(path), "")
+
+
+def test_every_problem_of_a_tokens_file_is_said(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"t1": 5, "t2": {"owner": ""}, "t3": "carol"}), encoding="utf-8")
+    with pytest.raises(ValueError) as caught:
+        load_token_file(path)
+    assert "entry 1" in str(caught.value) and "entry 2" in str(caught.value)

@@ -121,7 +121,8 @@ def test_env_and_file_references_resolve(secrets_dir: Path) -> None:
 
 def test_every_unresolvable_reference_is_listed_without_any_value(secrets_dir: Path) -> None:
     definition = {"url": "https://h/", "headers": {
-        "X-Missing-Key": "${env:RESTCONSUMER_SECRET_MISSING}", "X-Empty-Key": "${env:RESTCONSUMER_SECRET_EMPTY}",
+        "X-Missing-Key": "${env:RESTCONSUMER_SECRET_MISSING}",
+        "X-Empty-Key": "${env:RESTCONSUMER_SECRET_EMPTY}",
         "X-Nl-Key": "${env:RESTCONSUMER_SECRET_NL}", "X-Admin-Key": "${env:RESTCONSUMER_API_TOKEN}",
         "X-Absent-Key": "${file:absent}", "X-Escape-Key": "${file:escape}",
         "X-Dir-Key": "${file:sub}", "X-Bin-Key": "${file:binary}", "X-Big-Key": "${file:big}",
@@ -292,9 +293,12 @@ def test_x(s):
            "token": "${env:RESTCONSUMER_SECRET_X}", "key": "msg-key-0008"}
     job["token"] = "tok-assigned-09"
     job["pw"] = "short"
+    password = "local-pw-0010"
+    name = "local-name-11"
 ''')
     assert collect_from([module]) == {"pw-const-0001", "tok-alice-00001", "cli-pw-00002",
-                                      "pw-field-0005", "hdr-key-0006", "tok-assigned-09"}
+                                      "pw-field-0005", "hdr-key-0006", "tok-assigned-09",
+                                      "local-pw-0010"}
     made = new_secret("made")
     assert made in collect() and secret("also-made-1") in collect()
 

@@ -7,8 +7,8 @@ Two sources, so that a new test's secret cannot be missed:
   ``password``, ``token``, ``client_secret`` or ``secret`` field or of a credential-like
   header (``Authorization``, ``X-Api-Key``…), a ``token=``/``password=`` argument, the
   value after ``--api-token``/``--api-password`` in a command line, and module constants
-  named like a secret (``SECRET_PW``, ``ADMIN_TOKEN``…), with names resolved to their
-  module constants;
+  and local variables named like a secret (``SECRET_PW``, ``ADMIN_TOKEN``, ``password``…),
+  with names resolved to their module constants;
 - :func:`secret` and :func:`new_secret` register values made at run time (random secrets
   written to environment variables or files, Fernet keys): a test calls them as it
   makes the secret.
@@ -123,6 +123,8 @@ class _Collector(ast.NodeVisitor):
 
     def visit_Assign(self, node: ast.Assign) -> None:
         for target in node.targets:
+            if isinstance(target, ast.Name) and _SECRET_NAME.search(target.id.upper()):
+                self.add(node.value)  # password = "…" inside a test
             if isinstance(target, ast.Subscript):
                 name = self.value(target.slice)
                 if name is not None and _is_secret_key(name):
