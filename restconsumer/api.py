@@ -16,20 +16,31 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from restconsumer.auth import Authenticator, Principal
+from restconsumer.deadletters import DeadLetterReader, ReplayRunning, Replays
+from restconsumer.metrics import CONTENT_TYPE, Metrics
 from restconsumer.model import InvalidJob, Policy, load, redact, validate
 from restconsumer.offsets import OffsetError, OffsetMover, OffsetRequest
+from restconsumer.preview import BadEnvelope, preview
 from restconsumer.status import StatusReporter, job_status
 from restconsumer.store import JobStore, StoreUnavailable
 from restconsumer.supervisor import Supervisor
 
-__all__ = ["API", "MAX_BODY", "APIError"]
+__all__ = ["API", "MAX_BODY", "MAX_PREVIEW_BODY", "APIError"]
 
 #: The largest request body the API reads, in bytes.
 MAX_BODY = 1024 * 1024
+#: The largest body of a dry run (sample messages may be Avro containers).
+MAX_PREVIEW_BODY = 4 * 1024 * 1024
+#: How many dead letters one listing may ask for.
+MAX_DEAD_LETTERS = 10_000
 #: How often a create or update is tried again when the job changed under it.
 WRITE_ATTEMPTS = 5
 #: The OpenAPI 3 description, served as it is.
 OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+#: The dashboard's folder (SPEC §10); only the files named in the /ui routes are served.
+UI = Path(__file__).parent / "ui"
+UI_POLICY = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+             b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class APIError(Exception):
@@ -60,7 +71,9 @@ class API:
                  clock: IReactorTime, allow_hosts: frozenset[str] | None = None,
                  policy: Policy | None = None,
                  max_body: int = MAX_BODY,
-                 demo_sink: Callable[[str, str, bytes], None] | None = None) -> None:
+                 demo_sink: Callable[[str, str, bytes], None] | None = None,
+                 metrics: Metrics | None = None, reader: DeadLetterReader | None = None,
+                 replays: Replays | None = None) -> None:
         self.store = store
         self.supervisor = supervisor
         self.reporter = reporter
@@ -73,12 +86,19 @@ class API:
         #: What a job must also respect: allowed hosts, owners' topic limits, secret references.
         self.policy = policy if policy is not None else Policy(allow_hosts=allow_hosts)
         self.max_body = max_body
+        self.metrics = metrics
+        self.reader = reader
+        self.replays = replays
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _principal(self, request: IRequest) -> Principal:
-        if getattr(request, "too_large", False):
-            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
+    def _principal(self, request: IRequest, limit: int | None = None) -> Principal:
+        limit = limit or self.max_body
+        length = request.getHeader(b"Content-Length")
+        if getattr(request, "too_large", False) or (
+                length is not None and length.isdigit() and int(length) > limit):
+            # Refused before authenticating: an unauthenticated caller cannot make us read more.
+            raise APIError(413, "request body too large", [f"at most {limit} bytes"])
         principal = self.auth.authenticate(request.getHeader(b"Authorization"))
         if principal is None:
             request.setHeader(b"WWW-Authenticate", self.auth.challenge.encode())
@@ -86,15 +106,16 @@ class API:
                            ["send Authorization: Bearer <token> (or Basic user:password)"])
         return principal
 
-    def _body(self, request: IRequest) -> Any:
+    def _body(self, request: IRequest, limit: int | None = None) -> Any:
+        limit = limit or self.max_body
         if getattr(request, "too_large", False):
-            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
+            raise APIError(413, "request body too large", [f"at most {limit} bytes"])
         length = request.getHeader(b"Content-Length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
-        data = request.content.read(self.max_body + 1)
-        if len(data) > self.max_body:
-            raise APIError(413, "request body too large", [f"at most {self.max_body} bytes"])
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise APIError(413, "request body too large", [f"at most {limit} bytes"])
+        data = request.content.read(limit + 1)
+        if len(data) > limit:
+            raise APIError(413, "request body too large", [f"at most {limit} bytes"])
         try:
             return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -179,6 +200,119 @@ class API:
         body = {"status": "ok" if ready else "unavailable", "redis": redis_state, "kafka": kafka_state}
         return _json(request, 200 if ready else 503, body)
 
+    @app.route("/health/live", methods=["GET"])
+    def live(self, request: IRequest) -> bytes:
+        """Liveness: the process serves (whatever Redis and Kafka do); no auth."""
+        return _json(request, 200, {"status": "ok"})
+
+    @app.route("/health/ready", methods=["GET"])
+    async def ready(self, request: IRequest) -> bytes:
+        """Readiness: Redis and Kafka reachable (as ``/health``); no auth."""
+        return await self.health(request)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        """Prometheus text format (the admin's credentials; ``--metrics`` serves it without)."""
+        principal = self._principal(request)
+        if not principal.is_admin:
+            raise APIError(403, "forbidden", ["the metrics cover every job: the admin's credentials"])
+        if self.metrics is None:
+            raise APIError(503, "metrics not available", [])
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
+        return self.metrics.exposition()
+
+    @app.route("/jobs/status", methods=["GET"])
+    async def all_status(self, request: IRequest) -> bytes:
+        """The status of every job the caller may see, in one answer."""
+        principal = self._principal(request)
+        answer = []
+        for stored in await self.store.all():
+            job_id = str(stored.get("id"))
+            if not principal.may_see(str(stored.get("owner"))):
+                continue
+            record = await self.store.record(job_id)
+            if record is None:
+                continue
+            answer.append(await self._status_of(job_id, record, stored))
+        return _json(request, 200, answer)
+
+    async def _status_of(self, job_id: str, record: Any, stored: dict[str, Any]) -> dict[str, Any]:
+        body = await job_status(job_id, record, self.store, self.supervisor, self.reporter, self.clock)
+        body.setdefault("owner", stored.get("owner"))
+        if self.replays is not None and (replay := self.replays.progress(job_id)) is not None:
+            body["replay"] = replay
+        return body
+
+    @app.route("/preview", methods=["POST"])
+    def preview_definition(self, request: IRequest) -> bytes:
+        """The dry run of a job definition: ``{"job": …, "messages": […]}``; nothing sent or
+        stored. An invalid job answers 400 as ``POST /job`` does."""
+        principal = self._principal(request, MAX_PREVIEW_BODY)
+        raw = self._body(request, MAX_PREVIEW_BODY)
+        if not isinstance(raw, dict) or "job" not in raw:
+            raise APIError(400, "invalid preview", [{"field": "job", "reason": "is required"}])
+        definition = raw["job"]
+        job_id = definition.get("id") if isinstance(definition, dict) else None
+        try:
+            job = validate(definition, job_id if isinstance(job_id, str) else None, policy=self.policy)
+        except InvalidJob as e:
+            raise APIError(400, "invalid job", [p.as_dict() for p in e.problems]) from e
+        if not principal.may_see(job.owner):
+            raise APIError(403, "forbidden", [f"this token may not preview jobs of {job.owner}"])
+        return self._preview(request, job, raw.get("messages"))
+
+    @app.route("/job/<job_id>/preview", methods=["POST"])
+    async def preview_stored(self, request: IRequest, job_id: str) -> bytes:
+        """The dry run of a stored job: ``{"messages": […]}``."""
+        principal = self._principal(request, MAX_PREVIEW_BODY)
+        raw = self._body(request, MAX_PREVIEW_BODY)
+        stored = await self._visible_job(principal, job_id)
+        if not isinstance(raw, dict):
+            raise APIError(400, "invalid preview", [{"field": "messages", "reason": "is required"}])
+        return self._preview(request, load(stored), raw.get("messages"))
+
+    def _preview(self, request: IRequest, job: Any, messages: Any) -> bytes:
+        try:
+            results = preview(job, messages, int(self.clock.seconds() * 1000))
+        except BadEnvelope as e:
+            raise APIError(400, "invalid messages",
+                           [{"field": f, "reason": r} for f, r in e.problems]) from e
+        return _json(request, 200, {"results": results})
+
+    @app.route("/job/<job_id>/deadletters", methods=["GET"])
+    async def dead_letters(self, request: IRequest, job_id: str) -> bytes:
+        """The job's newest dead letters (``?limit=N``, default 100), newest last."""
+        principal = self._principal(request)
+        stored = await self._visible_job(principal, job_id)
+        values = request.args.get(b"limit")
+        limit = 100
+        if values:
+            text = values[0].decode("utf-8", "replace")
+            if not text.isdigit() or not 1 <= int(text) <= MAX_DEAD_LETTERS:
+                raise APIError(400, "bad limit", [f"limit is a whole number from 1 to {MAX_DEAD_LETTERS}"])
+            limit = int(text)
+        if self.reader is None:
+            raise APIError(503, "dead letters not available", [])
+        job = load(stored)
+        letters = await self.reader.latest(job.id, job.dead_letter_topic, limit)
+        return _json(request, 200, {"deadletters": letters})
+
+    @app.route("/job/<job_id>/deadletters/replay", methods=["POST"])
+    async def replay(self, request: IRequest, job_id: str) -> bytes:
+        """Send the job's dead letters not yet replayed through the job again: 202, or 409
+        while a replay runs."""
+        principal = self._principal(request)
+        stored = await self._visible_job(principal, job_id)
+        if self.replays is None:
+            raise APIError(503, "replay not available", [])
+        try:
+            plan = await self.replays.start(load(stored))
+        except ReplayRunning as e:
+            raise APIError(409, "replay under way", [str(e)]) from e
+        self.log.info("job {job_id}: replay of dead letters started: {plan}", job_id=job_id,
+                      plan=", ".join(f"[{p}] {a}..{b}" for p, (a, b) in sorted(plan.items())))
+        return _json(request, 202, {"replay": {"partitions": {str(p): [a, b] for p, (a, b) in plan.items()}}})
+
     @app.route("/embedded/echo/", branch=True,
                methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     def echo(self, request: IRequest) -> bytes:
@@ -195,6 +329,37 @@ class API:
         """The OpenAPI 3 description of this API; no auth."""
         request.setHeader(b"Content-Type", b"application/json")
         return OPENAPI
+
+    @app.route("/ui", methods=["GET"])
+    def ui_redirect(self, request: IRequest) -> bytes:
+        """The dashboard lives at ``/ui/``."""
+        request.setResponseCode(301)
+        request.setHeader(b"Location", b"ui/")
+        return b""
+
+    @staticmethod
+    def _ui_file(request: IRequest, name: str, content_type: bytes) -> bytes:
+        # No auth for the dashboard's own files: its data comes from the API, with the token.
+        request.setHeader(b"Content-Type", content_type)
+        request.setHeader(b"Content-Security-Policy", UI_POLICY)
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return (UI / name).read_bytes()
+
+    @app.route("/ui/", methods=["GET"])
+    def ui_page(self, request: IRequest) -> bytes:
+        """The dashboard's page."""
+        return self._ui_file(request, "index.html", b"text/html; charset=utf-8")
+
+    @app.route("/ui/app.js", methods=["GET"])
+    def ui_script(self, request: IRequest) -> bytes:
+        """The dashboard's script."""
+        return self._ui_file(request, "app.js", b"text/javascript; charset=utf-8")
+
+    @app.route("/ui/app.css", methods=["GET"])
+    def ui_style(self, request: IRequest) -> bytes:
+        """The dashboard's style sheet."""
+        return self._ui_file(request, "app.css", b"text/css; charset=utf-8")
 
     @app.route("/jobs", methods=["GET"])
     async def list_jobs(self, request: IRequest) -> bytes:
@@ -300,9 +465,8 @@ class API:
     async def status(self, request: IRequest, job_id: str) -> bytes:
         """State, counters, lag per partition, rate and last error of a job."""
         principal = self._principal(request)
-        await self._visible_job(principal, job_id)
+        stored = await self._visible_job(principal, job_id)
         record = await self.store.record(job_id)
         if record is None:
             raise APIError(404, "no such job", [job_id])
-        body = await job_status(job_id, record, self.store, self.supervisor, self.reporter, self.clock)
-        return _json(request, 200, body)
+        return _json(request, 200, await self._status_of(job_id, record, stored))

@@ -302,6 +302,12 @@ class KafkaLoop:
             self._warn("cannot read committed offsets: {error}", error=str(e))
         self._assigned.update(tps)
         self._paused.difference_update(tps)
+        try:
+            # librdkafka may keep a partition paused across a rebalance; a new assignment
+            # starts unpaused here and in the job, so it must in librdkafka too.
+            consumer.resume(partitions)
+        except KafkaException as e:
+            self._warn("cannot resume assigned partitions: {error}", error=str(e))
         self.assignment = sorted(self._assigned)
         self._reactor.callFromThread(self._handler.assigned, tps)
         log.info("job {name}: assigned {partitions}", name=self.name,

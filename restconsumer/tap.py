@@ -18,11 +18,11 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from restconsumer import __version__
-from restconsumer.api import API, MAX_BODY
+from restconsumer.api import API, MAX_PREVIEW_BODY
 from restconsumer.auth import Authenticator, load_token_file
 from restconsumer.budget import ByteBudget
 from restconsumer.control import JobControl
-from restconsumer.deadletters import DeadLetters
+from restconsumer.deadletters import DeadLetterReader, DeadLetters, Replays
 from restconsumer.embedded import (
     DemoFeed,
     DemoSink,
@@ -403,7 +403,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options["embedded"]:
         demo_sink = DemoSink()
         DemoFeed(reactor, options["kafka"], demo_sink).setServiceParent(top)
+    reader = DeadLetterReader(reactor, kafka)
+    reader.setServiceParent(top)
+    replays = Replays(reader, sender, dead_letters, reactor)
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
+              metrics=metrics, reader=reader, replays=replays,
               clock=reactor, allow_hosts=options["allowed-hosts"], policy=policy(options),
               demo_sink=demo_sink)
     if options["worker-count"] > 1:
@@ -416,7 +420,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                                     metrics_site).setServiceParent(top)
     endpoint = endpoints.serverFromString(reactor, options["api"])
     site_type = EmbeddedSite if options["embedded"] else DrainingSite
-    server = APIServer(endpoint, site_type(api.app.resource(), max_body=MAX_BODY), reactor,
+    server = APIServer(endpoint, site_type(api.app.resource(), max_body=MAX_PREVIEW_BODY), reactor,
                        description=f"Kafka {options['kafka']}, Redis {redis_address}",
                        token_note=token_note)
     server.setServiceParent(top)

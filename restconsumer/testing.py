@@ -405,6 +405,8 @@ class FakeConsumer:
         self._on_revoke: RebalanceCallback | None = None
         self._on_lost: RebalanceCallback | None = None
         self._assignment: dict[_TP, _Fetch] = {}
+        # As in librdkafka, a paused partition stays paused across rebalances until resumed.
+        self._paused: set[_TP] = set()
         self._group_owned = False  # the assignment came from the group (a revoke is due on rebalance)
         self._joined = -1  # the group generation this member has let go of its partitions for
         self._assigned = -1  # the generation whose share it was given
@@ -668,7 +670,12 @@ class FakeConsumer:
         with self._cond:
             _closed_check(self._closed)
             for tp in partitions:
-                fetch = self._assignment.get((tp.topic, tp.partition))
+                key = (tp.topic, tp.partition)
+                if paused:
+                    self._paused.add(key)
+                else:
+                    self._paused.discard(key)
+                fetch = self._assignment.get(key)
                 if fetch is not None:
                     fetch.paused = paused
             self._cond.notify_all()
@@ -759,7 +766,7 @@ class FakeConsumer:
         self._assignment = {}
         for tp in share:
             self._assignment[tp] = _Fetch(shown=OFFSET_STORED, next=self._cluster._start_locked(
-                self._group_id, tp, OFFSET_INVALID, self._reset))
+                self._group_id, tp, OFFSET_INVALID, self._reset), paused=tp in self._paused)
         callback = self._on_assign
         given = [TopicPartition(t, p) for t, p in share]
         return (lambda: callback(self, given)) if callback is not None else (lambda: None)

@@ -523,6 +523,26 @@ def test_a_second_member_splits_the_partitions_and_nothing_is_returned_twice(bac
         assert backend.committed(group, topic, p) == 15
 
 
+def test_a_paused_partition_stays_paused_across_a_rebalance(backend: Backend) -> None:
+    """librdkafka keeps a partition paused through an eager rebalance, until it is resumed:
+    the service resumes what it is newly assigned (this stalled a partition once)."""
+    topic, group = backend.topic(1), backend.group()
+    backend.produce(topic, 2)
+    first = backend.member(group, [topic])
+    until([first], lambda: len(first.messages) >= 2, "the first 2")
+    first.consumer.pause([TopicPartition(topic, 0)])
+    second = backend.member(group, [topic])
+    until([first, second], lambda: "assign" in second.kinds() and first.kinds().count("assign") == 2,
+          "the rebalance")
+    second.consumer.close()
+    until([first], lambda: first.kinds().count("assign") == 3, "the partition back")
+    backend.produce(topic, 3, start=2)
+    first.consume(100, 1.0)
+    assert first.offsets(topic, 0) == [0, 1], "a paused partition fetched after the rebalance"
+    first.consumer.resume([TopicPartition(topic, 0)])
+    until([first], lambda: len(first.offsets(topic, 0)) >= 5, "the rest after resume")
+
+
 def test_a_member_leaving_hands_its_partitions_over(backend: Backend) -> None:
     topic, group = backend.topic(4), backend.group()
     first = backend.member(group, [topic])

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.infra.kafka import KafkaBroker
-from tests.infra.kafka_io import produce
+from tests.infra.kafka_io import produce, read_all
 from tests.infra.ports import free_port, wait_for
 from tests.infra.redis import RedisServer
 from tests.infra.service import ServiceProcess
@@ -129,3 +129,127 @@ def test_redis_away_and_back_is_said_once_each(
     assert text.count("Redis is reachable again") == 1
     assert "Starting factory" not in text
     assert len(text.splitlines()) < 80, "a line per reconnect attempt"
+
+
+def avro_container(records: list[dict[str, str]]) -> str:
+    """An Avro Object Container File of ``records``, base64."""
+    import base64
+    import io
+
+    import fastavro
+
+    schema = {"type": "record", "name": "Person",
+              "fields": [{"name": "id", "type": "string"}, {"name": "name", "type": "string"}]}
+    out = io.BytesIO()
+    fastavro.writer(out, fastavro.parse_schema(schema), records, codec="deflate")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_metrics_on_the_api_need_the_admin(services: Start) -> None:
+    service = services()
+    assert service.request("GET", "/metrics", token=None).status == 401
+    answer = service.request("GET", "/metrics")
+    assert answer.status == 200
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    samples(answer.body.decode())  # parses
+
+
+def test_liveness_readiness_and_every_status_at_once(
+        services: Start, topic: Callable[..., str], sink: Sink) -> None:
+    service = services()
+    assert service.request("GET", "/health/live", token=None).json == {"status": "ok"}
+    ready = service.request("GET", "/health/ready", token=None)
+    assert ready.status == 200 and ready.json["status"] == "ok"
+    name = topic()
+    for job_id in ("s1", "s2"):
+        assert service.request("POST", f"/job/{job_id}", job(job_id, name, sink.url)).status == 201
+    statuses = service.request("GET", "/jobs/status").json
+    assert sorted(s["id"] for s in statuses) == ["s1", "s2"]
+    assert all({"state", "counters", "circuit", "lag"} <= set(s) for s in statuses)
+
+
+def test_preview_builds_requests_and_sends_nothing(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    service = services()
+    name = topic()
+    definition = {**job("dry", name, sink.url), "basic_auth": {"user": "u", "pw": "pw-preview-77"}}
+    answer = service.request("POST", "/preview", {"job": definition, "messages": [
+        {"value": {"id": "p1"}, "key": "k"},
+        {"value": {"other": 1}},
+        {"base64": avro_container([{"id": "a1", "name": "Ann"}, {"id": "a2", "name": "Bo"}])},
+    ]})
+    assert answer.status == 200, answer
+    results = answer.json["results"]
+    requests = [r for r in results if "request" in r]
+    errors = [r for r in results if "error" in r]
+    assert len(requests) == 3 and len(errors) == 1
+    assert [r["request"]["url"] for r in requests] == [f"{sink.url}/dry/p1", f"{sink.url}/dry/a1",
+                                                        f"{sink.url}/dry/a2"]
+    assert requests[0]["request"]["headers"]["Authorization"] == "***"
+    assert json.loads(requests[0]["request"]["body"]) == {"id": "p1"}
+    assert (errors[0]["message"], errors[0]["record"]) == (1, 0)
+    assert "pw-preview-77" not in answer.body.decode()
+    invalid = {**definition, "url": "ftp://x/", "owner": None}
+    refused = service.request("POST", "/preview", {"job": invalid, "messages": [{"value": 1}]})
+    as_job = service.request("POST", "/job/dry", invalid)
+    assert refused.status == as_job.status == 400
+    assert refused.json["details"] == as_job.json["details"]
+    assert service.request("GET", "/job/dry").status == 404, "a preview stored a job"
+    stored = service.request("POST", "/job/dry", definition)
+    assert stored.status == 201
+    again = service.request("POST", "/job/dry/preview", {"messages": [{"value": {"id": "s1"}}]})
+    assert again.json["results"][0]["request"]["url"] == f"{sink.url}/dry/s1"
+    assert sink.count() == 0, "a preview sent a request"
+    assert read_all(kafka.bootstrap, "restconsumer.deadletter.dry", expect=1, timeout=3) == []
+
+
+def test_dead_letters_listed_and_replayed_once(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    refused = {"/replayed/m2", "/replayed/m5", "/replayed/m9"}
+    fixed = {"now": False}
+
+    def answer(got: Received) -> tuple[int, dict[str, str], bytes]:
+        if got.path in refused and not fixed["now"]:
+            return 400, {}, b"not yet"
+        return 200, {}, b"ok"
+
+    sink = Sink(answer).start()
+    try:
+        name = topic(partitions=2)
+        service = services()
+        assert service.request("POST", "/job/replayed", job("replayed", name, sink.url)).status == 201
+        produce(kafka.bootstrap, name, [json.dumps({"id": f"m{i}"}).encode() for i in range(12)],
+                partitions=2)
+        wait_for(lambda: service.request("GET", "/job/replayed/status").json["counters"]
+                 ["dead_lettered"] == 3, 30, "three dead letters")
+        def listed() -> list[dict[str, Any]] | None:
+            found = service.request("GET", "/job/replayed/deadletters").json["deadletters"]
+            return found if len(found) == 3 else None
+
+        letters = wait_for(listed, 30, "three listed")
+        assert isinstance(letters, list)
+        assert sorted(json.loads(d["value"])["id"] for d in letters) == ["m2", "m5", "m9"]
+        for letter in letters:
+            assert letter["status"] == 400 and "not yet" in letter["reason"]
+            assert letter["source"]["topic"] == name and letter["attempts"] == 1
+            assert letter["timestamp"].endswith("Z")
+        assert len(service.request("GET", "/job/replayed/deadletters?limit=1").json["deadletters"]) == 1
+        assert service.request("GET", "/job/replayed/deadletters?limit=0").status == 400
+
+        fixed["now"] = True
+        before = sink.count()
+        started = service.request("POST", "/job/replayed/deadletters/replay")
+        assert started.status == 202, started
+        assert set(started.json["replay"]["partitions"]) <= {"0"}
+        wait_for(lambda: sink.count() == before + 3, 30, "the three sent again")
+        assert sorted(r.path for r in sink.snapshot()[before:]) == sorted(refused)
+        wait_for(lambda: service.request("GET", "/job/replayed/status").json.get("replay", {})
+                 .get("state") == "done", 30, "the replay done")
+        replay = service.request("GET", "/job/replayed/status").json["replay"]
+        assert replay["delivered"] == 3 and replay["dead_lettered"] == 0
+        again = service.request("POST", "/job/replayed/deadletters/replay")
+        assert again.status == 202
+        time.sleep(3)
+        assert sink.count() == before + 3, "a second replay sent something again"
+    finally:
+        sink.stop()
