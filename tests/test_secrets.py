@@ -703,3 +703,33 @@ def test_jobs_stored_before_the_key_still_load_and_are_encrypted(
     produce(kafka.bootstrap, name, [b'{"id": "old"}'])
     wait_for(lambda: [r.headers["authorization"] for r in sink.snapshot()] ==
              [f"Bearer {ALL_KINDS_TOKEN}"], 30, "the old job delivered")
+
+
+WORKER_TOKEN = "worker-env-token-93d1"
+
+
+def test_workers_resolve_references_and_read_encrypted_secrets(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink,
+        tmp_path: Path) -> None:
+    """--workers 2 with --secret-key and a ${env:…} token: both processes hold partitions, and
+    every message, whichever process sends it, carries the resolved token."""
+    name = topic(partitions=4)
+    key_file = _key_file(tmp_path / "keys", Fernet.generate_key())
+    service = services("--workers", "2", "--secret-key", str(key_file),
+                       env={"RESTCONSUMER_SECRET_WORKER": WORKER_TOKEN})
+    definition = _job_for(sink, "spread", name, token="${env:RESTCONSUMER_SECRET_WORKER}",
+                          headers={"X-Api-Key": "wk-api-key-5a0c"})
+    assert _post(service, definition).status == 201
+
+    def two_instances() -> bool:
+        status = service.request("GET", "/job/spread/status").json
+        assert status["state"] != "error", status
+        return len(status["instances"]) == 2 and all(i["partitions"] for i in status["instances"])
+
+    wait_for(two_instances, 60, "both processes to hold partitions of the job")
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"m{i}"}).encode() for i in range(200)],
+            partitions=4)
+    wait_for(lambda: len({r.path for r in sink.snapshot()}) >= 200, 60, "200 deliveries")
+    assert {(r.headers["authorization"], r.headers["x-api-key"]) for r in sink.snapshot()} == \
+        {(f"Bearer {WORKER_TOKEN}", "wk-api-key-5a0c")}
+    assert "wk-api-key-5a0c" not in _redis_dump(service)
