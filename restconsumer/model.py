@@ -640,6 +640,9 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
     _check_topics_allowed(definition, policy.topic_limits, problems)
     for path, reason in reference_problems(definition, policy.files_allowed):
         problems.append(Problem(path, reason))
+    for slot in slots(definition):
+        if slot.value == "" and slot.path != "token":  # token has its own rule
+            problems.append(Problem(slot.path, "is empty: an empty secret is never sent"))
 
     if problems:
         raise InvalidJob(problems)

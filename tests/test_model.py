@@ -978,3 +978,11 @@ def test_restoring_a_hidden_secret_checks_the_origin_it_is_sent_to() -> None:
     model._refuse_hidden(moved_idp, problems)
     assert [(p.field, "oauth2.token_url" in p.reason) for p in problems] == \
         [("oauth2.client_secret", True)]
+
+
+def test_an_empty_secret_is_refused() -> None:
+    raw = minimal(basic_auth={"user": "u", "pw": ""}, headers={"X-Api-Key": "", "X-Note": ""})
+    problems = problems_of(raw)
+    assert [p.field for p in problems] == ["basic_auth.pw", "headers.X-Api-Key"]
+    assert all("empty secret" in p.reason for p in problems)
+    assert fields_of(minimal(token="")) == {"token"}
