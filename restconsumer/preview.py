@@ -111,7 +111,11 @@ def _result(index: int, record: RecordWork) -> dict[str, Any]:
     for name, values in request.headers.items():
         text = name.decode("latin-1")
         value = values[0].decode("latin-1") if values else ""
-        headers[text] = REDACTED if is_secret_header(text) else value
+        if text.lower() == "authorization" and " " in value:
+            # The scheme is not secret, and says which auth the job sends.
+            headers[text] = f"{value.split(' ', 1)[0]} {REDACTED}"
+        else:
+            headers[text] = REDACTED if is_secret_header(text) else value
     body = None
     if request.body is not None:
         body = request.body.decode("utf-8", "replace")

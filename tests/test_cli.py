@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -667,3 +668,109 @@ def test_set_offset_against_the_service(services: Start, kafka: KafkaBroker, top
     bad = command("set-offset", "cli-rewind", "soon", url=service.url)
     assert bad.returncode == 1 and "error: bad set_offset (HTTP 400)" in bad.stderr
     assert command("set-offset", "cli-ghost", "end", url=service.url).returncode == 1
+
+
+# -- against the running service: the dry-run and dead-letter routes --------------------------------
+
+
+def avro_container(records: list[dict[str, Any]]) -> bytes:
+    """An Avro Object Container File of ``records``, as Aether writes one per Kafka message."""
+    import fastavro
+
+    schema = {"type": "record", "name": "Person",
+              "fields": [{"name": "id", "type": "string"}, {"name": "name", "type": "string"}]}
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, fastavro.parse_schema(schema), records)
+    return buffer.getvalue()
+
+
+def test_preview_against_the_service(services: Start, topic: Callable[..., str], sink: Sink,
+                                     tmp_path: Path) -> None:
+    """A job file with a JSON message, one without the URL's key and an Avro container of two
+    records: 3 requests and 1 error (exit 1), secrets as ***, nothing sent or stored; a stored
+    job by its id; an invalid job file prints each problem with its field."""
+    service = services()
+    name = topic()
+    definition = sink_job("cli-preview", name, sink, json_body=["id"])
+    path = write(tmp_path / "job.json", definition)
+    avro = tmp_path / "people.avro"
+    avro.write_bytes(avro_container([{"id": "a1", "name": "Ann"}, {"id": "a2", "name": "Bo"}]))
+    done = command("preview", str(path), "-m", '{"id": "p1"}', "-m", '{"other": 1}', "-m", f"@{avro}",
+                   url=service.url)
+    assert done.returncode == 1, done
+    lines = done.stdout.splitlines()
+    assert f"message 0 record 0: POST {sink.url}/cli-preview/p1" in lines
+    assert any(line.startswith("message 1 record 0: error: ") for line in lines), lines
+    assert f"message 2 record 0: POST {sink.url}/cli-preview/a1" in lines
+    assert f"message 2 record 1: POST {sink.url}/cli-preview/a2" in lines
+    assert "    Authorization: Basic ***" in lines
+    assert "cli-secret-99" not in done.stdout
+    assert lines[-1] == "3 records ok, 1 with errors"
+    results = json.loads(command("--json", "preview", str(path), "-m", '{"id": "p1"}',
+                                 url=service.url).stdout)["results"]
+    assert [r["request"]["url"] for r in results] == [f"{sink.url}/cli-preview/p1"]
+    assert json.loads(results[0]["request"]["body"]) == {"id": "p1"}
+    assert service.request("GET", "/job/cli-preview").status == 404
+
+    assert service.request("POST", "/job/cli-stored", sink_job("cli-stored", name, sink)).status == 201
+    done = command("preview", "cli-stored", "-m", '{"value": {"id": "s1"}, "key": "k1"}', url=service.url)
+    assert done.returncode == 0, done
+    assert done.stdout.splitlines()[0] == f"message 0 record 0: POST {sink.url}/cli-stored/s1"
+    assert command("preview", "cli-ghost", "-m", "{}", url=service.url).returncode == 1
+
+    bad = write(tmp_path / "bad.json", {"id": "cli-bad", "type": "FETCH", "topic": name,
+                                        "datamap": {"id": "$.msg.id"}, "url": "ftp://x/"})
+    done = command("preview", str(bad), "-m", "{}", url=service.url)
+    assert done.returncode == 1
+    assert {"cli-bad: owner: is required", "cli-bad: url: must start with http:// or https://"} <= \
+        set(done.stderr.splitlines()), done.stderr
+    assert sink.count() == 0, "a preview sent a request"
+
+
+def test_deadletters_and_replay_against_the_service(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    """Two of six messages refused with 400: `deadletters` lists exactly those two with their source;
+    after the endpoint is fixed `deadletters --replay` sends them once, a second replay nothing."""
+    refused = {"/cli-dlq/m1", "/cli-dlq/m4"}
+    sink.respond = lambda got: (400, {}, b"refused") if got.path in refused else (200, {}, b"ok")
+    service = services()
+    name = topic()
+    assert service.request("POST", "/job/cli-dlq", sink_job("cli-dlq", name, sink)).status == 201
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"m{i}"}).encode() for i in range(6)])
+    wait_for(lambda: service.request("GET", "/job/cli-dlq/status").json["counters"]["dead_lettered"] == 2,
+             30, "two dead letters")
+
+    def letters() -> list[dict[str, Any]]:
+        done = command("--json", "deadletters", "cli-dlq", url=service.url)
+        assert done.returncode == 0, done
+        return json.loads(done.stdout)["deadletters"]
+
+    wait_for(lambda: len(letters()) == 2, 30, "two dead letters listed")
+    listed = letters()
+    assert [(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]) for d in listed] == \
+        [(name, 0, 1), (name, 0, 4)]
+    assert [d["status"] for d in listed] == [400, 400]
+    done = command("deadletters", "cli-dlq", url=service.url)
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:4] == ["PARTITION", "OFFSET", "TIME", "SOURCE"] and len(lines) == 3
+    assert f"{name}[0]@1" in lines[1] and f"{name}[0]@4" in lines[2]
+    assert len(json.loads(command("--json", "deadletters", "cli-dlq", "--limit", "1",
+                                  url=service.url).stdout)["deadletters"]) == 1
+
+    sink.respond = lambda got: (200, {}, b"ok")
+    before = sink.count()
+    done = command("deadletters", "cli-dlq", "--replay", url=service.url)
+    assert done.returncode == 0, done
+    assert done.stdout.startswith("cli-dlq: replay started")
+    wait_for(lambda: sink.count() == before + 2, 30, "the two replayed")
+    assert sorted(got.path for got in sink.snapshot()[before:]) == sorted(refused)
+
+    def second_replay() -> bool:
+        again = command("deadletters", "cli-dlq", "--replay", url=service.url)
+        return again.returncode == 0  # 409 (exit 1) while the first one still runs
+
+    wait_for(second_replay, 30, "a second replay")
+    time.sleep(3)
+    assert sink.count() == before + 2, "a second replay sent again"
+    assert command("deadletters", "cli-ghost", url=service.url).returncode == 1

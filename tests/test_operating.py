@@ -185,7 +185,7 @@ def test_preview_builds_requests_and_sends_nothing(
     assert len(requests) == 3 and len(errors) == 1
     assert [r["request"]["url"] for r in requests] == [f"{sink.url}/dry/p1", f"{sink.url}/dry/a1",
                                                         f"{sink.url}/dry/a2"]
-    assert requests[0]["request"]["headers"]["Authorization"] == "***"
+    assert requests[0]["request"]["headers"]["Authorization"] == "Basic ***"
     assert json.loads(requests[0]["request"]["body"]) == {"id": "p1"}
     assert (errors[0]["message"], errors[0]["record"]) == (1, 0)
     assert "pw-preview-77" not in answer.body.decode()

@@ -37,7 +37,7 @@ def test_json_missing_key_and_an_avro_container() -> None:
     assert first["method"] == "POST"
     assert first["url"] == "https://crm.example/people/a"
     assert json.loads(first["body"]) == {"name": "Ann", "who": "k1"}
-    assert first["headers"]["Authorization"] == "***"
+    assert first["headers"]["Authorization"] == "Basic ***"
     assert first["headers"]["X-Api-Key"] == "***"
     assert first["headers"]["X-Trace"] == "on"
     assert "needs 'id'" in results[1]["error"]
