@@ -62,29 +62,38 @@ class Metrics:
                               multiprocess_mode="livesum")
         self.circuit = Gauge("restconsumer_circuit_open", "1 while the job's circuit is open",
                              ["job"], registry=registry, multiprocess_mode="livemax")
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._lag_labels: set[tuple[str, str, str]] = set()
         self._circuit_labels: set[str] = set()
 
+    def _child(self, family: Any, *labels: str) -> Any:
+        # labels() takes a lock and builds a key each time: this is on every request.
+        key = (id(family), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
     def delivered(self, job: str, n: int = 1) -> None:
         """Count delivered records."""
-        self.messages.labels(job, "delivered").inc(n)
+        self._child(self.messages, job, "delivered").inc(n)
 
     def dead_lettered(self, job: str, n: int = 1) -> None:
         """Count dead-lettered records (acknowledged by Kafka)."""
-        self.messages.labels(job, "dead_lettered").inc(n)
+        self._child(self.messages, job, "dead_lettered").inc(n)
 
     def filtered(self, job: str, n: int = 1) -> None:
         """Count records a filter left out."""
-        self.messages.labels(job, "filtered").inc(n)
+        self._child(self.messages, job, "filtered").inc(n)
 
     def answered(self, job: str, status: int | None, seconds: float) -> None:
         """Count one request and its duration."""
-        self.requests.labels(job, code_class(status)).inc()
-        self.duration.labels(job).observe(seconds)
+        self._child(self.requests, job, code_class(status)).inc()
+        self._child(self.duration, job).observe(seconds)
 
     def retried(self, job: str) -> None:
         """Count one retry."""
-        self.retries.labels(job).inc()
+        self._child(self.retries, job).inc()
 
     def refresh(self, runners: dict[str, Any], held: int) -> None:
         """Set the gauges from the running jobs: lag per partition, bytes held, circuits."""
