@@ -347,3 +347,36 @@ def test_an_api_port_in_use_ends_the_process(
         if process.poll() is None:
             service.stop(signal.SIGKILL)
         service.process = None
+
+
+def test_a_dead_letter_of_a_message_at_the_size_limit_is_still_produced(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    """A source message just under the broker's 1 MB limit, refused by the endpoint: its dead
+    letter (the message plus our headers) would pass the limit; the broker refuses it, so it
+    goes without its value, saying why — and the job goes on."""
+    from confluent_kafka import Producer
+
+    from tests.infra.kafka_io import read_all
+
+    sink = Sink(lambda got: (400, {}, b"no") if got.path.endswith("/big") else (200, {}, b"ok")).start()
+    try:
+        name = topic()
+        producer = Producer({"bootstrap.servers": kafka.bootstrap, "message.max.bytes": 2_000_000})
+        # Just under the broker's 1,048,588-byte limit: our ~300 bytes of headers pass it.
+        big = json.dumps({"id": "big", "pad": "x" * (1_048_430 - 24)}).encode()
+        producer.produce(name, value=big, key=b"k")
+        producer.produce(name, value=json_message("after"))
+        assert producer.flush(30) == 0
+        service = services()
+        assert service.request("POST", "/job/huge", job("huge", name, sink.url)).status == 201
+        [letter] = read_all(kafka.bootstrap, "restconsumer.deadletter.huge", expect=1, timeout=60)
+        headers = dict(letter.headers())
+        assert letter.value() is None
+        assert b"refused" in headers["restconsumer.value_dropped"]
+        assert headers["restconsumer.status"] == b"400"
+        assert letter.key() == b"k"
+        wait_for(lambda: any(entity(r) == "after" for r in sink.snapshot()), 30, "the next message")
+        wait_for(lambda: committed(kafka.bootstrap, "restconsumer.huge", name, 1) == [2], 20,
+                 "offsets committed past both")
+    finally:
+        sink.stop()
