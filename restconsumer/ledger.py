@@ -78,7 +78,9 @@ class Ledger:
 
         Dropped: a partition not assigned (revoked while the message was on its way), or an
         offset at or before one already fetched in this assignment (never delivered twice
-        by one consumer).
+        by one consumer). This relies on librdkafka (since 1.9) leaving out of a
+        ``consume()`` batch the messages fetched under an assignment revoked during that
+        call, so a new assignment's first message is never an older one's.
         """
         partition = self._partitions.get(tp)
         if partition is None or (partition.last is not None and offset <= partition.last):
