@@ -15,13 +15,16 @@ from urllib.parse import quote, urlsplit
 from jsonpath_ng import JSONPath
 from jsonpath_ng.jsonpath import Child, Fields, Index, Root
 
+from restconsumer import __version__
 from restconsumer.decode import to_json
 from restconsumer.model import PLACEHOLDER, Job
 
-__all__ = ["Outgoing", "RequestBuilder", "TemplateError", "compile_getter", "encode_value"]
+__all__ = ["USER_AGENT", "Outgoing", "RequestBuilder", "TemplateError", "compile_getter", "encode_value"]
 
 _MISSING = object()
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
+#: Sent with every request (SPEC §12); a job's own ``User-Agent`` header replaces it.
+USER_AGENT = f"restconsumer/{__version__}".encode("ascii")
 
 
 class TemplateError(ValueError):
@@ -126,7 +129,8 @@ class RequestBuilder:
         self._has_query = "?" in PLACEHOLDER.sub("", d["url"])
         self._query_keys: list[str] = d.get("query_params", [])
         self._body_keys: list[str] | None = d.get("json_body")
-        headers: dict[bytes, list[bytes]] = {b"Host": [_host_header(d["url"])]}
+        headers: dict[bytes, list[bytes]] = {b"Host": [_host_header(d["url"])],
+                                             b"User-Agent": [USER_AGENT]}
         headers.update({
             k.encode("latin-1"): [v.encode("latin-1")] for k, v in d.get("headers", {}).items()
         })

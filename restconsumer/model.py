@@ -64,6 +64,7 @@ ORDERINGS = ("partition", "key", "none")
 DEFAULT_BATCH = {"max_messages": 100, "max_bytes": 1024 * 1024, "max_wait": 0.5,
                  "format": "json_array"}
 BATCH_FORMATS = ("json_array", "ndjson")
+START_FROM = ("earliest", "latest")
 DEFAULT_TIMEOUT = 30.0
 
 #: Definition fields, in the order they are shown.
@@ -71,7 +72,7 @@ FIELDS = (
     "id", "owner", "type", "topic", "datamap", "url", "basic_auth", "token",
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
-    "ordering", "max_in_flight", "batch",
+    "ordering", "max_in_flight", "batch", "start_from", "success_status",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -377,6 +378,27 @@ def _check_throughput(definition: dict[str, Any], datamap_keys: set[str] | None,
                                             "(batches of one partition go in order)"))
 
 
+def _check_requests(definition: dict[str, Any], problems: list[Problem]) -> None:
+    """``start_from`` and ``success_status`` (SPEC §12)."""
+    start = definition.get("start_from")
+    if start is not None:
+        if not isinstance(start, str) or start.lower() not in START_FROM:
+            problems.append(Problem("start_from", "must be \"earliest\" or \"latest\""))
+        else:
+            definition["start_from"] = start.lower()
+    codes = definition.get("success_status")
+    if codes is not None:
+        if not isinstance(codes, list):
+            problems.append(Problem("success_status", "must be a list of HTTP status codes"))
+            return
+        for i, code in enumerate(codes):
+            if not isinstance(code, int) or isinstance(code, bool) or not 100 <= code <= 599:
+                problems.append(Problem(f"success_status[{i}]",
+                                        "must be an HTTP status code from 100 to 599"))
+            elif code in codes[:i]:
+                problems.append(Problem(f"success_status[{i}]", f"{code} is given twice"))
+
+
 def _check_ca_cert(value: Any, problems: list[Problem]) -> None:
     if not isinstance(value, str) or "BEGIN CERTIFICATE" not in value:
         problems.append(Problem("ca_cert", "must be PEM text with at least one certificate"))
@@ -637,6 +659,7 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
         _check_topic(definition["dead_letter_topic"], "dead_letter_topic", problems)
 
     _check_throughput(definition, datamap_keys, problems)
+    _check_requests(definition, problems)
     _check_topics_allowed(definition, policy.topic_limits, problems)
     for path, reason in reference_problems(definition, policy.files_allowed):
         problems.append(Problem(path, reason))

@@ -101,8 +101,10 @@ class Verdict:
     answered: bool = False
 
 
-def judge(answer: Answer | None, error: BaseException | None = None) -> Verdict:
-    """The verdict of an answer, or of the error an attempt failed with.
+def judge(answer: Answer | None, error: BaseException | None = None,
+          success: frozenset[int] = frozenset()) -> Verdict:
+    """The verdict of an answer, or of the error an attempt failed with; ``success`` holds
+    the statuses besides 2xx that count as delivered (a job's ``success_status``).
 
     Raises ``error`` again when it is neither a network error nor a refusal of ours.
     """
@@ -117,7 +119,7 @@ def judge(answer: Answer | None, error: BaseException | None = None) -> Verdict:
         raise error
     assert answer is not None
     status = answer.status
-    if 200 <= status < 300:
+    if 200 <= status < 300 or status in success:
         return Verdict(True, False, status, "delivered", answered=True)
     reason = f"HTTP {status}: {answer.body[:200].decode('utf-8', 'replace')}".strip()
     if is_retryable_status(status):
@@ -148,8 +150,10 @@ class Gate(Protocol):
 async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clock: IReactorTime,
                   *, on_retry: Callable[[int, str, float], None] | None = None,
                   cancelled: Callable[[], bool] = lambda: False,
-                  rand: Callable[[], float] = random.random, gate: Gate | None = None) -> Outcome:
-    """Send until it succeeds (2xx), cannot succeed (other 4xx/3xx), or the attempts run out.
+                  rand: Callable[[], float] = random.random, gate: Gate | None = None,
+                  success: frozenset[int] = frozenset()) -> Outcome:
+    """Send until it succeeds (2xx or a status in ``success``), cannot succeed (other
+    4xx/3xx), or the attempts run out.
 
     ``on_retry(attempt, reason, wait)`` is told of each retry. With a ``gate`` (the job's
     circuit), attempts made while it is open are not counted, and a record whose attempts
@@ -174,7 +178,7 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
                 raise CancelledError("abandoned") from e
             verdict = judge(None, e)
         else:
-            verdict = judge(answer)
+            verdict = judge(answer, None, success)
         if counted:
             attempts += 1
         if gate is not None:

@@ -195,6 +195,10 @@ class JobRunner:
         # otherwise with --kafka-option.
         config.setdefault("queued.max.messages.kbytes", max(1, self._prefetch // 1024))
         config.setdefault("fetch.max.bytes", max(self._prefetch, 1024 * 1024))
+        start = self.job.definition.get("start_from")
+        if start is not None:
+            # Where a new group starts (SPEC §12); a group with commits goes on from them.
+            config["auto.offset.reset"] = start
         return config
 
     def _use(self, job: Job) -> None:
@@ -208,6 +212,7 @@ class JobRunner:
         self._redirects = bool(d.get("follow_redirects", False))
         self._ca_cert = d.get("ca_cert")
         self._ratelimit = float(d.get("ratelimit", 0))
+        self._success = frozenset(d.get("success_status", ()))
         self._max_in_flight = int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT))
         self._ordering = d.get("ordering", "partition")
         self._order = order_key(self._ordering)
@@ -454,7 +459,8 @@ class JobRunner:
             outcome = await deliver(lambda: self._attempt(unit, record.request), self.policy,
                                     self._clock,
                                     on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
-                                    cancelled=lambda: unit.cancelled, gate=_Gate(self, unit))
+                                    cancelled=lambda: unit.cancelled, gate=_Gate(self, unit),
+                                    success=self._success)
         except CancelledError:
             return  # abandoned: the message stays unfinished, and is not committed
         self.stats.retried += outcome.retried
@@ -543,7 +549,8 @@ class JobRunner:
         try:
             outcome = await deliver(lambda: self._attempt(unit, request), self.policy, self._clock,
                                     on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
-                                    cancelled=lambda: unit.cancelled, gate=_Gate(self, unit))
+                                    cancelled=lambda: unit.cancelled, gate=_Gate(self, unit),
+                                    success=self._success)
         except CancelledError:
             return
         self.stats.retried += outcome.retried

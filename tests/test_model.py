@@ -986,3 +986,26 @@ def test_an_empty_secret_is_refused() -> None:
     assert [p.field for p in problems] == ["basic_auth.pw", "headers.X-Api-Key"]
     assert all("empty secret" in p.reason for p in problems)
     assert fields_of(minimal(token="")) == {"token"}
+
+
+# -- SPEC §12 -----------------------------------------------------------------------------
+
+
+def test_start_from_and_success_status_are_kept_normalised() -> None:
+    job = validate(minimal(start_from="Latest", success_status=[409, 302]))
+    assert job.definition["start_from"] == "latest"
+    assert job.definition["success_status"] == [409, 302]
+    assert validate(minimal(start_from="earliest")).definition["start_from"] == "earliest"
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"start_from": "middle"}, "start_from"),
+    ({"start_from": 0}, "start_from"),
+    ({"success_status": 409}, "success_status"),
+    ({"success_status": ["409"]}, "success_status[0]"),
+    ({"success_status": [True]}, "success_status[0]"),
+    ({"success_status": [200, 600]}, "success_status[1]"),
+    ({"success_status": [409, 409]}, "success_status[1]"),
+])
+def test_start_from_and_success_status_misuse_is_refused(changes: dict[str, Any], field: str) -> None:
+    assert fields_of(minimal(**changes)) == {field}

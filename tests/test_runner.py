@@ -52,6 +52,11 @@ class Pending:
     body: bytes | None
     d: Deferred[FakeResponse]
     cancelled: bool = False
+    headers: Any = None
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name.encode()) if self.headers is not None else None
+        return values[0].decode("latin-1") if values else None
 
     def answer(self, code: int = 200, body: bytes = b"ok", headers: dict[str, str] | None = None) -> None:
         self.d.callback(FakeResponse(code, body, headers))
@@ -73,7 +78,8 @@ class FakeAgent:
         def cancel(_: Any) -> None:
             pending.cancelled = True
 
-        pending = Pending(method, uri, getattr(bodyProducer, "_data", None), Deferred(cancel))
+        pending = Pending(method, uri, getattr(bodyProducer, "_data", None), Deferred(cancel),
+                          headers=headers)
         self.requests.append(pending)
         if self.auto is not None:
             pending.answer(self.auto)
@@ -162,13 +168,14 @@ class Harness:
         self.offsets: dict[TP, int] = {}
 
     def message(self, value: Any, *, partition: int = 0, offset: int | None = None,
-                key: bytes | None = None) -> Prepared:
+                key: bytes | None = None,
+                headers: list[tuple[str, bytes | None]] | None = None) -> Prepared:
         tp = (T, partition)
         if offset is None:
             offset = self.offsets.get(tp, 0)
         self.offsets[tp] = offset + 1
         raw = value if isinstance(value, bytes) else json.dumps(value).encode()
-        incoming = Incoming(T, partition, offset, key, raw, [], 1_700_000_000_000)
+        incoming = Incoming(T, partition, offset, key, raw, headers or [], 1_700_000_000_000)
         return prepare(self.runner.builder, incoming, self.runner._order)
 
     def arrive(self, *prepared: Prepared) -> None:
@@ -684,3 +691,73 @@ def test_ratelimit_spaces_every_send_even_when_a_wake_up_is_late() -> None:
     assert len(h.agent.requests) == 2, "the next send came less than 1 s after the last"
     h.clock.advance(0.1)
     assert len(h.agent.requests) == 3
+
+
+# -- SPEC §12: more from messages and requests --------------------------------------------
+
+
+def test_every_request_carries_the_user_agent_single_and_batched() -> None:
+    from restconsumer import __version__
+    h = Harness()
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a"}))
+    [pending] = h.agent.open()
+    assert pending.header("User-Agent") == f"restconsumer/{__version__}"
+    pending.answer(200)
+    b = Harness(make_job(batch={"max_messages": 2, "max_bytes": 1 << 20, "max_wait": 0.5,
+                                "format": "ndjson"}, url="http://sink.test/p/all"))
+    b.runner.assigned([(T, 0)])
+    b.arrive(b.message({"id": "a"}), b.message({"id": "b"}))
+    [batch] = b.agent.open()
+    assert batch.header("User-Agent") == f"restconsumer/{__version__}"
+    assert batch.header("Content-Type") == "application/x-ndjson"
+
+
+def test_a_jobs_own_user_agent_header_replaces_ours() -> None:
+    h = Harness(make_job(headers={"User-Agent": "mine/1"}))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a"}))
+    assert h.agent.open()[0].header("User-Agent") == "mine/1"
+
+
+def test_meta_headers_of_the_kafka_message_reach_the_datamap() -> None:
+    job = validate({"id": "j", "owner": "o", "type": "POST", "topic": T,
+                    "datamap": {"id": "$.msg.id", "trace": "$.meta.headers.trace",
+                                "bin": "$.meta.headers.bin", "nul": "$.meta.headers.nul"},
+                    "url": "http://sink.test/p/{id}", "json_body": ["id", "trace", "bin", "nul"]})
+    h = Harness(job)
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a"}, headers=[("trace", b"t-1"), ("bin", b"\xff\xfe"),
+                                              ("nul", None)]))
+    [pending] = h.agent.open()
+    # Text headers as text, a null header as null; one that is not UTF-8 is left out.
+    assert json.loads(pending.body or b"") == {"id": "a", "trace": "t-1", "nul": None}
+
+
+def test_start_from_sets_where_a_new_group_starts() -> None:
+    assert Harness().loop.config["auto.offset.reset"] == "earliest"
+    assert Harness(make_job(start_from="latest")).loop.config["auto.offset.reset"] == "latest"
+    assert Harness(make_job(start_from="earliest")).loop.config["auto.offset.reset"] == "earliest"
+
+
+def test_success_status_counts_those_answers_as_delivered() -> None:
+    h = Harness(make_job(success_status=[409]))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "dup"}), h.message({"id": "bad"}), h.message({"id": "ok"}))
+    h.agent.open()[0].answer(409, b"exists")
+    h.agent.open()[0].answer(404, b"no")
+    h.agent.open()[0].answer(200)
+    assert h.runner.stats.delivered == 2
+    assert [r for r in h.dead_letters.reasons()] == ["HTTP 404: no"]
+    assert h.loop.commits == {(T, 0): 3}
+
+
+def test_success_status_holds_for_a_batch() -> None:
+    h = Harness(make_job(success_status=[409], url="http://sink.test/p/all",
+                         batch={"max_messages": 2, "max_bytes": 1 << 20, "max_wait": 0.5,
+                                "format": "json_array"}))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))
+    h.agent.open()[0].answer(409)
+    assert h.runner.stats.delivered == 2 and h.dead_letters.sent == []
+    assert h.loop.commits == {(T, 0): 2}

@@ -1,0 +1,99 @@
+"""More from messages and requests (SPEC §12) through the real service: real Kafka, real Redis,
+a service process and loopback endpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from restconsumer import __version__
+from tests.infra.kafka import KafkaBroker
+from tests.infra.kafka_io import produce, read_all
+from tests.infra.ports import wait_for
+from tests.infra.service import ServiceProcess
+from tests.infra.sink import Received, Sink
+
+Start = Callable[..., ServiceProcess]
+
+
+def job(name: str, topic: str, url: str, **more: Any) -> dict[str, Any]:
+    return {"id": name, "owner": "ops", "type": "POST", "topic": topic,
+            "datamap": {"id": "$.msg.id"}, "url": f"{url}/{name}/{{id}}", "json_body": ["id"],
+            **more}
+
+
+def counters(service: ServiceProcess, job_id: str) -> dict[str, int]:
+    return service.request("GET", f"/job/{job_id}/status").json["counters"]
+
+
+def test_user_agent_and_the_kafka_messages_headers(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    """Every request says who sends it; ``$.meta.headers`` holds the Kafka message's headers."""
+    name = topic()
+    service = services()
+    definition = job("ua", name, sink.url, datamap={"id": "$.msg.id", "trace": "$.meta.headers.trace"},
+                     json_body=["id", "trace"])
+    assert service.request("POST", "/job/ua", definition).status == 201
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"m{i}"}).encode() for i in range(3)],
+            headers=[("trace", b"trace-42")])
+    wait_for(lambda: sink.count() >= 3, 40, "3 requests")
+    for got in sink.snapshot():
+        assert got.headers["user-agent"] == f"restconsumer/{__version__}"
+        assert json.loads(got.body)["trace"] == "trace-42"
+
+
+def test_start_from_latest_skips_what_the_topic_held_before_the_job(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    name = topic(2)
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"old{i}"}).encode() for i in range(20)],
+            partitions=2)
+    service = services()
+    assert service.request("POST", "/job/late", job("late", name, sink.url,
+                                                    start_from="latest")).status == 201
+    # The group starts at the end once it has its partitions: keep producing until one arrives.
+    deadline = time.monotonic() + 60
+    sent = 0
+    while sink.count() == 0 and time.monotonic() < deadline:
+        produce(kafka.bootstrap, name, [json.dumps({"id": f"new{sent}"}).encode(),
+                                        json.dumps({"id": f"new{sent + 1}"}).encode()], partitions=2)
+        sent += 2
+        time.sleep(0.5)
+    assert sink.count() > 0, "nothing new was delivered"
+    produce(kafka.bootstrap, name, [json.dumps({"id": "last"}).encode()])
+    wait_for(lambda: any(r.path.endswith("/last") for r in sink.snapshot()), 30, "the last message")
+    time.sleep(1)
+    paths = [r.path for r in sink.snapshot()]
+    assert not [p for p in paths if "/old" in p], paths
+    # The default still starts from the beginning.
+    assert service.request("POST", "/job/early", job("early", name, sink.url)).status == 201
+    wait_for(lambda: sum("/early/old" in r.path for r in sink.snapshot()) >= 20, 40, "the old messages")
+
+
+def test_success_status_counts_a_409_as_delivered(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    def respond(got: Received) -> tuple[int, dict[str, str], bytes]:
+        if "/dup" in got.path:
+            return 409, {}, b"exists"
+        if "/bad" in got.path:
+            return 404, {}, b"no such thing"
+        return 200, {}, b"ok"
+
+    sink = Sink(respond).start()
+    try:
+        name = topic()
+        service = services()
+        assert service.request("POST", "/job/created", job("created", name, sink.url,
+                                                           success_status=[409])).status == 201
+        ids = ["dup1", "ok1", "bad1", "dup2", "ok2"]
+        produce(kafka.bootstrap, name, [json.dumps({"id": i}).encode() for i in ids])
+        wait_for(lambda: counters(service, "created").get("delivered", 0) >= 4, 40, "4 delivered")
+        wait_for(lambda: counters(service, "created").get("dead_lettered", 0) == 1, 20, "1 dead letter")
+        [letter] = read_all(kafka.bootstrap, "restconsumer.deadletter.created", expect=1)
+        assert json.loads(letter.value()) == {"id": "bad1"}
+        time.sleep(1)
+        assert counters(service, "created")["delivered"] == 4
+        assert len(sink.snapshot()) == 5, "a 409 was retried"
+    finally:
+        sink.stop()
