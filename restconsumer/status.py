@@ -52,6 +52,7 @@ class StatusReporter(Service):
         self._clock = clock
         self._every = every
         self._reported: dict[int, dict[str, int]] = {}
+        self._written: dict[int, tuple[float, dict[str, Any]]] = {}
         self._timer = LoopingCall(self.flush)
         self._timer.clock = clock
         self._finals: set[Deferred[None]] = set()
@@ -88,7 +89,15 @@ class StatusReporter(Service):
                 self._reported[id(runner)] = previous
                 raise
         if state:
-            await self._store.put_instance_state(runner.job.id, self.instance, self.local(runner))
+            report = self.local(runner)
+            # An idle job's report changes little: written when it changes, else often enough
+            # to stay fresh (200 idle jobs would otherwise cost 400 Redis calls a second).
+            same = {k: v for k, v in report.items() if k not in ("at", "rate")}
+            last = self._written.get(id(runner))
+            if last is None or last[1] != same or report["rate"] or \
+                    report["at"] - last[0] >= FRESH / 3:
+                await self._store.put_instance_state(runner.job.id, self.instance, report)
+                self._written[id(runner)] = (report["at"], same)
 
     def local(self, runner: JobRunner) -> dict[str, Any]:
         """This instance's live report of one job."""
@@ -142,6 +151,7 @@ class StatusReporter(Service):
                         break
                     await deferLater(self._clock, 1.0, lambda: None)
             self._reported.pop(id(runner), None)
+            self._written.pop(id(runner), None)
 
         d = Deferred.fromCoroutine(final()).addErrback(
             lambda f: log.failure("job {job_id}: final status report failed", f, job_id=runner.job.id))
