@@ -74,7 +74,7 @@ def test_json_logs_are_flat_objects_and_failures_carry_the_job(
         service = services("--log-format", "json")
         assert service.request("POST", "/job/refused", job("refused", name, sink.url)).status == 201
         produce(kafka.bootstrap, name, [b'{"id": "x1"}'])
-        wait_for(lambda: "dead-lettered" in service.log(), 30, "the dead letter's log line")
+        wait_for(lambda: ": dead-lettered: " in service.log(), 30, "the dead letter's log line")
         service.stop()
         lines = [line for line in service.log().splitlines() if line.strip()]
         assert len(lines) > 5
