@@ -8,7 +8,7 @@ setup(
     description="Kafka messages turned into REST requests, as declared by jobs kept in Redis",
     python_requires=">=3.11",
     packages=[*find_packages(include=["restconsumer", "restconsumer.*"]), "twisted.plugins"],
-    package_data={"restconsumer": ["openapi.json"]},
+    package_data={"restconsumer": ["openapi.json", "ui/*.html", "ui/*.js", "ui/*.css"]},
     entry_points={"console_scripts": ["restconsumer = restconsumer.cli:main"]},
     install_requires=[
         "twisted[tls]>=24.7",
@@ -31,6 +31,9 @@ setup(
             "ruff>=0.6",
             "jsonschema>=4",
             "schemathesis>=4.0",
+            "selenium>=4.20",
+            "mypy>=1.10",
+            "mypy-zope>=1.0",
         ],
     },
 )
