@@ -7,6 +7,7 @@ building a request is then a few dict look-ups and string joins.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from jsonpath_ng.jsonpath import Child, Fields, Index, Root
 
 from restconsumer import __version__
 from restconsumer.decode import to_json
-from restconsumer.model import PLACEHOLDER, Job
+from restconsumer.model import PLACEHOLDER, Job, is_secret_header
 
 __all__ = ["USER_AGENT", "Outgoing", "RequestBuilder", "TemplateError", "compile_getter", "encode_value"]
 
@@ -25,6 +26,9 @@ _MISSING = object()
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 #: Sent with every request (SPEC §12); a job's own ``User-Agent`` header replaces it.
 USER_AGENT = f"restconsumer/{__version__}".encode("ascii")
+#: What a header value taken from a message may not hold: it could end the header, or
+#: start another one (request smuggling), or be read differently by each server.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class TemplateError(ValueError):
@@ -41,6 +45,9 @@ class Outgoing:
     headers: dict[bytes, list[bytes]]
     body: bytes | None
     entity_id: Any = None
+    #: Whether ``headers`` belong to this request alone (templated headers, an idempotency
+    #: key) rather than being the job's shared dict.
+    own_headers: bool = False
 
 
 def _indices(node: Index) -> tuple[int, ...]:
@@ -131,9 +138,18 @@ class RequestBuilder:
         self._body_keys: list[str] | None = d.get("json_body")
         headers: dict[bytes, list[bytes]] = {b"Host": [_host_header(d["url"])],
                                              b"User-Agent": [USER_AGENT]}
-        headers.update({
-            k.encode("latin-1"): [v.encode("latin-1")] for k, v in d.get("headers", {}).items()
-        })
+        #: Headers whose value takes datamap values: (name, parts), parts alternating
+        #: literal text and datamap keys. A credential header is never a template.
+        self._header_templates: list[tuple[bytes, list[str]]] = []
+        for k, v in d.get("headers", {}).items():
+            if PLACEHOLDER.search(v) and not is_secret_header(k):
+                self._header_templates.append((k.encode("latin-1"), PLACEHOLDER.split(v)))
+            else:
+                headers[k.encode("latin-1")] = [v.encode("latin-1")]
+        self._job_id: str = d["id"]
+        #: Whether each request carries an ``Idempotency-Key`` made by :meth:`build`
+        #: (a batch's is made where the batch is).
+        self.idempotency = bool(d.get("idempotency_key")) and "batch" not in d
         if "basic_auth" in d:
             pair = f"{d['basic_auth']['user']}:{d['basic_auth']['pw']}".encode()
             headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair)]
@@ -157,8 +173,12 @@ class RequestBuilder:
                 values[key] = found[0] if len(found) == 1 else found
         return values
 
-    def build(self, values: dict[str, Any]) -> Outgoing:
-        """The request for one record's datamap values; :class:`TemplateError` if one is missing."""
+    def build(self, values: dict[str, Any], ident: str | None = None) -> Outgoing:
+        """The request for one record's datamap values; :class:`TemplateError` if one is missing.
+
+        ``ident`` (``topic:partition:offset:record``) makes the ``Idempotency-Key`` of a
+        job with ``idempotency_key``.
+        """
         parts = self._url_parts
         pieces = []
         for i, part in enumerate(parts):
@@ -183,4 +203,35 @@ class RequestBuilder:
                 body = to_json({k: values[k] for k in self._body_keys if k in values})
             except (TypeError, ValueError) as e:
                 raise TemplateError(f"the JSON body cannot be made: {e}") from e
-        return Outgoing(self.method, url.encode("ascii"), self.headers, body, values.get("id"))
+        headers = self.headers
+        if self._header_templates or ident is not None:
+            headers = dict(headers)
+            for name, parts in self._header_templates:
+                headers[name] = [_header_value(name, parts, values)]
+            if ident is not None:
+                headers[b"Idempotency-Key"] = [f"{self._job_id}:{ident}".encode()]
+            return Outgoing(self.method, url.encode("ascii"), headers, body, values.get("id"), True)
+        return Outgoing(self.method, url.encode("ascii"), headers, body, values.get("id"))
+
+
+def _header_value(name: bytes, parts: list[str], values: dict[str, Any]) -> bytes:
+    """A templated header's value; :class:`TemplateError` if a key is missing or its value
+    holds a control character (CR, LF, NUL, tab...): nothing from a message can add a header."""
+    pieces = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            pieces.append(part)
+            continue
+        if part not in values:
+            raise TemplateError(f"the header {name.decode('latin-1')} needs '{part}', "
+                                f"which the datamap did not find")
+        value = values[part]
+        text = value if isinstance(value, str) else to_json(value).decode("utf-8")
+        if _CONTROL.search(text):
+            raise TemplateError(f"the value of '{part}' for the header {name.decode('latin-1')} "
+                                f"holds a control character (CR, LF...): not sent")
+        pieces.append(text)
+    try:
+        return "".join(pieces).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TemplateError(f"a value is not valid Unicode (lone surrogate): {e}") from e

@@ -26,6 +26,7 @@ from restconsumer.secrets import (
     hash_view,
     is_secret_header,
     origin_of,
+    parse_reference,
     redact_secrets,
     reference_problems,
     slots,
@@ -73,6 +74,7 @@ FIELDS = (
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
     "ordering", "max_in_flight", "batch", "start_from", "success_status",
+    "idempotency_key",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -255,7 +257,7 @@ def _check_topic(value: Any, where: str, problems: list[Problem]) -> None:
         problems.append(Problem(where, "must be a Kafka topic name: [A-Za-z0-9._-], 1 to 249 characters"))
 
 
-def _check_headers(value: Any, problems: list[Problem]) -> None:
+def _check_headers(value: Any, datamap_keys: set[str] | None, problems: list[Problem]) -> None:
     if not isinstance(value, Mapping):
         problems.append(Problem("headers", "must be an object of name: value"))
         return
@@ -273,6 +275,14 @@ def _check_headers(value: Any, problems: list[Problem]) -> None:
             problems.append(Problem(where, "must not contain line breaks"))
         elif not _latin1(item):
             problems.append(Problem(where, "must be Latin-1 text (HTTP header values are)"))
+        elif is_secret_header(str(key)) or parse_reference(item) is not None:
+            continue  # a credential is never a template
+        else:
+            for name in PLACEHOLDER.findall(item):
+                if not name:
+                    problems.append(Problem(where, "'{}' names no datamap key"))
+                elif datamap_keys is not None and name not in datamap_keys:
+                    problems.append(Problem(where, f"'{{{name}}}' is not a key of the datamap"))
 
 
 def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[str] | None,
@@ -373,6 +383,14 @@ def _check_throughput(definition: dict[str, Any], datamap_keys: set[str] | None,
                                        "carries many records)"))
     if definition.get("query_params"):
         problems.append(Problem("query_params", "a batched job's query holds no datamap values"))
+    headers = definition.get("headers")
+    if isinstance(headers, Mapping):
+        for key, item in headers.items():
+            if (isinstance(item, str) and PLACEHOLDER.search(item) and not is_secret_header(str(key))
+                    and parse_reference(item) is None):
+                problems.append(Problem(f"headers.{key}", "a batched job's headers hold no "
+                                                          "placeholders (one request carries "
+                                                          "many records)"))
     if ordering is not None and definition.get("ordering") != "partition":
         problems.append(Problem("ordering", "a batched job keeps partition order "
                                             "(batches of one partition go in order)"))
@@ -386,6 +404,8 @@ def _check_requests(definition: dict[str, Any], problems: list[Problem]) -> None
             problems.append(Problem("start_from", "must be \"earliest\" or \"latest\""))
         else:
             definition["start_from"] = start.lower()
+    if "idempotency_key" in definition and not isinstance(definition["idempotency_key"], bool):
+        problems.append(Problem("idempotency_key", "must be true or false"))
     codes = definition.get("success_status")
     if codes is not None:
         if not isinstance(codes, list):
@@ -630,7 +650,7 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
         _check_ca_cert(definition["ca_cert"], problems)
 
     if "headers" in definition:
-        _check_headers(definition["headers"], problems)
+        _check_headers(definition["headers"], datamap_keys, problems)
 
     retry = definition.get("retry")
     if retry is not None:

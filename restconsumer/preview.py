@@ -92,17 +92,17 @@ def preview(job: Job, messages: Any, now_ms: int) -> list[dict[str, Any]]:
     for index, one in enumerate(incoming):
         assert one is not None
         prepared = prepare(builder, one, order)
-        results.extend(_results(index, prepared))
+        results.extend(_results(index, prepared, builder.idempotency))
     return results
 
 
-def _results(index: int, prepared: Prepared) -> list[dict[str, Any]]:
+def _results(index: int, prepared: Prepared, idempotency: bool = False) -> list[dict[str, Any]]:
     if prepared.error is not None:
         return [{"message": index, "record": 0, "error": prepared.error}]
-    return [_result(index, record) for record in prepared.records]
+    return [_result(index, record, idempotency) for record in prepared.records]
 
 
-def _result(index: int, record: RecordWork) -> dict[str, Any]:
+def _result(index: int, record: RecordWork, idempotency: bool = False) -> dict[str, Any]:
     base: dict[str, Any] = {"message": index, "record": record.index}
     if record.error is not None or record.request is None:
         return {**base, "error": record.error or "no request"}
@@ -110,8 +110,10 @@ def _result(index: int, record: RecordWork) -> dict[str, Any]:
     headers = {}
     for name, values in request.headers.items():
         text = name.decode("latin-1")
-        value = values[0].decode("latin-1") if values else ""
-        if text.lower() == "authorization" and " " in value:
+        value = _text(values[0]) if values else ""
+        if idempotency and text == "Idempotency-Key":
+            headers[text] = value  # ours, made of the record's place: no secret
+        elif text.lower() == "authorization" and " " in value:
             # The scheme is not secret, and says which auth the job sends.
             headers[text] = f"{value.split(' ', 1)[0]} {REDACTED}"
         else:
@@ -121,3 +123,11 @@ def _result(index: int, record: RecordWork) -> dict[str, Any]:
         body = request.body.decode("utf-8", "replace")
     return {**base, "request": {"method": request.method.decode("ascii"),
                                 "url": request.url.decode("ascii"), "headers": headers, "body": body}}
+
+
+def _text(value: bytes) -> str:
+    # Templated header values are sent as UTF-8; static ones are Latin-1.
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")

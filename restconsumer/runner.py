@@ -213,6 +213,7 @@ class JobRunner:
         self._ca_cert = d.get("ca_cert")
         self._ratelimit = float(d.get("ratelimit", 0))
         self._success = frozenset(d.get("success_status", ()))
+        self._idempotency = bool(d.get("idempotency_key"))
         self._max_in_flight = int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT))
         self._ordering = d.get("ordering", "partition")
         self._order = order_key(self._ordering)
@@ -540,6 +541,12 @@ class JobRunner:
         assert first is not None
         body = batch_body([r.request.body or b"" for _, r in items if r.request is not None],
                           self._batch["format"])
+        if self._idempotency:
+            incoming = items[0][0].prepared.incoming
+            last = items[-1][0].prepared.incoming.offset
+            key = f"{self.job.id}:{incoming.topic}:{incoming.partition}:{incoming.offset}-{last}"
+            headers = {**self._batch_headers, b"Idempotency-Key": [key.encode()]}
+            return Outgoing(first.method, first.url, headers, body, None, True)
         return Outgoing(first.method, first.url, self._batch_headers, body)
 
     async def _run_batch(self, unit: _Unit, items: list[tuple[_Message, RecordWork]]) -> None:

@@ -235,8 +235,9 @@ class HTTPSender(Service):
             d = Deferred.fromCoroutine(self._follow(route.agent, request))
         else:
             body = _Body(request.body) if request.body is not None else None
-            d = route.agent.request(request.method, request.url, self._headers_of(request.headers),
-                                    body)
+            headers = Headers(request.headers) if request.own_headers else \
+                self._headers_of(request.headers)
+            d = route.agent.request(request.method, request.url, headers, body)
             d.addCallback(self._answer)
         return d.addTimeout(timeout, self._reactor)
 

@@ -136,7 +136,9 @@ def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None 
         try:
             values = builder.extract(builder.document(record.schema, record.msg, meta))
             work.entity = values.get("id", _entity(record.msg))
-            work.request = builder.build(values)
+            ident = (f"{incoming.topic}:{incoming.partition}:{incoming.offset}:{index}"
+                     if builder.idempotency else None)
+            work.request = builder.build(values, ident)
             if order is not None:
                 work.order = order(incoming, values)
         except TemplateError as e:

@@ -1009,3 +1009,20 @@ def test_start_from_and_success_status_are_kept_normalised() -> None:
 ])
 def test_start_from_and_success_status_misuse_is_refused(changes: dict[str, Any], field: str) -> None:
     assert fields_of(minimal(**changes)) == {field}
+
+
+def test_header_placeholders_name_datamap_keys() -> None:
+    job = validate(minimal(headers={"X-Person": "p-{id}", "Authorization": "Bearer {x}"},
+                           idempotency_key=True))
+    assert job.definition["headers"]["X-Person"] == "p-{id}"
+    assert job.definition["idempotency_key"] is True
+    assert fields_of(minimal(headers={"X-Person": "{nope}"})) == {"headers.X-Person"}
+    assert fields_of(minimal(headers={"X-Person": "{}"})) == {"headers.X-Person"}
+    assert fields_of(minimal(idempotency_key="yes")) == {"idempotency_key"}
+
+
+def test_a_batched_jobs_headers_hold_no_placeholders() -> None:
+    raw = minimal(url="http://api.example.com/people", json_body=["id"], headers={"X-Id": "{id}"},
+                  batch={"max_messages": 10})
+    assert fields_of(raw) == {"headers.X-Id"}
+    assert validate({**raw, "headers": {"X-Id": "static"}}).definition["headers"] == {"X-Id": "static"}

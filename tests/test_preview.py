@@ -74,3 +74,18 @@ def test_every_problem_of_the_envelopes_is_listed() -> None:
         preview(JOB, [], 0)
     with pytest.raises(BadEnvelope):
         preview(JOB, {"value": 1}, 0)
+
+
+def test_the_preview_shows_user_agent_templated_headers_and_the_idempotency_key() -> None:
+    from restconsumer import __version__
+    job = validate({"id": "ik", "owner": "o", "type": "POST", "topic": "t",
+                    "datamap": {"id": "$.msg.id", "tenant": "$.meta.headers.tenant"},
+                    "url": "http://h/{id}", "json_body": ["id"], "idempotency_key": True,
+                    "headers": {"X-Tenant": "{tenant}"}})
+    [ok, bad] = preview(job, [{"value": {"id": "a"}, "offset": 9, "headers": {"tenant": "acme"}},
+                              {"value": {"id": "b"}, "headers": {"tenant": "x\ny"}}], 0)
+    headers = ok["request"]["headers"]
+    assert headers["User-Agent"] == f"restconsumer/{__version__}"
+    assert headers["X-Tenant"] == "acme"
+    assert headers["Idempotency-Key"] == "ik:t:0:9:0"
+    assert "control character" in bad["error"]

@@ -4,6 +4,8 @@ a service process and loopback endpoints."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,4 +98,65 @@ def test_success_status_counts_a_409_as_delivered(
         assert counters(service, "created")["delivered"] == 4
         assert len(sink.snapshot()) == 5, "a 409 was retried"
     finally:
+        sink.stop()
+
+
+def test_templated_headers_reach_the_endpoint_and_a_line_break_is_dead_lettered(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    name = topic()
+    service = services()
+    definition = job("tmpl", name, sink.url,
+                     datamap={"id": "$.msg.id", "tenant": "$.msg.tenant", "trace": "$.meta.headers.trace"},
+                     headers={"X-Tenant": "{tenant}", "X-Trace": "t-{trace}", "X-Static": "s"})
+    assert service.request("POST", "/job/tmpl", definition).status == 201
+    produce(kafka.bootstrap, name, [json.dumps({"id": "a", "tenant": "acme"}).encode(),
+                                    json.dumps({"id": "b", "tenant": "evil\r\nX-Injected: yes"}).encode(),
+                                    json.dumps({"id": "c", "tenant": "zeta"}).encode()],
+            headers=[("trace", b"42")])
+    wait_for(lambda: sink.count() >= 2, 40, "2 requests")
+    [letter] = read_all(kafka.bootstrap, "restconsumer.deadletter.tmpl", expect=1)
+    reason = dict(letter.headers())["restconsumer.reason"].decode()
+    assert "control character" in reason and "X-Tenant" in reason
+    time.sleep(1)
+    received = sink.snapshot()
+    assert [(r.path, r.headers["x-tenant"], r.headers["x-trace"], r.headers["x-static"])
+            for r in received] == [("/tmpl/a", "acme", "t-42", "s"), ("/tmpl/c", "zeta", "t-42", "s")]
+    assert not any("x-injected" in r.headers for r in received)
+
+
+def test_the_idempotency_key_is_the_same_across_retries_and_a_redelivery_after_sigkill(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    release = threading.Event()
+    seen: dict[str, int] = {}
+
+    def respond(got: Received) -> tuple[int, dict[str, str], bytes]:
+        seen[got.path] = seen.get(got.path, 0) + 1
+        if got.path.endswith("/retried") and seen[got.path] <= 2:
+            return 503, {}, b"busy"
+        if got.path.endswith("/held") and seen[got.path] == 1:
+            release.wait(60)  # the service is killed while this request is under way
+        return 200, {}, b"ok"
+
+    sink = Sink(respond).start()
+    try:
+        name = topic()
+        service = services()
+        definition = job("idem", name, sink.url, idempotency_key=True,
+                         retry={"max_attempts": 5, "initial_wait": 0.2, "max_wait": 0.5})
+        assert service.request("POST", "/job/idem", definition).status == 201
+        produce(kafka.bootstrap, name, [json.dumps({"id": "retried"}).encode(),
+                                        json.dumps({"id": "held"}).encode()])
+        wait_for(lambda: seen.get("/idem/held", 0) >= 1, 40, "the held request")
+        service.stop(signal.SIGKILL)
+        release.set()
+        services()
+        wait_for(lambda: seen.get("/idem/held", 0) >= 2, 60, "the redelivery after SIGKILL")
+        keys: dict[str, set[str]] = {}
+        for got in sink.snapshot():
+            keys.setdefault(got.path, set()).add(got.headers["idempotency-key"])
+        assert keys["/idem/retried"] == {f"idem:{name}:0:0:0"}
+        assert keys["/idem/held"] == {f"idem:{name}:0:1:0"}
+        assert seen["/idem/retried"] >= 3
+    finally:
+        release.set()
         sink.stop()

@@ -761,3 +761,76 @@ def test_success_status_holds_for_a_batch() -> None:
     h.agent.open()[0].answer(409)
     assert h.runner.stats.delivered == 2 and h.dead_letters.sent == []
     assert h.loop.commits == {(T, 0): 2}
+
+
+def test_templated_headers_take_datamap_values_and_a_control_character_dead_letters() -> None:
+    job = validate({"id": "j", "owner": "o", "type": "POST", "topic": T,
+                    "datamap": {"id": "$.msg.id", "tenant": "$.msg.tenant"},
+                    "url": "http://sink.test/p/{id}", "json_body": ["id"],
+                    "headers": {"X-Tenant": "t-{tenant}", "X-Static": "s", "X-Id": "{id}"}})
+    h = Harness(job)
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a", "tenant": "acme"}),
+             h.message({"id": "b", "tenant": "evil\r\nX-Injected: 1"}),
+             h.message({"id": "c", "tenant": "tab\there"}),
+             h.message({"id": "d"}),
+             h.message({"id": 7, "tenant": "ünï"}))
+    first = h.agent.open()[0]
+    assert (first.header("X-Tenant"), first.header("X-Static"), first.header("X-Id")) == \
+        ("t-acme", "s", "a")
+    first.answer(200)
+    last = h.agent.open()[0]
+    assert last.path == "p/7" and last.header("X-Id") == "7"
+    assert last.headers.getRawHeaders(b"X-Tenant") == ["t-ünï".encode()]
+    last.answer(200)
+    assert len(h.agent.requests) == 2
+    reasons = h.dead_letters.reasons()
+    assert len(reasons) == 3
+    assert "control character" in reasons[0] and "control character" in reasons[1]
+    assert "needs 'tenant'" in reasons[2]
+    assert h.loop.commits == {(T, 0): 5}
+
+
+def test_the_idempotency_key_is_the_records_place_and_the_same_on_every_retry() -> None:
+    h = Harness(make_job(idempotency_key=True))
+    h.runner.assigned([(T, 0), (T, 1)])
+    h.arrive(h.message({"id": "a"}, offset=41), h.message({"id": "b"}, partition=1, offset=7))
+    a, b = h.agent.open()
+    assert a.header("Idempotency-Key") == f"j:{T}:0:41:0"
+    assert b.header("Idempotency-Key") == f"j:{T}:1:7:0"
+    a.answer(503)
+    b.answer(200)
+    h.clock.advance(1)
+    [again] = h.agent.open()
+    assert again.header("Idempotency-Key") == f"j:{T}:0:41:0"
+    # Without it, no key (and the job's shared headers are used).
+    plain = Harness()
+    plain.runner.assigned([(T, 0)])
+    plain.arrive(plain.message({"id": "a"}))
+    assert plain.agent.open()[0].header("Idempotency-Key") is None
+
+
+def test_each_record_of_an_avro_container_has_its_own_idempotency_key() -> None:
+    import io
+
+    import fastavro
+    out = io.BytesIO()
+    schema = {"type": "record", "name": "P", "fields": [{"name": "id", "type": "string"}]}
+    fastavro.writer(out, fastavro.parse_schema(schema), [{"id": "x"}, {"id": "y"}])
+    h = Harness(make_job(idempotency_key=True, ordering="none"))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message(out.getvalue(), offset=3))
+    assert [r.header("Idempotency-Key") for r in h.agent.open()] == [f"j:{T}:0:3:0", f"j:{T}:0:3:1"]
+
+
+def test_a_batch_idempotency_key_spans_its_offsets_and_each_half_has_its_own() -> None:
+    h = Harness(make_job(idempotency_key=True, url="http://sink.test/p/all",
+                         batch={"max_messages": 4, "max_bytes": 1 << 20, "max_wait": 0.5,
+                                "format": "json_array"}))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}"}, offset=10 + i) for i in range(4)])
+    [batch] = h.agent.open()
+    assert batch.header("Idempotency-Key") == f"j:{T}:0:10-13"
+    batch.answer(400, b"one is bad")
+    [half] = h.agent.open()
+    assert half.header("Idempotency-Key") == f"j:{T}:0:10-11"
