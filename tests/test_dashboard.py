@@ -3,8 +3,8 @@ through Debian's chromedriver (both given by path: selenium-manager never runs, 
 downloaded), against the real service on real Kafka and Redis.
 
 Every test ends by checking that the browser logged no console error and that no request
-left for another origin. The run saves screenshots of the jobs table and of a job page in
-``docs/screenshots/`` (``RESTCONSUMER_SCREENSHOTS`` names another folder).
+left for another origin. The run saves screenshots of the jobs table, a job page and the
+editor's problems in ``docs/screenshots/`` (``RESTCONSUMER_SCREENSHOTS`` names another folder).
 """
 
 from __future__ import annotations
@@ -337,6 +337,7 @@ def test_a_job_with_two_mistakes_shows_both_next_to_their_fields(
         assert listed[field].startswith(field) and reasons[field] in listed[field]
         assert f"(line {line})" in listed[field]
     assert page.find("#editor-text").get_attribute("aria-invalid") == "true"
+    page.screenshot("editor", height=1100)
     assert s.request("GET", "/job/twomistakes").status == 404
 
     # Go to line: the caret lands on the field's line.

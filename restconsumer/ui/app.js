@@ -367,7 +367,7 @@
     if (lastJobs) renderJobs(...lastJobs);
   });
   $("auto").addEventListener("change", () => {
-    if ($("auto").checked && !$("jobs").hidden) openJobs();
+    if ($("auto").checked && !$("jobs").hidden) refreshJobs(generation).catch(() => {});
   });
 
   // -- one job ---------------------------------------------------------------------------
@@ -987,6 +987,12 @@
   });
 
   // -- start -----------------------------------------------------------------------------
+
+  // The skip link moves the focus without touching the hash (which holds the route).
+  document.querySelector(".skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    $("main").focus();
+  });
 
   window.addEventListener("hashchange", route);
   route();
