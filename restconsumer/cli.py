@@ -425,7 +425,9 @@ async def cmd_list(ctx: Context) -> int:
     rows = []
     for job in sorted(jobs, key=lambda j: str(j.get("id"))):
         topics = job.get("topic")
-        rows.append([job.get("id"), job.get("owner"), *([states.get(job.get("id"))] if states else []),
+        job_id = job.get("id")
+        state = states.get(job_id) if isinstance(job_id, str) else None
+        rows.append([job_id, job.get("owner"), *([state] if states else []),
                      topics if isinstance(topics, list) else [topics], job.get("type"), job.get("url")])
     for line in table(headers, rows):
         ctx.say(line)

@@ -35,10 +35,12 @@ __all__ = ["KafkaLoop", "LoopHandler", "consumer_config"]
 log = Logger()
 
 
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    thread = threading.Thread(*args, **kwargs)
-    thread.daemon = True
-    return thread
+class _DaemonThread(threading.Thread):
+    """A thread that never keeps the process alive (a ThreadPool's ``threadFactory``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
 
 
 class LoopHandler(Protocol):
@@ -122,7 +124,7 @@ class KafkaLoop:
         self._close_timeout = close_timeout
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"kafka-{name}")
         # A daemon thread: one stuck in librdkafka's close never keeps the process alive.
-        self._pool.threadFactory = _daemon_thread
+        self._pool.threadFactory = _DaemonThread
         self._mail = _Mailbox()
         self._stop = threading.Event()
         # At most two batches on their way to the reactor: a busy reactor slows the thread.
@@ -182,7 +184,12 @@ class KafkaLoop:
         self._stop.set()
         running = self._running if self._running is not None else succeed(None)
         closed: Deferred[bool] = Deferred()
-        running.addBoth(lambda _: closed.called or closed.callback(True))
+
+        def close_once(_: object) -> None:
+            if not closed.called:
+                closed.callback(True)
+
+        running.addBoth(close_once)
 
         def give_up(_: Any) -> bool:
             # librdkafka's close can wait without end for a coordinator that is gone: the
@@ -237,12 +244,12 @@ class KafkaLoop:
         commits, pause, resume = self._mail.take()
         self._points.update((tp, o) for tp, o in commits.items() if tp in self._assigned)
         try:
-            if pause := [tp for tp in pause if tp in self._assigned and tp not in self._paused]:
-                consumer.pause([TopicPartition(t, p) for t, p in pause])
-                self._paused.update(pause)
-            if resume := [tp for tp in resume if tp in self._paused]:
-                consumer.resume([TopicPartition(t, p) for t, p in resume])
-                self._paused.difference_update(resume)
+            if to_pause := [tp for tp in pause if tp in self._assigned and tp not in self._paused]:
+                consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+                self._paused.update(to_pause)
+            if to_resume := [tp for tp in resume if tp in self._paused]:
+                consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+                self._paused.difference_update(to_resume)
         except KafkaException as e:
             self._warn("pause/resume failed: {error}", error=str(e))
         self._commit(consumer)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import datetime
 import time
+from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -105,8 +106,10 @@ class DeadLetters(ThreadService):
 
         if self._producer is None:
             return fail(RuntimeError("dead letters are not running"))
+        # A list is invariant: Producer.produce declares its values as str | bytes | None.
+        kafka_headers: list[tuple[str, str | bytes | None]] = list(headers)
         try:
-            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+            self._producer.produce(topic, value=value, key=key, headers=kafka_headers, on_delivery=report)
         except Exception as e:  # BufferError when the queue is full, KafkaException otherwise
             return fail(RuntimeError(f"cannot produce to {topic}: {e}"))
         return done
@@ -126,6 +129,12 @@ def _iso(ms: int | None) -> str | None:
         return None
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _job_of(message: Message) -> str:
+    """The job a dead letter came from, as its ``restconsumer.job`` header says ("" if none)."""
+    job = dict(message.headers() or []).get("restconsumer.job") or b""
+    return job if isinstance(job, str) else job.decode("utf-8", "replace")
 
 
 def describe_letter(message: Any) -> dict[str, Any] | None:
@@ -218,18 +227,19 @@ class DeadLetterReader(ThreadService):
         position = start
         while position < end and time.monotonic() < deadline:
             for message in consumer.consume(500, 1.0):
-                if message.error() is not None:
-                    if message.error().code() == KafkaError._PARTITION_EOF:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
                         position = end
                     continue
-                position = message.offset() + 1
-                if message.offset() >= end:
+                offset = message.offset()
+                assert offset is not None  # a consumed message (not an error) has one
+                position = offset + 1
+                if offset >= end:
                     continue
                 letter = describe_letter(message)
                 if letter is not None:
-                    job = (dict(message.headers() or []).get("restconsumer.job") or b"").decode(
-                        "utf-8", "replace")
-                    out.append({"job": job, "letter": letter, "message": message})
+                    out.append({"job": _job_of(message), "letter": letter, "message": message})
         return out
 
     def replay_plan(self, job_id: str, topic: str) -> Deferred[dict[int, tuple[int, int]]]:
@@ -369,8 +379,8 @@ class Replays:
                             continue
                         request = record.request
                         outcome = await deliver(
-                            lambda r=request: self._sender.send(r, timeout, bool(d.get("follow_redirects")),
-                                                                d.get("ca_cert")),
+                            partial(self._sender.send, request, timeout, bool(d.get("follow_redirects")),
+                                    d.get("ca_cert")),
                             policy, self._clock)
                         if outcome.delivered:
                             progress["delivered"] += 1

@@ -7,6 +7,7 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.python.failure import Failure
 
 from restconsumer.threads import ThreadService
 
@@ -54,5 +55,10 @@ class KafkaProbe(ThreadService):
             self._running.addCallback(remember)
         # Several callers may wait on one probe; each gets its own Deferred.
         waiting: Deferred[dict[str, Any]] = Deferred()
-        self._running.addBoth(lambda r: (waiting.callback(r), r)[1])
+
+        def pass_on(result: dict[str, Any] | Failure) -> dict[str, Any] | Failure:
+            waiting.callback(result)
+            return result
+
+        self._running.addBoth(pass_on)
         return waiting

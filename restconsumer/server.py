@@ -8,9 +8,9 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
@@ -116,8 +116,14 @@ class _CountedRequest(Request):
     too_large = False
     _received = 0
 
+    @property
+    def _site(self) -> DrainingSite:
+        # Site.buildProtocol sets ``channel.site``; Twisted's HTTPChannel does not declare it.
+        site: DrainingSite = self.channel.site  # type: ignore[attr-defined]
+        return site
+
     def gotLength(self, length: int | None) -> None:
-        limit = self.channel.site.max_body
+        limit = self._site.max_body
         if length is not None and length > limit:
             # Nothing of it is kept; the API answers 413 (before authenticating).
             self.too_large = True
@@ -128,15 +134,17 @@ class _CountedRequest(Request):
         if self.too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body:
+        if self._received > self._site.max_body:
             self.too_large = True
-            self.content.seek(0)
-            self.content.truncate()
+            # Twisted declares ``content = None`` unannotated; gotLength has made it a file.
+            content = cast(IO[bytes], self.content)
+            content.seek(0)
+            content.truncate()
             return
         super().handleContentChunk(data)
 
     def process(self) -> None:
-        site: DrainingSite = self.channel.site
+        site = self._site
         site.started()
         self.notifyFinish().addBoth(lambda _: site.finished())
         super().process()
@@ -263,11 +271,20 @@ class APIServer(Service):
             self._listening.cancel()
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         drained = self._site.drained()
-        timer = self._clock.callLater(self._grace, lambda: drained.called or drained.cancel())
+
+        def give_up() -> None:
+            if not drained.called:
+                drained.cancel()
+
+        timer = self._clock.callLater(self._grace, give_up)
         drained.addErrback(lambda _: log.warn("stopping with {n} API requests unanswered",
                                               n=self._site.in_flight))
         drained.addBoth(lambda _: timer.cancel() if timer.active() else None)
         return stopped.addCallback(lambda _: drained)
+
+
+def _stop_child(_: object, child: IService) -> Deferred[Any]:
+    return maybeDeferred(child.stopService)
 
 
 class OrderedServices(MultiService):
@@ -282,6 +299,6 @@ class OrderedServices(MultiService):
         Service.stopService(self)
         d: Deferred[Any] = succeed(None)
         for child in reversed(list(self)):
-            d.addCallback(lambda _, c=child: maybeDeferred(c.stopService))
+            d.addCallback(_stop_child, child)
             d.addErrback(lambda f: log.failure("error while stopping", f))
         return d.addCallback(lambda _: None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -199,7 +199,10 @@ class JobStore(Service):
                  watch_every: float = 2.0, secret_key: SecretKey | None = None,
                  on_refused: Callable[[str], object] | None = None) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+
+            # The installed reactor: mypy sees the module twisted.internet.reactor instead.
+            clock = cast(IReactorTime, reactor)
         self._clock = clock
         self.secret_key = secret_key
         self._on_refused = on_refused or self._end_process

@@ -88,7 +88,12 @@ class Supervisor(Service):
         d = runner.stop().addBoth(stopped)
         # Kept until done, so that stopping the service waits for stops under way.
         self._stopping.add(d)
-        d.addBoth(lambda result: (self._stopping.discard(d), result)[1])
+
+        def forget(result: Any) -> Any:
+            self._stopping.discard(d)
+            return result
+
+        d.addBoth(forget)
         return d
 
     async def reconcile(self) -> None:

@@ -56,6 +56,8 @@ __all__ = ["FakeCluster", "FakeCommit", "FakeConsumer", "FakeProducer", "Headers
 _TP = tuple[str, int]
 #: What ``produce()`` accepts as headers: a list of (name, value) pairs or a dict.
 HeadersArg = list[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None
+#: Headers as kept with a record: values are bytes (or None); typed as ``Message(headers=...)`` takes them.
+_HeaderList = list[tuple[str, bytes | str | None]]
 #: ``on_assign``/``on_revoke``/``on_lost``: called with the consumer and its partitions.
 RebalanceCallback = Callable[[Any, list[TopicPartition]], None]
 
@@ -78,7 +80,7 @@ class FakeCommit(NamedTuple):
 class _Record(NamedTuple):
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes | None]] | None
+    headers: _HeaderList | None
     timestamp: int
 
 
@@ -114,7 +116,7 @@ def _to_bytes(data: bytes | str | None) -> bytes | None:
     return bytes(data)
 
 
-def _headers(headers: HeadersArg) -> list[tuple[str, bytes | None]] | None:
+def _headers(headers: HeadersArg) -> _HeaderList | None:
     if not headers:
         return None
     pairs = headers.items() if isinstance(headers, Mapping) else headers
@@ -126,6 +128,14 @@ def _message(topic: str, partition: int, offset: int, record: _Record, *,
     return Message(topic=topic, partition=partition, offset=offset, key=record.key, value=record.value,
                    headers=record.headers if headers else None, error=error,
                    timestamp=(TIMESTAMP_CREATE_TIME, record.timestamp))
+
+
+def _after(message: Message) -> tuple[str, int, int] | None:
+    """(topic, partition, offset + 1) of ``message``; None if it has no topic or partition."""
+    topic, partition = message.topic(), message.partition()
+    if topic is None or partition is None:
+        return None
+    return topic, partition, (message.offset() or 0) + 1
 
 
 def _closed_check(closed: bool) -> None:
@@ -565,8 +575,12 @@ class FakeConsumer:
             raise ValueError("message and offsets are mutually exclusive")
         with self._cond:
             _closed_check(self._closed)
+            asked: list[tuple[str, int, int]]
             if message is not None:
-                asked = [(message.topic(), message.partition(), (message.offset() or 0) + 1)]
+                after = _after(message)
+                if after is None:
+                    raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
+                asked = [after]
             elif offsets is not None:
                 asked = [(tp.topic, tp.partition, tp.offset) for tp in offsets]
             else:
@@ -608,7 +622,9 @@ class FakeConsumer:
             if self._auto_store:
                 raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
             if message is not None:
-                wanted = [(message.topic(), message.partition(), (message.offset() or 0) + 1)]
+                after = _after(message)
+                # A message without topic or partition matches no assigned partition.
+                wanted = [] if after is None else [after]
             else:
                 wanted = [(tp.topic, tp.partition, tp.offset) for tp in offsets or []]
             for t, p, offset in wanted:
@@ -654,7 +670,7 @@ class FakeConsumer:
         return group is not None and self in group.members
 
     def _topics_locked(self) -> set[str]:
-        topics = set()
+        topics: set[str] = set()
         for name in self._subscription:
             if name.startswith("^"):
                 pattern = re.compile(name)

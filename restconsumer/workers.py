@@ -21,6 +21,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -65,6 +66,7 @@ class _Worker(protocol.ProcessProtocol):
     pid: int | None = None
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # set by makeConnection before connectionMade
         self.pid = self.transport.pid
         log.info("worker {n} started (pid {pid})", n=self.number, pid=self.pid)
 
@@ -110,26 +112,41 @@ class WorkerPool(Service):
         if self.running:
             log.error("worker {n} ended ({reason}); starting it again", n=worker.number,
                       reason=reason.getErrorMessage())
-            self._reactor.callLater(1.0, lambda: self.running and self._spawn(worker.number))
+
+            def respawn() -> None:
+                if self.running:
+                    self._spawn(worker.number)
+
+            self._reactor.callLater(1.0, respawn)
 
     def stopService(self) -> Deferred[Any]:
         """Ask every worker to stop (SIGTERM), kill what has not ended in time."""
         super().stopService()
         waiting = []
         for worker in list(self._workers.values()):
+            if worker.transport is None:
+                continue
             try:
                 worker.transport.signalProcess("TERM")
             except Exception:
                 continue
             ended = worker.ended
             timer = self._reactor.callLater(self._stop_timeout, _kill, worker)
-            ended.addBoth(lambda r, t=timer: (t.active() and t.cancel(), r)[1])
+            ended.addBoth(_cancel_timer, timer)
             waiting.append(ended)
         return DeferredList(waiting) if waiting else succeed(None)
 
 
+def _cancel_timer(result: Failure | None, timer: IDelayedCall) -> Failure | None:
+    if timer.active():
+        timer.cancel()
+    return result
+
+
 def _kill(worker: _Worker) -> None:
     log.warn("worker {n} did not stop in time; killing it", n=worker.number)
+    if worker.transport is None:
+        return
     with contextlib.suppress(Exception):
         worker.transport.signalProcess("KILL")
 
@@ -154,5 +171,7 @@ class ParentWatch(Service):
     def startService(self) -> None:
         """Watch standard input."""
         super().startService()
-        self._stdio = StandardIO(_Watch(self._reactor), stdin=0, stdout=os.dup(1),
+        # twisted.internet.stdio picks its class with platform.isWindows(), which mypy cannot
+        # follow: it checks the Windows signature, which has no stdin/stdout.
+        self._stdio = StandardIO(_Watch(self._reactor), stdin=0, stdout=os.dup(1),  # type: ignore[call-arg]
                                  reactor=self._reactor)
