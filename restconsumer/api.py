@@ -168,7 +168,7 @@ class API:
         e: HTTPException = failure.value
         return _json(request, e.code or 500, {"error": e.name, "details": []})
 
-    @app.handle_errors
+    @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         self.log.failure("unexpected error in {method} {path}", failure,
                          method=request.method.decode(), path=request.path.decode("utf-8", "replace"))
