@@ -140,6 +140,7 @@ class KafkaLoop:
         self._base: dict[TP, int] = {}
         self._lag_at = 0.0
         self._busy = True
+        self._lag_stale = True
         self._last_warning = 0.0
         #: The assigned partitions (read from the reactor; replaced whole, never changed).
         self.assignment: list[TP] = []
@@ -254,7 +255,10 @@ class KafkaLoop:
             self._warn("pause/resume failed: {error}", error=str(e))
         self._commit(consumer)
         now = time.monotonic()
-        if now - self._lag_at >= (1.0 if self._busy else 10.0):
+        # Every second while busy and once more just after (so a caught-up partition shows
+        # lag 0 at once), every ten seconds when idle.
+        if now - self._lag_at >= (1.0 if self._busy or self._lag_stale else 10.0):
+            self._lag_stale = self._busy
             self._lag_at = now
             self._measure_lag(consumer)
         # Short while partitions are paused (one may resume) or work is going on (its offsets
