@@ -35,6 +35,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test stops and starts."""
+    server = RedisServer(tmp_path / "own-redis", persist=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def redis_db(redis_server: RedisServer) -> RedisServer:
     """The session's Redis, emptied for this test."""
     redis_server.client().flushall()

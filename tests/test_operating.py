@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.infra.kafka import KafkaBroker
@@ -103,15 +101,6 @@ def test_log_level_warn_leaves_out_info(services: Start) -> None:
     quiet = services()
     quiet.stop()
     assert "API listening" in quiet.log()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, which the test stops and starts."""
-    server = RedisServer(tmp_path / "own-redis", persist=True)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_redis_away_and_back_is_said_once_each(

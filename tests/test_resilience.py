@@ -174,15 +174,6 @@ def own_kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
     broker.stop()
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, which the test stops and starts."""
-    server = RedisServer(tmp_path / "own-redis", persist=True)
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_kafka_restarted_mid_stream(own_kafka: KafkaBroker, services: Start) -> None:
     """The broker stops for 20 s in the middle of the stream; every message arrives afterwards."""
     sink = Sink().start()
