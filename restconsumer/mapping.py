@@ -18,7 +18,7 @@ from jsonpath_ng.jsonpath import Child, Fields, Index, Root
 
 from restconsumer import __version__
 from restconsumer.decode import to_json
-from restconsumer.model import PLACEHOLDER, Job, is_secret_header
+from restconsumer.model import PLACEHOLDER, Job, is_secret_header, parse_jsonpath
 
 __all__ = ["USER_AGENT", "Outgoing", "RequestBuilder", "TemplateError", "compile_getter", "encode_value"]
 
@@ -128,6 +128,8 @@ class RequestBuilder:
         self.method = d["type"].encode("ascii")
         self._getters = {key: compile_getter(path) for key, path in job.paths.items()}
         self._constant = d.get("constant", {})
+        #: The job's ``filter`` (SPEC §12), compiled (validation compiled it: cached), or None.
+        self.filter: JSONPath | None = parse_jsonpath(d["filter"]) if "filter" in d else None
         parts = PLACEHOLDER.split(d["url"])
         # Even items are literal text, odd ones datamap keys.
         self._url_parts: list[str] = [
@@ -163,6 +165,14 @@ class RequestBuilder:
     def document(self, schema: Any, msg: Any, meta: dict[str, Any]) -> dict[str, Any]:
         """The JSONPath document of one record."""
         return {"schema": schema, "msg": msg, "constant": self._constant, "meta": meta}
+
+    def matches(self, document: dict[str, Any]) -> bool:
+        """Whether the job's filter keeps the record (with no filter, every record is kept).
+
+        The document is the one element of a list, so that a filter is written
+        ``$[?(...)]``; an error in it (a type jsonpath-ng cannot compare) raises.
+        """
+        return self.filter is None or bool(self.filter.find([document]))
 
     def extract(self, document: dict[str, Any]) -> dict[str, Any]:
         """The datamap's values: no match leaves the key out, several make a list."""

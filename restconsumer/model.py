@@ -74,7 +74,7 @@ FIELDS = (
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
     "ordering", "max_in_flight", "batch", "start_from", "success_status",
-    "idempotency_key",
+    "idempotency_key", "filter",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -603,6 +603,19 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
 
     if "url" in definition:
         _check_url(definition["url"], datamap_keys, allow_hosts, problems)
+
+    flt = definition.get("filter")
+    if flt is not None:
+        if not isinstance(flt, str) or not flt.strip():
+            problems.append(Problem("filter", "must be a JSONPath filter, e.g. "
+                                              "$[?(@.msg.status == 'approved')]"))
+        elif len(flt) > MAX_PATH:
+            problems.append(Problem("filter", f"is longer than {MAX_PATH} characters"))
+        else:
+            try:
+                parse_jsonpath(flt)
+            except Exception as e:  # jsonpath-ng raises several unrelated types
+                problems.append(Problem("filter", f"is not a valid JSONPath: {e}"))
 
     auth = definition.get("basic_auth")
     if auth is not None:

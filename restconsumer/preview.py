@@ -104,6 +104,8 @@ def _results(index: int, prepared: Prepared, idempotency: bool = False) -> list[
 
 def _result(index: int, record: RecordWork, idempotency: bool = False) -> dict[str, Any]:
     base: dict[str, Any] = {"message": index, "record": record.index}
+    if record.filtered:
+        return {**base, "filtered": True}
     if record.error is not None or record.request is None:
         return {**base, "error": record.error or "no request"}
     request = record.request

@@ -84,6 +84,8 @@ class JobStats:
     retried: int = 0
     dead_lettered: int = 0
     failed: int = 0
+    #: Records the job's filter left out (SPEC §12).
+    filtered: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
     started_at: float = 0.0
@@ -331,6 +333,11 @@ class JobRunner:
                 self._finish(message)
                 continue
             for record in prepared.records:
+                if record.filtered:
+                    self.stats.filtered += 1
+                    self._metrics.filtered(self.job.id)
+                    self._record_ended(message)
+                    continue
                 if self._batch is not None and record.request is not None:
                     self._batch_add(tp, message, record)
                     continue

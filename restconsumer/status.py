@@ -27,7 +27,7 @@ __all__ = ["COUNTERS", "StatusReporter", "job_status"]
 
 log = Logger()
 
-COUNTERS = ("consumed", "delivered", "retried", "dead_lettered", "failed")
+COUNTERS = ("consumed", "delivered", "retried", "dead_lettered", "failed", "filtered")
 #: A report older than this comes from an instance that is gone or no longer runs the job.
 FRESH = 15.0
 

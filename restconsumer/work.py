@@ -73,6 +73,8 @@ class RecordWork:
     entity: Any = None
     #: Its order group beyond the partition (SPEC §11), or None.
     order: Hashable | None = None
+    #: Left out by the job's filter: not sent, counted ``filtered``, committed.
+    filtered: bool = False
 
     def size(self) -> int:
         """Bytes it holds."""
@@ -134,7 +136,22 @@ def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None 
     for index, record in enumerate(records):
         work = RecordWork(index, None)
         try:
-            values = builder.extract(builder.document(record.schema, record.msg, meta))
+            document = builder.document(record.schema, record.msg, meta)
+            if builder.filter is not None:
+                try:
+                    keep = builder.matches(document)
+                except Exception as e:
+                    work.error = f"the filter failed on this record: {type(e).__name__}: {e}"
+                    work.entity = _entity(record.msg)
+                    size += work.size()
+                    prepared.records.append(work)
+                    continue
+                if not keep:
+                    work.filtered = True
+                    size += work.size()
+                    prepared.records.append(work)
+                    continue
+            values = builder.extract(document)
             work.entity = values.get("id", _entity(record.msg))
             ident = (f"{incoming.topic}:{incoming.partition}:{incoming.offset}:{index}"
                      if builder.idempotency else None)

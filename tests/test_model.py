@@ -1026,3 +1026,12 @@ def test_a_batched_jobs_headers_hold_no_placeholders() -> None:
                   batch={"max_messages": 10})
     assert fields_of(raw) == {"headers.X-Id"}
     assert validate({**raw, "headers": {"X-Id": "static"}}).definition["headers"] == {"X-Id": "static"}
+
+
+def test_a_filter_must_be_valid_jsonpath() -> None:
+    assert validate(minimal(filter="$[?(@.msg.status == 'approved')]")).definition["filter"] == \
+        "$[?(@.msg.status == 'approved')]"
+    assert fields_of(minimal(filter="$[?(@.msg.status == ")) == {"filter"}
+    assert fields_of(minimal(filter="")) == {"filter"}
+    assert fields_of(minimal(filter=5)) == {"filter"}
+    assert fields_of(minimal(filter="$" + "a" * 1000)) == {"filter"}

@@ -89,3 +89,13 @@ def test_the_preview_shows_user_agent_templated_headers_and_the_idempotency_key(
     assert headers["X-Tenant"] == "acme"
     assert headers["Idempotency-Key"] == "ik:t:0:9:0"
     assert "control character" in bad["error"]
+
+
+def test_the_preview_says_which_records_the_filter_leaves_out() -> None:
+    job = validate({"id": "f", "owner": "o", "type": "POST", "topic": "t",
+                    "datamap": {"id": "$.msg.id"}, "url": "http://h/{id}",
+                    "filter": "$[?(@.msg.status == 'approved')]"})
+    results = preview(job, [{"value": {"id": "a", "status": "approved"}},
+                            {"value": {"id": "b", "status": "draft"}}], 0)
+    assert results[0]["request"]["url"] == "http://h/a"
+    assert results[1] == {"message": 1, "record": 0, "filtered": True}

@@ -12,7 +12,7 @@ from typing import Any
 
 from restconsumer import __version__
 from tests.infra.kafka import KafkaBroker
-from tests.infra.kafka_io import produce, read_all
+from tests.infra.kafka_io import committed, produce, read_all
 from tests.infra.ports import wait_for
 from tests.infra.service import ServiceProcess
 from tests.infra.sink import Received, Sink
@@ -160,3 +160,26 @@ def test_the_idempotency_key_is_the_same_across_retries_and_a_redelivery_after_s
     finally:
         release.set()
         sink.stop()
+
+
+def test_filtered_records_are_not_sent_but_committed_and_counted(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name = topic()
+    service = services()
+    definition = job("filt", name, sink.url, filter="$[?(@.msg.status == 'approved')]")
+    assert service.request("POST", "/job/filt", definition).status == 201
+    statuses = ["approved" if i % 3 == 0 else "draft" for i in range(30)]
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"m{i}", "status": s}).encode()
+                                    for i, s in enumerate(statuses)]
+            + [json.dumps({"id": "last", "status": "draft"}).encode()])
+    wait_for(lambda: counters(service, "filt").get("filtered", 0) == 21, 40, "21 filtered")
+    wait_for(lambda: committed(kafka.bootstrap, "restconsumer.filt", name, 1) == [31], 30,
+             "every offset committed, the filtered last one too")
+    assert sorted(r.path for r in sink.snapshot()) == sorted(f"/filt/m{i}" for i in range(0, 30, 3))
+    assert counters(service, "filt")["delivered"] == 10
+    text = service.request("GET", "/metrics").body.decode()
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for family in text_string_to_metric_families(text) for s in family.samples}
+    assert found[("restconsumer_messages_total", (("job", "filt"), ("outcome", "filtered")))] == 21

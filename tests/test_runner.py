@@ -834,3 +834,57 @@ def test_a_batch_idempotency_key_spans_its_offsets_and_each_half_has_its_own() -
     batch.answer(400, b"one is bad")
     [half] = h.agent.open()
     assert half.header("Idempotency-Key") == f"j:{T}:0:10-11"
+
+
+def filter_job(**more: Any) -> Job:
+    return validate({"id": "j", "owner": "o", "type": "POST", "topic": T,
+                     "datamap": {"id": "$.msg.id"}, "url": "http://sink.test/p/{id}",
+                     "json_body": ["id"], "filter": "$[?(@.msg.n > 5)]", **more})
+
+
+def test_filtered_records_are_not_sent_are_counted_and_committed() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    h = Harness(filter_job())
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "small", "n": 1}), h.message({"id": "big", "n": 9}),
+             h.message({"id": "small2", "n": 5}))
+    [pending] = h.agent.open()
+    assert pending.path == "p/big"
+    assert h.loop.commits == {(T, 0): 1}, "a filtered record was committed past an unfinished one"
+    pending.answer(200)
+    assert h.loop.commits == {(T, 0): 3}
+    assert (h.runner.stats.filtered, h.runner.stats.delivered) == (2, 1)
+    assert h.dead_letters.sent == []
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(
+                   h.runner._shared.metrics.exposition().decode())
+               for s in family.samples}
+    assert samples[("restconsumer_messages_total", (("job", "j"), ("outcome", "filtered")))] == 2
+
+
+def test_a_filter_that_fails_on_a_record_dead_letters_it() -> None:
+    h = Harness(filter_job())
+    h.runner.assigned([(T, 0)])
+    h.agent.auto = 200
+    h.arrive(h.message({"id": "odd", "n": [1]}), h.message({"id": "ok", "n": 7}))
+    [reason] = h.dead_letters.reasons()
+    assert reason.startswith("the filter failed on this record: TypeError")
+    assert h.agent.paths() == ["p/ok"]
+    assert h.loop.commits == {(T, 0): 2}
+
+
+def test_a_batched_job_leaves_filtered_records_out_of_its_batches() -> None:
+    h = Harness(filter_job(url="http://sink.test/p/all",
+                           batch={"max_messages": 2, "max_bytes": 1 << 20, "max_wait": 0.5}))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}", "n": i}) for i in range(4, 9)])
+    [batch] = h.agent.open()
+    assert json.loads(batch.body or b"") == [{"id": "m6"}, {"id": "m7"}]
+    batch.answer(200)
+    h.clock.advance(0.5)
+    [rest] = h.agent.open()
+    assert json.loads(rest.body or b"") == [{"id": "m8"}]
+    rest.answer(200)
+    assert h.loop.commits == {(T, 0): 5}
+    assert h.runner.stats.filtered == 2
