@@ -48,6 +48,9 @@ class Outgoing:
     #: Whether ``headers`` belong to this request alone (templated headers, an idempotency
     #: key) rather than being the job's shared dict.
     own_headers: bool = False
+    #: The record's place (``{job}:{topic}:{partition}:{offset}:{record}``, a batch's
+    #: ``…:{first}-{last}``): the ``webhook-id`` of a signed request.
+    webhook_id: str | None = None
 
 
 def _indices(node: Index) -> tuple[int, ...]:
@@ -152,6 +155,9 @@ class RequestBuilder:
         #: Whether each request carries an ``Idempotency-Key`` made by :meth:`build`
         #: (a batch's is made where the batch is).
         self.idempotency = bool(d.get("idempotency_key")) and "batch" not in d
+        #: Whether :meth:`build` needs the record's place (``ident``): for the idempotency
+        #: key, or the ``webhook-id`` of a signed request.
+        self.needs_ident = self.idempotency or ("signing" in d and "batch" not in d)
         if "basic_auth" in d:
             pair = f"{d['basic_auth']['user']}:{d['basic_auth']['pw']}".encode()
             headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair)]
@@ -214,14 +220,16 @@ class RequestBuilder:
             except (TypeError, ValueError) as e:
                 raise TemplateError(f"the JSON body cannot be made: {e}") from e
         headers = self.headers
-        if self._header_templates or ident is not None:
+        key = f"{self._job_id}:{ident}" if ident is not None else None
+        if self._header_templates or (key is not None and self.idempotency):
             headers = dict(headers)
             for name, parts in self._header_templates:
                 headers[name] = [_header_value(name, parts, values)]
-            if ident is not None:
-                headers[b"Idempotency-Key"] = [f"{self._job_id}:{ident}".encode()]
-            return Outgoing(self.method, url.encode("ascii"), headers, body, values.get("id"), True)
-        return Outgoing(self.method, url.encode("ascii"), headers, body, values.get("id"))
+            if key is not None and self.idempotency:
+                headers[b"Idempotency-Key"] = [key.encode()]
+            return Outgoing(self.method, url.encode("ascii"), headers, body, values.get("id"), True,
+                            key)
+        return Outgoing(self.method, url.encode("ascii"), headers, body, values.get("id"), False, key)
 
 
 def _header_value(name: bytes, parts: list[str], values: dict[str, Any]) -> bytes:

@@ -74,7 +74,7 @@ FIELDS = (
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
     "ordering", "max_in_flight", "batch", "start_from", "success_status",
-    "idempotency_key", "filter",
+    "idempotency_key", "filter", "signing",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -419,6 +419,30 @@ def _check_requests(definition: dict[str, Any], problems: list[Problem]) -> None
                 problems.append(Problem(f"success_status[{i}]", f"{code} is given twice"))
 
 
+def _check_signing(definition: dict[str, Any], problems: list[Problem]) -> None:
+    """``signing`` (SPEC §12): a Standard Webhooks secret, ``whsec_<base64>``."""
+    from restconsumer.signing import SCHEMES, secret_problem
+
+    signing = definition.get("signing")
+    if signing is None:
+        return
+    if not isinstance(signing, Mapping):
+        problems.append(Problem("signing", "must be an object {secret, scheme}"))
+        return
+    signing = _fold_keys(signing, ("secret", "scheme"), {}, "signing.", problems)
+    scheme = signing.setdefault("scheme", SCHEMES[0])
+    if scheme not in SCHEMES:
+        problems.append(Problem("signing.scheme", f"must be one of {', '.join(SCHEMES)}"))
+    secret = signing.get("secret")
+    if not isinstance(secret, str):
+        problems.append(Problem("signing.secret", "is required: whsec_<base64>"))
+    elif secret and secret != REDACTED and parse_reference(secret) is None:
+        reason = secret_problem(secret)
+        if reason is not None:
+            problems.append(Problem("signing.secret", reason))
+    definition["signing"] = signing
+
+
 def _check_ca_cert(value: Any, problems: list[Problem]) -> None:
     if not isinstance(value, str) or "BEGIN CERTIFICATE" not in value:
         problems.append(Problem("ca_cert", "must be PEM text with at least one certificate"))
@@ -693,6 +717,7 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
 
     _check_throughput(definition, datamap_keys, problems)
     _check_requests(definition, problems)
+    _check_signing(definition, problems)
     _check_topics_allowed(definition, policy.topic_limits, problems)
     for path, reason in reference_problems(definition, policy.files_allowed):
         problems.append(Problem(path, reason))

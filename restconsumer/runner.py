@@ -39,6 +39,7 @@ from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIM
 from restconsumer.ordering import Scheduler
 from restconsumer.retry import RetryPolicy, Verdict, deliver
 from restconsumer.sender import Answer, DestinationRefused, HTTPSender
+from restconsumer.signing import Signer
 from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
 
 __all__ = ["JobRunner", "JobStats", "Shared"]
@@ -216,6 +217,7 @@ class JobRunner:
         self._ratelimit = float(d.get("ratelimit", 0))
         self._success = frozenset(d.get("success_status", ()))
         self._idempotency = bool(d.get("idempotency_key"))
+        self._signer = Signer(d["signing"]["secret"]) if "signing" in d else None
         self._max_in_flight = int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT))
         self._ordering = d.get("ordering", "partition")
         self._order = order_key(self._ordering)
@@ -487,7 +489,9 @@ class JobRunner:
         def send(_: Any = None) -> Deferred[Answer]:
             unit.sending = True
             began = self._clock.seconds()
-            d = self._sender.send(request, self._timeout, self._redirects, self._ca_cert)
+            # Signed at each attempt: a retry carries a fresh timestamp, its id unchanged.
+            sent_request = request if self._signer is None else self._signer.sign(request, began)
+            d = self._sender.send(sent_request, self._timeout, self._redirects, self._ca_cert)
 
             def sent(result: Any) -> Any:
                 unit.sending = False
@@ -548,12 +552,14 @@ class JobRunner:
         assert first is not None
         body = batch_body([r.request.body or b"" for _, r in items if r.request is not None],
                           self._batch["format"])
-        if self._idempotency:
+        if self._idempotency or self._signer is not None:
             incoming = items[0][0].prepared.incoming
             last = items[-1][0].prepared.incoming.offset
             key = f"{self.job.id}:{incoming.topic}:{incoming.partition}:{incoming.offset}-{last}"
+            if not self._idempotency:
+                return Outgoing(first.method, first.url, self._batch_headers, body, None, False, key)
             headers = {**self._batch_headers, b"Idempotency-Key": [key.encode()]}
-            return Outgoing(first.method, first.url, headers, body, None, True)
+            return Outgoing(first.method, first.url, headers, body, None, True, key)
         return Outgoing(first.method, first.url, self._batch_headers, body)
 
     async def _run_batch(self, unit: _Unit, items: list[tuple[_Message, RecordWork]]) -> None:

@@ -154,7 +154,7 @@ def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None 
             values = builder.extract(document)
             work.entity = values.get("id", _entity(record.msg))
             ident = (f"{incoming.topic}:{incoming.partition}:{incoming.offset}:{index}"
-                     if builder.idempotency else None)
+                     if builder.needs_ident else None)
             work.request = builder.build(values, ident)
             if order is not None:
                 work.order = order(incoming, values)

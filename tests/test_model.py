@@ -1035,3 +1035,43 @@ def test_a_filter_must_be_valid_jsonpath() -> None:
     assert fields_of(minimal(filter="")) == {"filter"}
     assert fields_of(minimal(filter=5)) == {"filter"}
     assert fields_of(minimal(filter="$" + "a" * 1000)) == {"filter"}
+
+
+def test_signing_takes_a_standard_webhooks_secret_which_is_a_secret() -> None:
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    job = validate(minimal(signing={"secret": secret}))
+    assert job.definition["signing"] == {"secret": secret, "scheme": "standard-webhooks"}
+    assert job.public()["signing"]["secret"] == REDACTED
+    assert secret not in json.dumps(job.public())
+    again = validate(minimal(signing={"secret": REDACTED}), previous=job.stored())
+    assert again.definition["signing"]["secret"] == secret
+    elsewhere = minimal(url="http://other.example.com/people/{id}/", signing={"secret": REDACTED})
+    assert fields_of(elsewhere, previous=job.stored()) == {"signing.secret"}
+    assert validate(minimal(signing={"secret": "${env:RESTCONSUMER_SECRET_SIGN}"})).definition[
+        "signing"]["secret"] == "${env:RESTCONSUMER_SECRET_SIGN}"
+
+
+@pytest.mark.parametrize(("signing", "field"), [
+    ({"secret": "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}, "signing.secret"),
+    ({"secret": "whsec_not base64!"}, "signing.secret"),
+    ({"secret": "whsec_"}, "signing.secret"),
+    ({}, "signing.secret"),
+    ({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "scheme": "github"}, "signing.scheme"),
+    ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "signing"),
+])
+def test_signing_misuse_is_refused(signing: Any, field: str) -> None:
+    problems = problems_of(minimal(signing=signing))
+    assert {p.field for p in problems} == {field}
+    assert not any("not base64!" in p.reason for p in problems), "a problem quoted the secret"
+
+
+def test_the_signing_secret_is_encrypted_at_rest() -> None:
+    from cryptography.fernet import Fernet
+
+    from restconsumer.secrets import SecretKey, open_definition, seal_definition
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    key = SecretKey([Fernet.generate_key()])
+    stored = validate(minimal(signing={"secret": secret})).stored()
+    sealed = seal_definition(stored, key)
+    assert secret not in json.dumps(sealed)
+    assert open_definition(sealed, key) == (stored, [])

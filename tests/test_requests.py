@@ -18,6 +18,7 @@ from tests.infra.service import ServiceProcess
 from tests.infra.sink import Received, Sink
 
 Start = Callable[..., ServiceProcess]
+WEBHOOK_SECRET = "whsec_" + "c2lnbmluZy1zZWNyZXQtb2YtdGhlLWludGVncmF0aW9uLXRlc3Q="
 
 
 def job(name: str, topic: str, url: str, **more: Any) -> dict[str, Any]:
@@ -183,3 +184,40 @@ def test_filtered_records_are_not_sent_but_committed_and_counted(
     found = {(s.name, tuple(sorted(s.labels.items()))): s.value
              for family in text_string_to_metric_families(text) for s in family.samples}
     assert found[("restconsumer_messages_total", (("job", "filt"), ("outcome", "filtered")))] == 21
+
+
+def standard_webhooks_valid(secret: str, headers: dict[str, str], body: bytes,
+                            tolerance: float = 300) -> bool:
+    """A receiver's check, written from the Standard Webhooks specification: the secret is
+    base64 after ``whsec_``; the signed content is ``id.timestamp.body``; the header holds
+    space-separated ``v1,<base64 HMAC-SHA256>`` signatures; old timestamps are refused."""
+    import base64
+    import hashlib
+    import hmac
+    msg_id, timestamp = headers["webhook-id"], headers["webhook-timestamp"]
+    if abs(time.time() - int(timestamp)) > tolerance:
+        return False
+    key = base64.b64decode(secret[len("whsec_"):])
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(f"v1,{expected}", sig)
+               for sig in headers["webhook-signature"].split(" "))
+
+
+def test_signed_requests_verify_with_an_independent_standard_webhooks_check(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    name = topic()
+    service = services()
+    definition = job("signed", name, sink.url, idempotency_key=True,
+                     signing={"secret": WEBHOOK_SECRET, "scheme": "standard-webhooks"})
+    assert service.request("POST", "/job/signed", definition).status == 201
+    shown = service.request("GET", "/job/signed").json
+    assert shown["signing"] == {"secret": "***", "scheme": "standard-webhooks"}
+    produce(kafka.bootstrap, name, [json.dumps({"id": f"s{i}"}).encode() for i in range(5)])
+    wait_for(lambda: sink.count() >= 5, 40, "5 signed requests")
+    for got in sink.snapshot():
+        assert standard_webhooks_valid(WEBHOOK_SECRET, got.headers, got.body), got.headers
+        assert got.headers["webhook-id"] == got.headers["idempotency-key"]
+        assert not standard_webhooks_valid(WEBHOOK_SECRET, got.headers, got.body + b" ")
+    # Posted back with *** for the same URL, the stored secret is kept.
+    assert service.request("POST", "/job/signed", shown).status == 200

@@ -888,3 +888,56 @@ def test_a_batched_job_leaves_filtered_records_out_of_its_batches() -> None:
     rest.answer(200)
     assert h.loop.commits == {(T, 0): 5}
     assert h.runner.stats.filtered == 2
+
+
+SIGNING_KEY = b"signing-key-for-the-runner-tests!"
+SIGNING_SECRET = "whsec_" + __import__("base64").b64encode(SIGNING_KEY).decode()
+
+
+def verify_standard_webhook(secret: str, msg_id: str, timestamp: str, body: bytes,
+                            signature: str) -> bool:
+    """The receiver's check, written from the Standard Webhooks specification."""
+    import base64
+    import hashlib
+    import hmac
+    key = base64.b64decode(secret.split("_", 1)[1])
+    content = msg_id.encode() + b"." + timestamp.encode() + b"." + body
+    expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+    return any(part.split(",", 1) == ["v1", expected] for part in signature.split(" "))
+
+
+def test_signed_requests_verify_and_a_retry_is_signed_again_with_the_same_id() -> None:
+    h = Harness(make_job(signing={"secret": SIGNING_SECRET, "scheme": "standard-webhooks"},
+                         idempotency_key=True))
+    h.runner.assigned([(T, 0)])
+    h.clock.advance(1_700_000_000)
+    h.arrive(h.message({"id": "a"}, offset=5))
+    [first] = h.agent.open()
+    msg_id = first.header("webhook-id")
+    assert msg_id == first.header("Idempotency-Key") == f"j:{T}:0:5:0"
+    assert first.header("webhook-timestamp") == "1700000000"
+    assert verify_standard_webhook(SIGNING_SECRET, msg_id, "1700000000", first.body or b"",
+                                   first.header("webhook-signature") or "")
+    first.answer(503)
+    h.clock.advance(1)
+    [again] = h.agent.open()
+    assert again.header("webhook-id") == msg_id
+    assert again.header("webhook-timestamp") == "1700000001"
+    assert verify_standard_webhook(SIGNING_SECRET, msg_id, "1700000001", again.body or b"",
+                                   again.header("webhook-signature") or "")
+    assert not verify_standard_webhook("whsec_" + "b3RoZXI=", msg_id, "1700000001",
+                                       again.body or b"", again.header("webhook-signature") or "")
+
+
+def test_a_signed_batch_has_its_offsets_as_id_and_no_idempotency_key_unless_asked() -> None:
+    h = Harness(make_job(signing={"secret": SIGNING_SECRET, "scheme": "standard-webhooks"},
+                         url="http://sink.test/p/all",
+                         batch={"max_messages": 2, "max_bytes": 1 << 20, "max_wait": 0.5,
+                                "format": "json_array"}))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))
+    [batch] = h.agent.open()
+    assert batch.header("webhook-id") == f"j:{T}:0:0-1"
+    assert batch.header("Idempotency-Key") is None
+    assert verify_standard_webhook(SIGNING_SECRET, f"j:{T}:0:0-1", batch.header("webhook-timestamp") or "",
+                                   batch.body or b"", batch.header("webhook-signature") or "")
