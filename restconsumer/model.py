@@ -74,7 +74,7 @@ FIELDS = (
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
     "ordering", "max_in_flight", "batch", "start_from", "success_status",
-    "idempotency_key", "filter", "signing",
+    "idempotency_key", "filter", "signing", "result_topic",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -714,6 +714,8 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
 
     if "dead_letter_topic" in definition:
         _check_topic(definition["dead_letter_topic"], "dead_letter_topic", problems)
+    if "result_topic" in definition:
+        _check_topic(definition["result_topic"], "result_topic", problems)
 
     _check_throughput(definition, datamap_keys, problems)
     _check_requests(definition, problems)

@@ -86,6 +86,8 @@ class Outcome:
     reason: str
     retried: int = 0
     waits: list[float] = field(default_factory=list)
+    #: The start of the last answer's body (as much as the sender kept).
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
             await gate.park()
         counted = gate is None or not gate.is_open()
         tries += 1
+        body = b""
         try:
             answer = await send()
         except Exception as e:
@@ -179,14 +182,15 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
             verdict = judge(None, e)
         else:
             verdict = judge(answer, None, success)
+            body = answer.body
         if counted:
             attempts += 1
         if gate is not None:
             gate.verdict(verdict)
         if verdict.delivered:
-            return Outcome(True, attempts, verdict.status, "delivered", tries - 1, waits)
+            return Outcome(True, attempts, verdict.status, "delivered", tries - 1, waits, body)
         if not verdict.retryable:
-            return Outcome(False, attempts, verdict.status, verdict.reason, tries - 1, waits)
+            return Outcome(False, attempts, verdict.status, verdict.reason, tries - 1, waits, body)
         if cancelled():
             raise CancelledError("abandoned")
         if gate is not None and gate.is_open():
@@ -197,7 +201,7 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
             if gate is None or gate.good > good_at_first_failure:
                 return Outcome(False, attempts, verdict.status,
                                f"retries exhausted after {attempts} attempts; last: {verdict.reason}",
-                               tries - 1, waits)
+                               tries - 1, waits, body)
             gate.open(f"retries of one record used up with no good answer since; "
                       f"last: {verdict.reason}")
             continue

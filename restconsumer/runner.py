@@ -13,8 +13,10 @@ are acknowledged), the message is finished in the ledger, and the commit point m
 
 from __future__ import annotations
 
+import base64
 import datetime
 import itertools
+import json
 import random
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -43,6 +45,9 @@ from restconsumer.signing import Signer
 from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
 
 __all__ = ["JobRunner", "JobStats", "Shared"]
+
+#: The most of an answer's body a result (SPEC §12) holds.
+RESULT_BODY = 64 * 1024
 
 log = Logger()
 
@@ -218,6 +223,7 @@ class JobRunner:
         self._success = frozenset(d.get("success_status", ()))
         self._idempotency = bool(d.get("idempotency_key"))
         self._signer = Signer(d["signing"]["secret"]) if "signing" in d else None
+        self._result_topic: str | None = d.get("result_topic")
         self._max_in_flight = int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT))
         self._ordering = d.get("ordering", "partition")
         self._order = order_key(self._ordering)
@@ -465,6 +471,7 @@ class JobRunner:
         if record.request is None or record.error is not None:
             self._dead_letter(message, record.error or "no request", record)
             return
+        began = self._clock.seconds()
         try:
             outcome = await deliver(lambda: self._attempt(unit, record.request), self.policy,
                                     self._clock,
@@ -477,11 +484,12 @@ class JobRunner:
         if outcome.delivered:
             self.stats.delivered_one(self._clock.seconds())
             self._metrics.delivered(self.job.id)
+            self._result(message, record.index, "delivered", outcome.status, began, outcome.body)
             self._record_ended(message)
             return
         self.stats.failed += 1
         self._dead_letter(message, outcome.reason, record, status=outcome.status,
-                          attempts=outcome.attempts)
+                          attempts=outcome.attempts, began=began, body=outcome.body)
 
     def _attempt(self, unit: _Unit, request: Outgoing | None) -> Deferred[Answer]:
         assert request is not None
@@ -491,7 +499,11 @@ class JobRunner:
             began = self._clock.seconds()
             # Signed at each attempt: a retry carries a fresh timestamp, its id unchanged.
             sent_request = request if self._signer is None else self._signer.sign(request, began)
-            d = self._sender.send(sent_request, self._timeout, self._redirects, self._ca_cert)
+            if self._result_topic is None:
+                d = self._sender.send(sent_request, self._timeout, self._redirects, self._ca_cert)
+            else:  # the result holds up to 64 KiB of the answer's body
+                d = self._sender.send(sent_request, self._timeout, self._redirects, self._ca_cert,
+                                      keep=RESULT_BODY)
 
             def sent(result: Any) -> Any:
                 unit.sending = False
@@ -566,6 +578,7 @@ class JobRunner:
         """Send a batch; a batch refused with a non-retryable 4xx is split in halves, sent
         one after the other, until the refused records are alone: only those are dead-lettered."""
         request = self._batch_request(items)
+        began = self._clock.seconds()
         try:
             outcome = await deliver(lambda: self._attempt(unit, request), self.policy, self._clock,
                                     on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
@@ -577,8 +590,9 @@ class JobRunner:
         if outcome.delivered:
             now = self._clock.seconds()
             self._metrics.delivered(self.job.id, len(items))
-            for message, _ in items:
+            for message, record in items:
                 self.stats.delivered_one(now)
+                self._result(message, record.index, "delivered", outcome.status, began, outcome.body)
                 self._record_ended(message, settle=False)
             self._settle({unit.tp})
             return
@@ -592,7 +606,7 @@ class JobRunner:
         for message, record in items:
             self.stats.failed += 1
             self._dead_letter(message, outcome.reason, record, status=outcome.status,
-                              attempts=outcome.attempts)
+                              attempts=outcome.attempts, began=began, body=outcome.body)
 
     def _retrying(self, unit: _Unit, attempt: int, reason: str, wait: float) -> None:
         self._note_error(reason)
@@ -616,9 +630,12 @@ class JobRunner:
             self._finish(message, settle)
 
     def _dead_letter(self, message: _Message, reason: str, record: RecordWork | None, *,
-                     status: int | None = None, attempts: int = 0) -> None:
+                     status: int | None = None, attempts: int = 0, began: float | None = None,
+                     body: bytes = b"") -> None:
         """Produce the dead letter; the record has ended, the message waits for the ack."""
         incoming = message.prepared.incoming
+        self._result(message, record.index if record is not None else 0, "dead_lettered", status,
+                     began, body, reason)
         self._note_error(reason)
         log.error("job {job_id}: {topic}[{partition}]@{offset} entity {entity}: dead-lettered: "
                   "{reason}", job_id=self.job.id, topic=incoming.topic, partition=incoming.partition,
@@ -644,21 +661,57 @@ class JobRunner:
         d.addCallbacks(acked, lambda f: (acks.discard(d), None)[1])
         self._record_ended(message)
 
-    async def _produce(self, message: _Message, headers: list[tuple[str, bytes]]) -> None:
-        """Produce until Kafka has it; gives up only when its partition is no longer ours."""
+    def _result(self, message: _Message, index: int, outcome: str, status: int | None,
+                began: float | None, body: bytes, reason: str | None = None) -> None:
+        """Produce the record's result to the job's ``result_topic`` (SPEC §12), if it has
+        one: the message's offset waits for Kafka's acknowledgement, as for a dead letter."""
+        if self._result_topic is None:
+            return
         incoming = message.prepared.incoming
-        topic = self.job.dead_letter_topic
+        duration = 0.0 if began is None else max(0.0, self._clock.seconds() - began)
+        result: dict[str, Any] = {
+            "job": self.job.id,
+            "source": {"topic": incoming.topic, "partition": incoming.partition,
+                       "offset": incoming.offset, "record": index},
+            "status": status, "duration_ms": round(duration * 1000, 3), "outcome": outcome,
+            "response": _response(body[:RESULT_BODY]),
+        }
+        if reason is not None:
+            result["reason"] = reason
+        value = json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
+        message.open_acks += 1
+        d = Deferred.fromCoroutine(self._produce(message, [], self._result_topic, value))
+        acks = self._acks.setdefault(incoming.tp, set())
+        acks.add(d)
+
+        def acked(_: Any) -> None:
+            acks.discard(d)
+            if not self.ledger.current(message.ticket):
+                return
+            message.open_acks -= 1
+            if message.open_records == 0 and message.open_acks == 0:
+                self._finish(message)
+
+        d.addCallbacks(acked, lambda f: (acks.discard(d), None)[1])
+
+    async def _produce(self, message: _Message, headers: list[tuple[str, bytes]],
+                       topic: str | None = None, value: bytes | None = None) -> None:
+        """Produce until Kafka has it (the dead letter, or ``value`` to ``topic``); gives up
+        only when its partition is no longer ours."""
+        incoming = message.prepared.incoming
+        if topic is None:
+            topic, value = self.job.dead_letter_topic, incoming.value
         wait = 0.5
         while True:
             try:
-                await self._dead_letters.send(topic, incoming.key, incoming.value, headers)
+                await self._dead_letters.send(topic, incoming.key, value, headers)
                 return
             except CancelledError:
                 raise
             except Exception as e:
                 if self._stopping or not self.ledger.current(message.ticket):
                     raise CancelledError("its partition is gone") from e
-                log.error("job {job_id}: cannot dead-letter {topic}[{partition}]@{offset} to "
+                log.error("job {job_id}: cannot produce {topic}[{partition}]@{offset} to "
                           "{dlt}: {error}; trying again in {wait:.1f} s", job_id=self.job.id,
                           topic=incoming.topic, partition=incoming.partition,
                           offset=incoming.offset, dlt=topic, error=str(e), wait=wait)
@@ -857,3 +910,11 @@ def _observe(d: Deferred[Any]) -> Deferred[None]:
     seen: Deferred[None] = Deferred()
     d.addBoth(lambda result: (seen.called or seen.callback(None), result)[1])
     return seen
+
+
+def _response(body: bytes) -> dict[str, str]:
+    """An answer's body as a result shows it: UTF-8 text as it is, anything else base64."""
+    try:
+        return {"body": body.decode("utf-8"), "encoding": "text"}
+    except UnicodeDecodeError:
+        return {"body": base64.b64encode(body).decode("ascii"), "encoding": "base64"}

@@ -215,8 +215,9 @@ class HTTPSender(Service):
         return DeferredList([r.pool.closeCachedConnections() for r in self._routes.values()])
 
     def send(self, request: Outgoing, timeout: float, follow_redirects: bool = False,
-             ca_cert: str | None = None) -> Deferred[Answer]:
-        """Send one request; fires with the :class:`Answer`, fails on network errors."""
+             ca_cert: str | None = None, keep: int = 500) -> Deferred[Answer]:
+        """Send one request; fires with the :class:`Answer` (the first ``keep`` bytes of its
+        body), fails on network errors."""
         if self._allow_hosts is not None:
             host = _host_of(request.url)
             if host not in self._allow_hosts:
@@ -232,20 +233,20 @@ class HTTPSender(Service):
                 return fail(DestinationRefused(f"the job's ca_cert cannot be used: {e}"))
             route = self._routes[ca_cert] = self._route(trust)
         if follow_redirects:
-            d = Deferred.fromCoroutine(self._follow(route.agent, request))
+            d = Deferred.fromCoroutine(self._follow(route.agent, request, keep))
         else:
             body = _Body(request.body) if request.body is not None else None
             headers = Headers(request.headers) if request.own_headers else \
                 self._headers_of(request.headers)
             d = route.agent.request(request.method, request.url, headers, body)
-            d.addCallback(self._answer)
+            d.addCallback(self._answer, keep)
         return d.addTimeout(timeout, self._reactor)
 
-    def _answer(self, response: IResponse) -> Deferred[Answer]:
+    def _answer(self, response: IResponse, keep: int = 500) -> Deferred[Answer]:
         retry_after = _retry_after(response, self._reactor)
-        return _read_body(response).addCallback(lambda data: Answer(response.code, retry_after, data))
+        return _read_body(response, keep).addCallback(lambda data: Answer(response.code, retry_after, data))
 
-    async def _follow(self, agent: IAgent, request: Outgoing) -> Answer:
+    async def _follow(self, agent: IAgent, request: Outgoing, keep: int = 500) -> Answer:
         method, url, body = request.method, request.url, request.body
         # Agent works out Host for each hop.
         headers = {k: list(v) for k, v in request.headers.items() if k.lower() != b"host"}
@@ -254,7 +255,7 @@ class HTTPSender(Service):
             response = await agent.request(method, url, Headers(headers), producer)
             location = response.headers.getRawHeaders(b"Location")
             if response.code not in _REDIRECTS or not location or hop == _MAX_HOPS:
-                return await self._answer(response)
+                return await self._answer(response, keep)
             await _read_body(response)  # so that the connection can be reused
             target = urljoin(url.decode("ascii", "replace"), location[0].decode("latin-1")).encode()
             scheme, host, _ = _origin(target)
@@ -304,8 +305,9 @@ class _BodyReader(Protocol):
 
     keep = 500
 
-    def __init__(self, done: Deferred[bytes]) -> None:
+    def __init__(self, done: Deferred[bytes], keep: int = 500) -> None:
         self.done = done
+        self.keep = keep
         self.data = bytearray()
 
     def dataReceived(self, data: bytes) -> None:
@@ -321,7 +323,7 @@ class _BodyReader(Protocol):
             self.done.errback(reason)
 
 
-def _read_body(response: IResponse) -> Deferred[bytes]:
+def _read_body(response: IResponse, keep: int = 500) -> Deferred[bytes]:
     """The start of the body; cancelling it closes the connection (a stalled body)."""
     reader: _BodyReader
 
@@ -331,7 +333,7 @@ def _read_body(response: IResponse) -> Deferred[bytes]:
             reader.transport.stopProducing()
 
     done: Deferred[bytes] = Deferred(cancel)
-    reader = _BodyReader(done)
+    reader = _BodyReader(done, keep)
     response.deliverBody(reader)
     return done
 

@@ -1075,3 +1075,9 @@ def test_the_signing_secret_is_encrypted_at_rest() -> None:
     sealed = seal_definition(stored, key)
     assert secret not in json.dumps(sealed)
     assert open_definition(sealed, key) == (stored, [])
+
+
+def test_a_result_topic_is_a_topic_name_and_not_a_source() -> None:
+    assert validate(minimal(result_topic="people.results")).definition["result_topic"] == "people.results"
+    assert fields_of(minimal(result_topic="no spaces")) == {"result_topic"}
+    assert fields_of(minimal(result_topic="people")) == {"result_topic"}

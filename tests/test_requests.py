@@ -221,3 +221,42 @@ def test_signed_requests_verify_with_an_independent_standard_webhooks_check(
         assert not standard_webhooks_valid(WEBHOOK_SECRET, got.headers, got.body + b" ")
     # Posted back with *** for the same URL, the stored secret is kept.
     assert service.request("POST", "/job/signed", shown).status == 200
+
+
+def test_the_result_topic_holds_one_result_per_record(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    def respond(got: Received) -> tuple[int, dict[str, str], bytes]:
+        if "/bad" in got.path:
+            return 422, {}, b"rejected"
+        return 201, {}, json.dumps({"created": got.path}).encode()
+
+    sink = Sink(respond).start()
+    try:
+        name = topic()
+        results = topic()
+        service = services()
+        definition = job("res", name, sink.url, result_topic=results,
+                         filter="$[?(@.msg.skip != true)]")
+        assert service.request("POST", "/job/res", definition).status == 201
+        ids = ["r0", "bad1", "r2", "skip3", "r4"]
+        produce(kafka.bootstrap, name, [json.dumps({"id": i, "skip": i.startswith("skip")}).encode()
+                                        for i in ids], key=b"the-key")
+        found = read_all(kafka.bootstrap, results, expect=4, timeout=40)
+        assert len(found) == 4
+        by_offset = {}
+        for message in found:
+            assert message.key() == b"the-key"
+            result = json.loads(message.value())
+            by_offset[result["source"]["offset"]] = result
+        assert sorted(by_offset) == [0, 1, 2, 4], "a filtered record has no result"
+        assert by_offset[0]["status"] == 201 and by_offset[0]["outcome"] == "delivered"
+        assert json.loads(by_offset[0]["response"]["body"]) == {"created": "/res/r0"}
+        assert by_offset[0]["job"] == "res" and by_offset[0]["source"]["topic"] == name
+        assert isinstance(by_offset[0]["duration_ms"], (int, float))
+        assert (by_offset[1]["status"], by_offset[1]["outcome"]) == (422, "dead_lettered")
+        assert by_offset[1]["response"] == {"body": "rejected", "encoding": "text"}
+        wait_for(lambda: committed(kafka.bootstrap, "restconsumer.res", name, 1) == [5], 30,
+                 "every offset committed")
+        assert counters(service, "res")["filtered"] == 1
+    finally:
+        sink.stop()

@@ -941,3 +941,42 @@ def test_a_signed_batch_has_its_offsets_as_id_and_no_idempotency_key_unless_aske
     assert batch.header("Idempotency-Key") is None
     assert verify_standard_webhook(SIGNING_SECRET, f"j:{T}:0:0-1", batch.header("webhook-timestamp") or "",
                                    batch.body or b"", batch.header("webhook-signature") or "")
+
+
+def test_each_finished_record_has_a_result_and_its_offset_waits_for_the_ack() -> None:
+    h = Harness(make_job(result_topic="results.j"), dead_letters=FakeDeadLetters(auto=False))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a"}, key=b"k1"), h.message({"id": "b"}, key=b"k2"))
+    h.clock.advance(0.25)
+    h.agent.open()[0].answer(201, b"created " + b"x" * 70_000)
+    h.agent.open()[0].answer(404, b"\xff\xfe")
+    assert h.loop.commits == {}, "an offset moved before Kafka had the result"
+    results = [(topic, json.loads(value or b"")) for topic, value, _, _ in h.dead_letters.sent
+               if topic == "results.j"]
+    assert [r["source"] for _, r in results] == [{"topic": T, "partition": 0, "offset": 0, "record": 0},
+                                                  {"topic": T, "partition": 0, "offset": 1, "record": 0}]
+    first, second = (r for _, r in results)
+    assert (first["job"], first["status"], first["outcome"]) == ("j", 201, "delivered")
+    assert first["response"]["encoding"] == "text"
+    assert len(first["response"]["body"]) == 64 * 1024
+    assert first["duration_ms"] >= 0
+    assert (second["status"], second["outcome"], second["response"]) == \
+        (404, "dead_lettered", {"body": "//4=", "encoding": "base64"})
+    assert "404" in second["reason"]
+    for _, _, _, ack in h.dead_letters.sent:
+        ack.callback(None)
+    assert h.loop.commits == {(T, 0): 2}
+    assert h.runner.stats.dead_lettered == 1
+
+
+def test_a_batch_gives_one_result_per_record_with_the_batchs_answer() -> None:
+    h = Harness(make_job(result_topic="results.j", url="http://sink.test/p/all",
+                         batch={"max_messages": 2, "max_bytes": 1 << 20, "max_wait": 0.5,
+                                "format": "json_array"}))
+    h.runner.assigned([(T, 0)])
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))
+    h.agent.open()[0].answer(200, b'{"ok": true}')
+    results = [json.loads(value or b"") for topic, value, _, _ in h.dead_letters.sent]
+    assert [(r["source"]["offset"], r["status"], r["response"]["body"]) for r in results] == \
+        [(0, 200, '{"ok": true}'), (1, 200, '{"ok": true}')]
+    assert h.loop.commits == {(T, 0): 2}
