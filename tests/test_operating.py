@@ -70,7 +70,7 @@ def test_json_logs_are_flat_objects_and_failures_carry_the_job(
     try:
         name = topic()
         service = services("--log-format", "json")
-        assert service.request("POST", "/job/refused", job("refused", name, sink.url)).status == 201
+        assert service.request("POST", "/job/json-refused", job("json-refused", name, sink.url)).status == 201
         produce(kafka.bootstrap, name, [b'{"id": "x1"}'])
         wait_for(lambda: ": dead-lettered: " in service.log(), 30, "the dead letter's log line")
         service.stop()
@@ -86,7 +86,7 @@ def test_json_logs_are_flat_objects_and_failures_carry_the_job(
             assert not any(k.startswith("log_") for k in record), record
             records.append(record)
         dead = [r for r in records if ": dead-lettered: " in r["message"]]
-        assert dead and all(r["job_id"] == "refused" for r in dead)
+        assert dead and all(r["job_id"] == "json-refused" for r in dead)
         assert dead[0]["level"] == "error", dead[0]
         assert dead[0]["offset"] == 0 and dead[0]["partition"] == 0
     finally:
