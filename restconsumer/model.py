@@ -74,7 +74,7 @@ FIELDS = (
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
     "ordering", "max_in_flight", "batch", "start_from", "success_status",
-    "idempotency_key", "filter", "signing", "result_topic",
+    "idempotency_key", "filter", "signing", "result_topic", "oauth2",
 )
 GENERATED = ("modified", "hash")
 REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
@@ -443,6 +443,40 @@ def _check_signing(definition: dict[str, Any], problems: list[Problem]) -> None:
     definition["signing"] = signing
 
 
+def _check_oauth2(definition: dict[str, Any], allow_hosts: frozenset[str] | None,
+                  problems: list[Problem]) -> None:
+    """``oauth2`` (SPEC §12): the client-credentials grant."""
+    oauth = definition.get("oauth2")
+    if oauth is None:
+        return
+    if not isinstance(oauth, Mapping):
+        problems.append(Problem("oauth2", "must be an object {token_url, client_id, client_secret, "
+                                          "scope?, audience?}"))
+        return
+    oauth = _fold_keys(oauth, ("token_url", "client_id", "client_secret", "scope", "audience"),
+                       {}, "oauth2.", problems)
+    oauth = {k: v for k, v in oauth.items() if v is not None}
+    for name in ("token_url", "client_id", "client_secret"):
+        if not isinstance(oauth.get(name), str):
+            problems.append(Problem(f"oauth2.{name}", "is required and must be a string"))
+    for name in ("scope", "audience"):
+        if name in oauth and (not isinstance(oauth[name], str) or not oauth[name]):
+            problems.append(Problem(f"oauth2.{name}", "must be a non-empty string"))
+    url = oauth.get("token_url")
+    if isinstance(url, str):
+        inner: list[Problem] = []
+        _check_url(url, set(), allow_hosts, inner)
+        problems.extend(Problem("oauth2.token_url", p.reason) for p in inner)
+    for other in ("basic_auth", "token"):
+        if other in definition:
+            problems.append(Problem("oauth2", f"a job takes oauth2 or {other}, not both"))
+    headers = definition.get("headers")
+    if isinstance(headers, Mapping) and any(str(k).lower() == "authorization" for k in headers):
+        problems.append(Problem("oauth2", "sets the Authorization header: a job with oauth2 may "
+                                          "not set it in headers"))
+    definition["oauth2"] = oauth
+
+
 def _check_ca_cert(value: Any, problems: list[Problem]) -> None:
     if not isinstance(value, str) or "BEGIN CERTIFICATE" not in value:
         problems.append(Problem("ca_cert", "must be PEM text with at least one certificate"))
@@ -720,6 +754,7 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
     _check_throughput(definition, datamap_keys, problems)
     _check_requests(definition, problems)
     _check_signing(definition, problems)
+    _check_oauth2(definition, allow_hosts, problems)
     _check_topics_allowed(definition, policy.topic_limits, problems)
     for path, reason in reference_problems(definition, policy.files_allowed):
         problems.append(Problem(path, reason))

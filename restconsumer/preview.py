@@ -92,17 +92,19 @@ def preview(job: Job, messages: Any, now_ms: int) -> list[dict[str, Any]]:
     for index, one in enumerate(incoming):
         assert one is not None
         prepared = prepare(builder, one, order)
-        results.extend(_results(index, prepared, builder.idempotency))
+        results.extend(_results(index, prepared, builder.idempotency, "oauth2" in job.definition))
     return results
 
 
-def _results(index: int, prepared: Prepared, idempotency: bool = False) -> list[dict[str, Any]]:
+def _results(index: int, prepared: Prepared, idempotency: bool = False,
+             oauth2: bool = False) -> list[dict[str, Any]]:
     if prepared.error is not None:
         return [{"message": index, "record": 0, "error": prepared.error}]
-    return [_result(index, record, idempotency) for record in prepared.records]
+    return [_result(index, record, idempotency, oauth2) for record in prepared.records]
 
 
-def _result(index: int, record: RecordWork, idempotency: bool = False) -> dict[str, Any]:
+def _result(index: int, record: RecordWork, idempotency: bool = False,
+            oauth2: bool = False) -> dict[str, Any]:
     base: dict[str, Any] = {"message": index, "record": record.index}
     if record.filtered:
         return {**base, "filtered": True}
@@ -123,6 +125,9 @@ def _result(index: int, record: RecordWork, idempotency: bool = False) -> dict[s
     body = None
     if request.body is not None:
         body = request.body.decode("utf-8", "replace")
+    if oauth2:
+        # The token is not fetched for a dry run: its scheme is what the job would send.
+        headers["Authorization"] = f"Bearer {REDACTED}"
     return {**base, "request": {"method": request.method.decode("ascii"),
                                 "url": request.url.decode("ascii"), "headers": headers, "body": body}}
 

@@ -27,11 +27,17 @@ from twisted.web.client import RequestNotSent, RequestTransmissionFailed, Respon
 
 from restconsumer.sender import Answer, DestinationRefused
 
-__all__ = ["Gate", "Outcome", "RetryPolicy", "Verdict", "deliver", "is_retryable_status", "judge"]
+__all__ = ["Gate", "Outcome", "RetryPolicy", "Unavailable", "Verdict", "deliver", "is_retryable_status",
+           "judge"]
 
 _NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, ConnectionLost, DNSLookupError,
                    TimeoutError, DeferredTimeout, ResponseFailed, RequestTransmissionFailed,
                    RequestNotSent)
+
+
+class Unavailable(Exception):
+    """What delivery depends on (an OAuth2 token endpoint, a schema registry) is down: an
+    outage like a refused connection, never a reason to dead-letter."""
 
 
 def is_retryable_status(status: int) -> bool:
@@ -113,6 +119,8 @@ def judge(answer: Answer | None, error: BaseException | None = None,
     if error is not None:
         if isinstance(error, DestinationRefused):
             return Verdict(False, False, None, str(error))
+        if isinstance(error, Unavailable):
+            return Verdict(False, True, None, str(error))
         if isinstance(error, _NETWORK_ERRORS):
             if _tls_failure(error):
                 # A certificate that does not verify will not verify later either.

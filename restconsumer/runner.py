@@ -14,6 +14,7 @@ are acknowledged), the message is finished in the ledger, and the commit point m
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import itertools
 import json
@@ -38,6 +39,7 @@ from restconsumer.ledger import TP, Ledger, Ticket
 from restconsumer.mapping import Outgoing, RequestBuilder
 from restconsumer.metrics import Metrics
 from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
+from restconsumer.oauth2 import TokenSource
 from restconsumer.ordering import Scheduler
 from restconsumer.retry import RetryPolicy, Verdict, deliver
 from restconsumer.sender import Answer, DestinationRefused, HTTPSender
@@ -78,6 +80,8 @@ class Shared:
     #: How many jobs run in this process (for each one's share of the pre-fetch budget).
     running: int = 0
     metrics: Metrics = field(default_factory=Metrics)
+    #: How OAuth2 tokens are fetched (None: with treq; tests: a fake token endpoint).
+    token_fetch: Any = None
 
 
 @dataclass
@@ -224,6 +228,8 @@ class JobRunner:
         self._idempotency = bool(d.get("idempotency_key"))
         self._signer = Signer(d["signing"]["secret"]) if "signing" in d else None
         self._result_topic: str | None = d.get("result_topic")
+        self._oauth = TokenSource(self._clock, d["oauth2"], self._shared.token_fetch,
+                                  self._timeout) if "oauth2" in d else None
         self._max_in_flight = int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT))
         self._ordering = d.get("ordering", "partition")
         self._order = order_key(self._ordering)
@@ -495,10 +501,15 @@ class JobRunner:
         assert request is not None
 
         def send(_: Any = None) -> Deferred[Answer]:
+            # Signed at each attempt: a retry carries a fresh timestamp, its id unchanged.
+            signed = request if self._signer is None else self._signer.sign(request, self._clock.seconds())
+            if self._oauth is None:
+                return one(signed)
+            return Deferred.fromCoroutine(self._with_token(one, signed))
+
+        def one(sent_request: Outgoing) -> Deferred[Answer]:
             unit.sending = True
             began = self._clock.seconds()
-            # Signed at each attempt: a retry carries a fresh timestamp, its id unchanged.
-            sent_request = request if self._signer is None else self._signer.sign(request, began)
             if self._result_topic is None:
                 d = self._sender.send(sent_request, self._timeout, self._redirects, self._ca_cert)
             else:  # the result holds up to 64 KiB of the answer's body
@@ -607,6 +618,18 @@ class JobRunner:
             self.stats.failed += 1
             self._dead_letter(message, outcome.reason, record, status=outcome.status,
                               attempts=outcome.attempts, began=began, body=outcome.body)
+
+    async def _with_token(self, one: Callable[[Outgoing], Deferred[Answer]],
+                          request: Outgoing) -> Answer:
+        """Send with the job's OAuth2 token; on a 401, once more with a new token."""
+        assert self._oauth is not None
+        token = await self._oauth.token()
+        answer = await one(_authorized(request, token))
+        if answer.status == 401:
+            self._oauth.rejected(token)
+            token = await self._oauth.token()
+            answer = await one(_authorized(request, token))
+        return answer
 
     def _retrying(self, unit: _Unit, attempt: int, reason: str, wait: float) -> None:
         self._note_error(reason)
@@ -918,3 +941,8 @@ def _response(body: bytes) -> dict[str, str]:
         return {"body": body.decode("utf-8"), "encoding": "text"}
     except UnicodeDecodeError:
         return {"body": base64.b64encode(body).decode("ascii"), "encoding": "base64"}
+
+
+def _authorized(request: Outgoing, token: str) -> Outgoing:
+    headers = {**request.headers, b"Authorization": [b"Bearer " + token.encode("latin-1", "replace")]}
+    return dataclasses.replace(request, headers=headers, own_headers=True)

@@ -1081,3 +1081,33 @@ def test_a_result_topic_is_a_topic_name_and_not_a_source() -> None:
     assert validate(minimal(result_topic="people.results")).definition["result_topic"] == "people.results"
     assert fields_of(minimal(result_topic="no spaces")) == {"result_topic"}
     assert fields_of(minimal(result_topic="people")) == {"result_topic"}
+
+
+def test_oauth2_client_credentials_and_its_secret() -> None:
+    oauth = {"token_url": "https://auth.example.com/token", "client_id": "svc",
+             "client_secret": "cs-model-1", "scope": "people:write"}
+    job = validate(minimal(oauth2=oauth))
+    assert job.definition["oauth2"] == oauth
+    assert job.public()["oauth2"]["client_secret"] == REDACTED
+    back = validate(minimal(oauth2={**oauth, "client_secret": REDACTED}), previous=job.stored())
+    assert back.definition["oauth2"]["client_secret"] == "cs-model-1"
+    # Restored only while the token URL keeps its origin (not the job's url).
+    moved = minimal(oauth2={**oauth, "token_url": "https://evil.example.com/token",
+                            "client_secret": REDACTED})
+    assert fields_of(moved, previous=job.stored()) == {"oauth2.client_secret"}
+
+
+@pytest.mark.parametrize(("changes", "fields"), [
+    ({"oauth2": {"token_url": "https://a/t", "client_id": "c"}}, {"oauth2.client_secret"}),
+    ({"oauth2": {"token_url": "ftp://a/t", "client_id": "c", "client_secret": "s"}}, {"oauth2.token_url"}),
+    ({"oauth2": {"token_url": "https://a/t", "client_id": "c", "client_secret": "s"},
+      "token": "t"}, {"oauth2"}),
+    ({"oauth2": {"token_url": "https://a/t", "client_id": "c", "client_secret": "s"},
+      "basic_auth": {"user": "u", "pw": "p"}}, {"oauth2"}),
+    ({"oauth2": {"token_url": "https://a/t", "client_id": "c", "client_secret": "s", "scope": 1}},
+     {"oauth2.scope"}),
+    ({"oauth2": {"token_url": "https://a/t", "client_id": "c", "client_secret": "s", "x": 1}},
+     {"oauth2.x"}),
+])
+def test_oauth2_misuse_is_refused(changes: dict[str, Any], fields: set[str]) -> None:
+    assert fields_of(minimal(**changes)) == fields

@@ -99,3 +99,13 @@ def test_the_preview_says_which_records_the_filter_leaves_out() -> None:
                             {"value": {"id": "b", "status": "draft"}}], 0)
     assert results[0]["request"]["url"] == "http://h/a"
     assert results[1] == {"message": 1, "record": 0, "filtered": True}
+
+
+def test_the_preview_shows_an_oauth2_bearer_without_fetching_a_token() -> None:
+    job = validate({"id": "o", "owner": "o", "type": "POST", "topic": "t",
+                    "datamap": {"id": "$.msg.id"}, "url": "http://h/{id}",
+                    "oauth2": {"token_url": "http://auth/token", "client_id": "c",
+                               "client_secret": "cs-preview-3"}})
+    [result] = preview(job, [{"value": {"id": "a"}}], 0)
+    assert result["request"]["headers"]["Authorization"] == "Bearer ***"
+    assert "cs-preview-3" not in json.dumps(result)

@@ -18,6 +18,7 @@ from tests.infra.service import ServiceProcess
 from tests.infra.sink import Received, Sink
 
 Start = Callable[..., ServiceProcess]
+OAUTH_CLIENT_SECRET = "cs-integration-oauth-5"
 WEBHOOK_SECRET = "whsec_" + "c2lnbmluZy1zZWNyZXQtb2YtdGhlLWludGVncmF0aW9uLXRlc3Q="
 
 
@@ -259,4 +260,50 @@ def test_the_result_topic_holds_one_result_per_record(
                  "every offset committed")
         assert counters(service, "res")["filtered"] == 1
     finally:
+        sink.stop()
+
+
+def test_oauth2_one_token_for_many_requests_and_a_new_one_after_a_401(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    from urllib.parse import parse_qs
+
+    current = {"token": "tok-1"}
+    valid = {"tok-1"}
+    forms: list[dict[str, list[str]]] = []
+
+    def token_endpoint(got: Received) -> tuple[int, dict[str, str], bytes]:
+        forms.append(parse_qs(got.body.decode()))
+        return 200, {"Content-Type": "application/json"}, json.dumps(
+            {"access_token": current["token"], "token_type": "Bearer", "expires_in": 3600}).encode()
+
+    def endpoint(got: Received) -> tuple[int, dict[str, str], bytes]:
+        token = got.headers.get("authorization", "").removeprefix("Bearer ")
+        return (200, {}, b"ok") if token in valid else (401, {}, b"expired")
+
+    auth = Sink(token_endpoint).start()
+    sink = Sink(endpoint).start()
+    try:
+        name = topic()
+        service = services()
+        definition = job("oauth", name, sink.url, oauth2={
+            "token_url": f"{auth.url}/token", "client_id": "svc",
+            "client_secret": OAUTH_CLIENT_SECRET, "scope": "people:write"})
+        assert service.request("POST", "/job/oauth", definition).status == 201
+        assert service.request("GET", "/job/oauth").json["oauth2"]["client_secret"] == "***"
+        produce(kafka.bootstrap, name, [json.dumps({"id": f"a{i}"}).encode() for i in range(20)])
+        wait_for(lambda: counters(service, "oauth").get("delivered", 0) >= 20, 40, "20 delivered")
+        assert forms == [{"grant_type": ["client_credentials"], "client_id": ["svc"],
+                          "client_secret": [OAUTH_CLIENT_SECRET], "scope": ["people:write"]}]
+        assert {r.headers["authorization"] for r in sink.snapshot()} == {"Bearer tok-1"}
+        # The endpoint now refuses the old token; the token endpoint gives a new one.
+        current["token"] = "tok-2"
+        valid.clear()
+        valid.add("tok-2")
+        produce(kafka.bootstrap, name, [json.dumps({"id": f"b{i}"}).encode() for i in range(10)])
+        wait_for(lambda: counters(service, "oauth").get("delivered", 0) >= 30, 40, "30 delivered")
+        assert len(forms) == 2, "a 401 must fetch exactly one new token"
+        assert counters(service, "oauth")["dead_lettered"] == 0
+        assert OAUTH_CLIENT_SECRET not in service.log()
+    finally:
+        auth.stop()
         sink.stop()

@@ -980,3 +980,89 @@ def test_a_batch_gives_one_result_per_record_with_the_batchs_answer() -> None:
     assert [(r["source"]["offset"], r["status"], r["response"]["body"]) for r in results] == \
         [(0, 200, '{"ok": true}'), (1, 200, '{"ok": true}')]
     assert h.loop.commits == {(T, 0): 2}
+
+
+class FakeTokenEndpoint:
+    """Answers token requests as the test says (each a Deferred it can fire)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str], Deferred[tuple[int, bytes]]]] = []
+
+    def __call__(self, url: str, form: dict[str, str], timeout: float) -> Deferred[tuple[int, bytes]]:
+        d: Deferred[tuple[int, bytes]] = Deferred()
+        self.calls.append((url, form, d))
+        return d
+
+    def give(self, token: str, expires_in: int = 3600, status: int = 200) -> None:
+        body = json.dumps({"access_token": token, "token_type": "Bearer",
+                           "expires_in": expires_in}).encode()
+        next(d for _, _, d in self.calls if not d.called).callback((status, body))
+
+
+def oauth_harness() -> tuple[Harness, FakeTokenEndpoint]:
+    from restconsumer.oauth2 import TokenSource
+    settings = {"token_url": "https://auth.test/token", "client_id": "cid",
+                "client_secret": "cs-unit", "scope": "write"}
+    h = Harness(make_job(oauth2=settings))
+    endpoint = FakeTokenEndpoint()
+    h.runner._oauth = TokenSource(h.clock, settings, endpoint)
+    h.runner.assigned([(T, 0), (T, 1)])
+    return h, endpoint
+
+
+def test_oauth2_fetches_one_token_for_all_requests_and_again_before_it_expires() -> None:
+    h, endpoint = oauth_harness()
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}, partition=1))
+    [(url, form, _)] = endpoint.calls
+    assert url == "https://auth.test/token"
+    assert form == {"grant_type": "client_credentials", "client_id": "cid",
+                    "client_secret": "cs-unit", "scope": "write"}
+    endpoint.give("t1", expires_in=100)
+    assert [r.header("Authorization") for r in h.agent.open()] == ["Bearer t1", "Bearer t1"]
+    for r in h.agent.open():
+        r.answer(200)
+    h.clock.advance(69)
+    h.arrive(h.message({"id": "c"}))
+    assert len(endpoint.calls) == 1 and h.agent.open()[0].header("Authorization") == "Bearer t1"
+    h.agent.open()[0].answer(200)
+    h.clock.advance(2)  # within 30 s of expiry: fetched again
+    h.arrive(h.message({"id": "d"}))
+    assert len(endpoint.calls) == 2
+    endpoint.give("t2")
+    assert h.agent.open()[0].header("Authorization") == "Bearer t2"
+
+
+def test_a_401_fetches_a_new_token_once_and_sends_again() -> None:
+    h, endpoint = oauth_harness()
+    h.arrive(h.message({"id": "a"}))
+    endpoint.give("old")
+    h.agent.open()[0].answer(401, b"expired")
+    assert len(endpoint.calls) == 2
+    endpoint.give("new")
+    [again] = h.agent.open()
+    assert again.header("Authorization") == "Bearer new"
+    again.answer(200)
+    assert h.runner.stats.delivered == 1 and h.dead_letters.sent == []
+
+
+def test_a_token_endpoint_that_is_down_is_an_outage_not_a_dead_letter() -> None:
+    h, endpoint = oauth_harness()
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}, partition=1))
+    [(_, _, d)] = endpoint.calls
+    d.callback((503, b"down"))
+    for _ in range(6):
+        h.clock.advance(4)
+        for _, _, pending in endpoint.calls:
+            if not pending.called:
+                pending.errback(ConnectionRefusedError())
+    assert h.dead_letters.sent == []
+    assert h.runner.circuit.is_open
+    assert "token endpoint" in h.runner.circuit_status()["reason"]
+    h.clock.advance(4)
+    endpoint.give("back")
+    for r in h.agent.open():
+        r.answer(200)
+    h.clock.advance(4)
+    for r in h.agent.open():
+        r.answer(200)
+    assert h.runner.stats.delivered == 2 and h.dead_letters.sent == []
