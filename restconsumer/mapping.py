@@ -205,11 +205,11 @@ class RequestBuilder:
             else:
                 raise TemplateError(f"the URL needs '{part}', which the datamap did not find")
         query = []
-        for key in self._query_keys:
-            if key in values:
-                value = values[key]
+        for query_key in self._query_keys:
+            if query_key in values:
+                value = values[query_key]
                 for item in value if isinstance(value, list) else [value]:
-                    query.append(f"{quote(key, safe='')}={encode_value(item)}")
+                    query.append(f"{quote(query_key, safe='')}={encode_value(item)}")
         url = "".join(pieces)
         if query:
             url += ("&" if self._has_query else "?") + "&".join(query)
@@ -220,7 +220,7 @@ class RequestBuilder:
             except (TypeError, ValueError) as e:
                 raise TemplateError(f"the JSON body cannot be made: {e}") from e
         headers = self.headers
-        key = f"{self._job_id}:{ident}" if ident is not None else None
+        key: str | None = f"{self._job_id}:{ident}" if ident is not None else None
         if self._header_templates or (key is not None and self.idempotency):
             headers = dict(headers)
             for name, parts in self._header_templates:

@@ -768,8 +768,9 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
     definition = {name: definition[name] for name in FIELDS if name in definition}
     digest = _canonical_hash(definition, policy.secret_digest)
     if modified is None:
-        same = previous is not None and previous.get("hash") == digest
-        modified = previous["modified"] if same and previous.get("modified") else _now()
+        kept = previous.get("modified") if previous is not None and previous.get("hash") == digest \
+            else None
+        modified = kept if isinstance(kept, str) and kept else _now()
     return Job(definition=definition, modified=modified, hash=digest, paths=paths)
 
 

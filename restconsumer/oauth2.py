@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.http_headers import Headers
 
 from restconsumer.retry import Unavailable
 
@@ -37,7 +38,8 @@ async def treq_fetch(url: str, form: dict[str, str], timeout: float) -> tuple[in
     from restconsumer.mapping import USER_AGENT
 
     response = await treq.post(url, data=form, timeout=timeout,
-                               headers={b"Accept": [b"application/json"], b"User-Agent": [USER_AGENT]})
+                               headers=Headers({b"Accept": [b"application/json"],
+                                                b"User-Agent": [USER_AGENT]}))
     return response.code, await response.content()
 
 

@@ -155,8 +155,13 @@ class _Unit:
 
 def _incoming(message: Message) -> Incoming:
     kind, stamp = message.timestamp()
-    return Incoming(message.topic(), message.partition(), message.offset(), message.key(),
-                    message.value(), list(message.headers() or []),
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None  # a fetched message
+    raw = message.headers() or []
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    headers: list[tuple[str, bytes | None]] = [
+        (k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
+    return Incoming(topic, partition, offset, message.key(), message.value(), headers,
                     None if kind == TIMESTAMP_NOT_AVAILABLE else stamp)
 
 
@@ -429,7 +434,7 @@ class JobRunner:
                     unit.task = task
                     task.addErrback(lambda f: log.failure("job {job_id}: delivering a record failed",
                                                           f, job_id=self.job.id))
-                    task.addBoth(lambda _, u=unit: self._unit_ended(u))
+                    task.addBoth(self._ended_with, unit)
                 again = self._pump_again
         finally:
             self._pumping = False
@@ -453,6 +458,9 @@ class JobRunner:
             if not d.called:  # a revocation may have stopped waiting for it
                 d.callback(None)
         self._pump()
+
+    def _ended_with(self, result: Any, unit: _Unit) -> None:
+        self._unit_ended(unit)
 
     @staticmethod
     def _ended(unit: _Unit) -> Deferred[None]:
@@ -681,7 +689,7 @@ class JobRunner:
             if message.open_records == 0 and message.open_acks == 0:
                 self._finish(message)
 
-        d.addCallbacks(acked, lambda f: (acks.discard(d), None)[1])
+        d.addCallbacks(acked, _forget, errbackArgs=(acks, d))
         self._record_ended(message)
 
     def _result(self, message: _Message, index: int, outcome: str, status: int | None,
@@ -715,7 +723,7 @@ class JobRunner:
             if message.open_records == 0 and message.open_acks == 0:
                 self._finish(message)
 
-        d.addCallbacks(acked, lambda f: (acks.discard(d), None)[1])
+        d.addCallbacks(acked, _forget, errbackArgs=(acks, d))
 
     async def _produce(self, message: _Message, headers: list[tuple[str, bytes]],
                        topic: str | None = None, value: bytes | None = None) -> None:
@@ -928,10 +936,20 @@ class _Gate:
         self._runner._open(reason)
 
 
+def _forget(_: Any, waiting: set[Deferred[None]], d: Deferred[None]) -> None:
+    """An ack that will not come (cancelled): stop waiting for it."""
+    waiting.discard(d)
+
+
 def _observe(d: Deferred[Any]) -> Deferred[None]:
     """A Deferred that fires when ``d`` does, leaving ``d``'s result alone."""
     seen: Deferred[None] = Deferred()
-    d.addBoth(lambda result: (seen.called or seen.callback(None), result)[1])
+    def fire(result: Any) -> Any:
+        if not seen.called:
+            seen.callback(None)
+        return result
+
+    d.addBoth(fire)
     return seen
 
 

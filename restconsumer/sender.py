@@ -238,8 +238,8 @@ class HTTPSender(Service):
             body = _Body(request.body) if request.body is not None else None
             headers = Headers(request.headers) if request.own_headers else \
                 self._headers_of(request.headers)
-            d = route.agent.request(request.method, request.url, headers, body)
-            d.addCallback(self._answer, keep)
+            sent = route.agent.request(request.method, request.url, headers, body)
+            d = sent.addCallback(self._answer, keep)  # type: ignore[call-overload]  # keep passes through
         return d.addTimeout(timeout, self._reactor)
 
     def _answer(self, response: IResponse, keep: int = 500) -> Deferred[Answer]:
@@ -330,7 +330,7 @@ def _read_body(response: IResponse, keep: int = 500) -> Deferred[bytes]:
     def cancel(_: Deferred[bytes]) -> None:
         # The body's transport is a push producer: stopping it drops the connection.
         if reader.transport is not None:
-            reader.transport.stopProducing()
+            reader.transport.stopProducing()  # type: ignore[attr-defined]  # a producer, untyped
 
     done: Deferred[bytes] = Deferred(cancel)
     reader = _BodyReader(done, keep)

@@ -45,7 +45,7 @@ class Incoming:
                 text_key = key.decode("utf-8")
             except UnicodeDecodeError:
                 text_key = None
-        headers = {}
+        headers: dict[str, str | None] = {}
         for name, value in self.headers:
             if value is None:
                 headers[name] = None
