@@ -197,10 +197,10 @@ class KafkaLoop:
             # job lets go of its (daemon) thread instead of hanging the shutdown.
             log.warn("job {name}: the Kafka consumer did not close within {timeout} s "
                      "(is Kafka reachable?); leaving it behind", name=self.name,
-                     timeout=self._close_timeout + self._answer_timeout)
+                     timeout=self._close_timeout)
             return False
 
-        closed.addTimeout(self._close_timeout + self._answer_timeout, self._reactor)
+        closed.addTimeout(self._close_timeout, self._reactor)
         closed.addErrback(give_up)
 
         def stop_thread(done: bool) -> Deferred[Any] | None:

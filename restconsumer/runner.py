@@ -201,7 +201,10 @@ class JobRunner:
         self._stopped: Deferred[None] | None = None
         self.loop = shared.loop_factory(self._reactor, job.id, self._consumer_config(), job.topics, self,
                               consumer_factory=shared.consumer_factory,
+                              # A stop waits for the revocation grace, but not for a
+                              # close that Kafka being away would make hang.
                               **{"answer_timeout": shared.revoke_grace + 30.0,
+                                 "close_timeout": max(15.0, shared.revoke_grace + 5.0),
                                  **shared.loop_options})
 
     def _consumer_config(self) -> dict[str, Any]:
