@@ -7,15 +7,19 @@ each on a topic of its own that stays empty; once the service reports every one
 ``running`` (``GET /job/{id}/status``), it settles for ``--settle`` seconds, then the
 process' CPU (utime + stime of ``/proc/PID/stat``, as % of one core), RSS and thread
 count (``/proc/PID/status``) are measured over ``--measure`` seconds. Before the jobs,
-the same figures are taken for ``--baseline`` seconds, for comparison. Figures, not a
-test: nothing fails on a missed target.
+the same figures are taken for ``--baseline`` seconds, for comparison. Then the floor,
+measured the same way in the same run: as many bare confluent-kafka consumers (the jobs'
+consumer settings, one thread each, polling as a quiet job's loop does) in a process of
+their own and nothing else — what librdkafka's own threads cost, which no service built on
+one consumer per job can go below. Figures, not a test: nothing fails on a missed target.
 
-    python3 bench/idle.py [--jobs 200] [--measure 30] [--settle 10] [--baseline 10]
+    python3 bench/idle.py [--jobs 200] [--measure 30] [--settle 35] [--baseline 10] [--no-floor]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
@@ -178,7 +182,9 @@ def measure(pid: int, seconds: float) -> Figures:
     threads_after = thread_cpu(pid)
     by_name: dict[str, list[float]] = defaultdict(list)
     for tid, (name, cpu) in threads_after.items():
-        by_name[name].append(cpu - threads_before.get(tid, (name, 0.0))[1])
+        # The main thread runs the reactor: shown apart from the jobs' Kafka threads.
+        label = f"{name} (reactor)" if tid == pid else name
+        by_name[label].append(cpu - threads_before.get(tid, (name, 0.0))[1])
     busiest = sorted(((name, len(used), 100 * sum(used) / elapsed) for name, used in by_name.items()),
                      key=lambda row: -row[2])
     total = 100 * (cpu_end - cpu_begin) / elapsed
@@ -200,19 +206,83 @@ def show(title: str, figures: Figures) -> None:
                     for name, n, cpu in figures.busiest))
 
 
+def bare_consumers(bootstrap: str, count: int) -> None:
+    """The floor (run in a process of its own): ``count`` consumers configured as the
+    service's jobs are, each subscribed to one of the jobs' topics and polling in a thread
+    of its own as a quiet job's loop does, until standard input closes."""
+    import threading
+
+    from confluent_kafka import Consumer
+
+    from restconsumer.consumer import consumer_config
+
+    stop = threading.Event()
+    assigned: list[int] = []
+
+    def run(i: int) -> None:
+        consumer = Consumer(consumer_config({"bootstrap.servers": bootstrap}, f"floor-{i}"))
+        consumer.subscribe([topic(i)], on_assign=lambda c, p: assigned.append(i))
+        while not stop.is_set():
+            consumer.consume(num_messages=1, timeout=5.0)
+        consumer.close()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    while len(assigned) < count:
+        time.sleep(0.2)
+    print("assigned", flush=True)
+    sys.stdin.read()
+    stop.set()
+    for t in threads:
+        t.join(10)
+
+
+def measure_floor(env: Infra, count: int, settle: float, seconds: float) -> Figures | None:
+    """CPU of ``count`` bare consumers (see :func:`bare_consumers`), measured as the service is."""
+    import subprocess
+
+    print(f"\nthe floor: {count} bare consumers, settling {settle:.0f} s, measuring {seconds:.0f} s ...",
+          flush=True)
+    repo = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen([sys.executable, __file__, "--bare", env.kafka.bootstrap, "--jobs", str(count)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(repo)})
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        if child.stdout.readline().strip() != "assigned":
+            print("NOT RUN: the bare consumers did not start")
+            return None
+        time.sleep(settle)
+        return measure(child.pid, seconds)
+    finally:
+        child.stdin.close()
+        try:
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
 def main() -> None:
     """Parse the options, start the service, create and start the jobs, measure."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200, help="idle jobs to run (default 200)")
     parser.add_argument("--measure", type=float, default=30, help="seconds measured (default 30)")
-    parser.add_argument("--settle", type=float, default=10,
-                        help="seconds between all running and the measurement (default 10)")
+    parser.add_argument("--settle", type=float, default=35,
+                        help="seconds between all running and the measurement (default 35: "
+                             "a job's loop polls less often after half a minute of quiet)")
     parser.add_argument("--baseline", type=float, default=10,
                         help="seconds measured before any job exists; 0 skips it (default 10)")
     parser.add_argument("--wait", type=float, default=300,
                         help="longest wait for the jobs to be running (default 300)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the floor: as many bare confluent-kafka consumers, nothing else")
+    parser.add_argument("--bare", metavar="BOOTSTRAP", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare:
+        bare_consumers(args.bare, args.jobs)
+        return
 
     with infra("restconsumer-bench-idle-") as env:
         print(f"creating {args.jobs} topics ...", flush=True)
@@ -263,6 +333,14 @@ def main() -> None:
                 print(f"note: only {running} of {args.jobs} jobs were running when measured")
         finally:
             print(stop_service(service, timeout=120), flush=True)
+        if not args.no_floor:
+            floor = measure_floor(env, args.jobs, args.settle, args.measure)
+            if floor is not None:
+                show(f"the floor: {args.jobs} bare confluent-kafka consumers with the jobs' settings, "
+                     f"each polling in a thread of its own, nothing else", floor)
+                print(f"\nidle CPU: the service {figures.cpu_percent:.1f} %, librdkafka's floor "
+                      f"{floor.cpu_percent:.1f} % (the service above it: "
+                      f"{figures.cpu_percent - floor.cpu_percent:+.1f} %) of one core")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,18 @@ def _counts(runner: JobRunner) -> dict[str, int]:
     return {name: getattr(stats, name) for name in COUNTERS}
 
 
+def _marks(runner: JobRunner) -> tuple[Any, ...]:
+    """What a job's report is made of: the loop replaces its assignment and lag whole, so
+    those are compared by identity, the rest by value."""
+    stats, circuit = runner.stats, runner.circuit
+    return (runner.loop.assignment, runner.loop.lag, stats.delivered, stats.consumed,
+            stats.last_error_at, circuit.is_open, circuit.reason, runner.held_bytes)
+
+
+def _unchanged(before: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    return before[0] is now[0] and before[1] is now[1] and before[2:] == now[2:]
+
+
 class StatusReporter(Service):
     """Writes this instance's counters and reports to Redis, about every ``every`` seconds."""
 
@@ -52,7 +64,7 @@ class StatusReporter(Service):
         self._clock = clock
         self._every = every
         self._reported: dict[int, dict[str, int]] = {}
-        self._written: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._written: dict[int, tuple[float, tuple[Any, ...]]] = {}
         self._timer = LoopingCall(self.flush)
         self._timer.clock = clock
         self._finals: set[Deferred[None]] = set()
@@ -76,7 +88,9 @@ class StatusReporter(Service):
         done = self._reported.get(id(runner), {})
         return {name: value - done.get(name, 0) for name, value in _counts(runner).items()}
 
-    async def _report(self, runner: JobRunner, state: bool = True) -> None:
+    async def _report(self, runner: JobRunner, state: bool = True) -> tuple[dict[str, Any], Any] | None:
+        """Add what ``runner`` did to the counters; with ``state``, its report and marks if it
+        is due to be written (the caller writes every due report in one call)."""
         counts = _counts(runner)
         deltas = self.unreported(runner)
         if any(deltas.values()):
@@ -88,16 +102,17 @@ class StatusReporter(Service):
                 previous = {k: counts[k] - deltas[k] for k in counts}
                 self._reported[id(runner)] = previous
                 raise
-        if state:
-            report = self.local(runner)
-            # An idle job's report changes little: written when it changes, else often enough
-            # to stay fresh (200 idle jobs would otherwise cost 400 Redis calls a second).
-            same = {k: v for k, v in report.items() if k not in ("at", "rate")}
-            last = self._written.get(id(runner))
-            if last is None or last[1] != same or report["rate"] or \
-                    report["at"] - last[0] >= FRESH / 3:
-                await self._store.put_instance_state(runner.job.id, self.instance, report)
-                self._written[id(runner)] = (report["at"], same)
+        if not state:
+            return None
+        # An idle job's report changes little: written when it changes, else often enough
+        # to stay fresh. Whether it changed is told from what it is made of, without
+        # building it (200 idle jobs are looked at every second).
+        marks = _marks(runner)
+        last = self._written.get(id(runner))
+        if last is not None and _unchanged(last[1], marks) and \
+                self._clock.seconds() - last[0] < FRESH / 3:
+            return None
+        return self.local(runner), marks
 
     def local(self, runner: JobRunner) -> dict[str, Any]:
         """This instance's live report of one job."""
@@ -115,22 +130,36 @@ class StatusReporter(Service):
         }
 
     async def flush(self) -> None:
-        """Report every running job of this instance (errors are logged, never raised)."""
+        """Report every running job of this instance (errors are logged, never raised).
+
+        The reports due are written in one call to Redis, not one per job."""
+        due: dict[str, dict[str, Any]] = {}
+        written: list[tuple[int, float, Any]] = []
         for runner in list(self._supervisor.runners.values()):
             try:
-                await self._report(runner)
+                report = await self._report(runner)
             except StoreUnavailable:
                 return  # counted again at the next flush: nothing is lost
             except Exception:
                 log.failure("job {job_id}: reporting its status failed", job_id=runner.job.id)
+                continue
+            if report is not None:
+                due[runner.job.id] = report[0]
+                written.append((id(runner), report[0]["at"], report[1]))
+        # A job that cannot run here: other instances' status answers say why.
         for job_id in list(self._supervisor.errors):
-            # A job that cannot run here: other instances' status answers say why.
-            try:
-                await self._store.put_instance_state(job_id, self.instance, self.failed(job_id))
-            except StoreUnavailable:
-                return
-            except Exception:
-                log.failure("job {job_id}: reporting its error failed", job_id=job_id)
+            due[job_id] = self.failed(job_id)
+        if not due:
+            return
+        try:
+            await self._store.put_instance_states(self.instance, due)
+        except StoreUnavailable:
+            return
+        except Exception:
+            log.failure("reporting the jobs' status failed")
+            return
+        for key, at, marks in written:
+            self._written[key] = (at, marks)
 
     def failed(self, job_id: str) -> dict[str, Any]:
         """This instance's report of a job it cannot run (see ``Supervisor.errors``)."""

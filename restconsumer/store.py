@@ -122,6 +122,16 @@ redis.call('PUBLISH', ARGV[2], 'start')
 return 1
 """
 
+#: Each instance report (ARGV[2..]) into its job's hash (KEYS) under the instance's name
+#: (ARGV[1]); the hash expires an hour after the last report.
+_PUT_STATES = """
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, ARGV[1], ARGV[i + 1])
+  redis.call('EXPIRE', key, 3600)
+end
+return #KEYS
+"""
+
 # Checked before anything is added, so that the counters move all together or not at all
 # (a script that fails half-way keeps what it had already written).
 _ADD_STATS = """
@@ -467,8 +477,15 @@ class JobStore(Service):
 
     async def put_instance_state(self, job_id: str, instance: str, state: dict[str, Any]) -> None:
         """What one instance reports of a job: rate, lag of its partitions, last error."""
-        await self._call("hset", _instances_key(job_id), instance, json.dumps(state))
-        await self._call("expire", _instances_key(job_id), 3600)
+        await self.put_instance_states(instance, {job_id: state})
+
+    async def put_instance_states(self, instance: str, states: dict[str, dict[str, Any]]) -> None:
+        """What one instance reports of several jobs, in one call per hundred jobs."""
+        items = list(states.items())
+        for start in range(0, len(items), 100):
+            chunk = items[start:start + 100]
+            await self._call("eval", _PUT_STATES, [_instances_key(job_id) for job_id, _ in chunk],
+                             [instance, *(json.dumps(state) for _, state in chunk)])
 
     async def stats(self, job_id: str) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
         """A job's counters, and each instance's latest report."""

@@ -667,3 +667,35 @@ async def test_a_partition_moves_to_a_new_instance_only_after_its_request_under_
     assert witness.passed == []
     assert cluster.committed(JOB_GROUP, T, 0) == 5
     assert cluster.committed(JOB_GROUP, T, 1) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_quiet_loop_polls_less_often_and_wakes_at_once_for_a_message(stops: Stops) -> None:
+    """After ``quiet_after`` seconds with nothing to do the loop polls with ``quiet_poll``;
+    a message still arrives at once and brings the short timeouts back."""
+    cluster = FakeCluster()
+    cluster.create_topic("calm", 1)
+    timeouts: list[float] = []
+
+    class Counting(FakeConsumer):
+        def consume(self, num_messages: int = 1, timeout: float | None = -1) -> list[Message]:
+            if num_messages == 1:
+                timeouts.append(float(timeout if timeout is not None else -1))
+            return super().consume(num_messages, timeout)
+
+    h = Recorder()
+    loop = make_loop(cluster, "calm", ["calm"], h,
+                     factory=lambda config: Counting(cluster, config),
+                     quiet_after=0.3, quiet_poll=0.5)
+    stops(loop.stop)
+    loop.start()
+    await until(h.assignments, "an assignment")
+    await until(lambda: 0.5 in timeouts, "a quiet poll", timeout=5.0)
+    assert timeouts[0] != 0.5, "the first polls are the idle ones"
+    sent = time.monotonic()
+    cluster.produce("calm", b"wake", partition=0)
+    await until(lambda: h.offsets("calm", 0) == [0], "the message")
+    assert time.monotonic() - sent < 0.4, "a quiet poll still returns as soon as a message is there"
+    count = len(timeouts)
+    await until(lambda: len(timeouts) > count + 2, "more polls")
+    assert timeouts[count] != 0.5, "a message makes the loop short-polling again"
