@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,7 +20,8 @@ from restconsumer.deadletters import DeadLetterReader, ReplayRunning, Replays
 from restconsumer.metrics import CONTENT_TYPE, Metrics
 from restconsumer.model import InvalidJob, Policy, load, redact, validate
 from restconsumer.offsets import OffsetError, OffsetMover, OffsetRequest
-from restconsumer.preview import BadEnvelope, preview
+from restconsumer.preview import BadEnvelope, envelopes, preview, schema_ids
+from restconsumer.registry import SchemaRegistry
 from restconsumer.status import StatusReporter, job_status
 from restconsumer.store import JobStore, StoreUnavailable
 from restconsumer.supervisor import Supervisor
@@ -73,7 +74,7 @@ class API:
                  max_body: int = MAX_BODY,
                  demo_sink: Callable[[str, str, bytes], None] | None = None,
                  metrics: Metrics | None = None, reader: DeadLetterReader | None = None,
-                 replays: Replays | None = None) -> None:
+                 replays: Replays | None = None, registry: SchemaRegistry | None = None) -> None:
         self.store = store
         self.supervisor = supervisor
         self.reporter = reporter
@@ -89,6 +90,8 @@ class API:
         self.metrics = metrics
         self.reader = reader
         self.replays = replays
+        #: The Schema Registry the dry run fetches wire-format schemas from, if configured.
+        self.registry = registry
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -244,7 +247,7 @@ class API:
         return body
 
     @app.route("/preview", methods=["POST"])
-    def preview_definition(self, request: IRequest) -> bytes:
+    async def preview_definition(self, request: IRequest) -> bytes:
         """The dry run of a job definition: ``{"job": …, "messages": […]}``; nothing sent or
         stored. An invalid job answers 400 as ``POST /job`` does."""
         principal = self._principal(request, MAX_PREVIEW_BODY)
@@ -259,7 +262,7 @@ class API:
             raise APIError(400, "invalid job", [p.as_dict() for p in e.problems]) from e
         if not principal.may_see(job.owner):
             raise APIError(403, "forbidden", [f"this token may not preview jobs of {job.owner}"])
-        return self._preview(request, job, raw.get("messages"))
+        return await self._preview(request, job, raw.get("messages"))
 
     @app.route("/job/<job_id>/preview", methods=["POST"])
     async def preview_stored(self, request: IRequest, job_id: str) -> bytes:
@@ -269,14 +272,26 @@ class API:
         stored = await self._visible_job(principal, job_id)
         if not isinstance(raw, dict):
             raise APIError(400, "invalid preview", [{"field": "messages", "reason": "is required"}])
-        return self._preview(request, load(stored), raw.get("messages"))
+        return await self._preview(request, load(stored), raw.get("messages"))
 
-    def _preview(self, request: IRequest, job: Any, messages: Any) -> bytes:
+    async def _preview(self, request: IRequest, job: Any, messages: Any) -> bytes:
+        now_ms = int(self.clock.seconds() * 1000)
         try:
-            results = preview(job, messages, int(self.clock.seconds() * 1000))
+            incoming = envelopes(job, messages, now_ms)
         except BadEnvelope as e:
             raise APIError(400, "invalid messages",
                            [{"field": f, "reason": r} for f, r in e.problems]) from e
+        unavailable: dict[int, str] = {}
+        registry = self.registry
+        if registry is not None:
+            # The schemas first, on the reactor, as delivery fetches them.
+            ids = sorted(schema_ids(incoming))
+            fetched = await DeferredList([registry.fetch(i) for i in ids], consumeErrors=True)
+            for ident, (_, result) in zip(ids, fetched, strict=True):
+                if isinstance(result, Failure):
+                    unavailable[ident] = result.getErrorMessage()
+        results = preview(job, messages, now_ms, registry.cache if registry is not None else None,
+                          unavailable)
         return _json(request, 200, {"results": results})
 
     @app.route("/job/<job_id>/deadletters", methods=["GET"])

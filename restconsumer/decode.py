@@ -1,6 +1,8 @@
-"""Decoding a Kafka message value into records (SPEC §4): Avro container, JSON, or text.
+"""Decoding a Kafka message value into records (SPEC §4, §12): Avro container, Confluent
+Schema Registry wire format, JSON, or text.
 
-Plain functions, no Twisted.
+Plain functions, no Twisted. The wire format's schemas come from a :class:`SchemaLookup`
+(the process's schema cache, filled on the reactor by :mod:`restconsumer.registry`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import io
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import fastavro
 
-__all__ = ["AVRO_MAGIC", "Record", "UndecodableMessage", "decode", "to_json"]
+__all__ = ["AVRO_MAGIC", "Record", "SchemaLookup", "SchemaNeeded", "UndecodableMessage", "UnknownSchema",
+           "WireSchema", "decode", "schema_id", "to_json"]
 
 AVRO_MAGIC = b"Obj\x01"
+#: Magic byte 0 and a 4-byte big-endian schema id open a Confluent wire-format value.
+WIRE_HEADER = 5
 
 
 class UndecodableMessage(ValueError):
@@ -33,15 +38,60 @@ class Record:
     msg: Any
 
 
-def decode(value: bytes | None) -> list[Record]:
+@dataclass(frozen=True)
+class WireSchema:
+    """A schema of the Schema Registry, ready to decode with."""
+
+    #: ``AVRO`` or ``JSON`` (the registry's ``schemaType``).
+    kind: str
+    #: The writer schema as JSON, as registered: what ``$.schema`` shows.
+    writer: Any
+    #: fastavro's parsed form of an Avro schema (None for JSON).
+    parsed: Any = None
+
+
+@dataclass(frozen=True)
+class UnknownSchema:
+    """A schema id that the registry does not know (or that cannot be used), and why."""
+
+    reason: str
+
+
+class SchemaLookup(Protocol):
+    """What decoding asks of the schema cache; safe to call from any thread."""
+
+    def get(self, schema_id: int) -> WireSchema | UnknownSchema | None:
+        """The schema of ``schema_id``, that it is unknown, or None when not fetched yet."""
+
+
+class SchemaNeeded(Exception):
+    """The value is in the wire format, and its schema has not been fetched yet."""
+
+    def __init__(self, schema_id: int) -> None:
+        super().__init__(f"schema id {schema_id} is not fetched yet")
+        self.schema_id = schema_id
+
+
+def schema_id(value: bytes | None) -> int | None:
+    """The schema id of a Confluent wire-format value (magic byte 0, 4-byte id), else None."""
+    if value is None or len(value) < WIRE_HEADER or value[0] != 0:
+        return None
+    return int.from_bytes(value[1:WIRE_HEADER], "big")
+
+
+def decode(value: bytes | None, schemas: SchemaLookup | None = None) -> list[Record]:
     """The records a message value holds; raises :class:`UndecodableMessage`.
 
-    An Avro Object Container File gives one record per Avro record, with the file's
+    With ``schemas`` (a Schema Registry is configured), a wire-format value is one record
+    with its writer schema, or raises :class:`SchemaNeeded` when its schema is not fetched
+    yet. An Avro Object Container File gives one record per Avro record, with the file's
     writer schema; otherwise UTF-8 JSON is one record; otherwise valid UTF-8 text is
     one record whose value is the string itself.
     """
     if value is None:
         raise UndecodableMessage("the message has no value (a tombstone)")
+    if schemas is not None and (ident := schema_id(value)) is not None:
+        return [_wire(value, ident, schemas.get(ident))]
     if value.startswith(AVRO_MAGIC):
         try:
             reader = fastavro.reader(io.BytesIO(value))
@@ -52,11 +102,40 @@ def decode(value: bytes | None) -> list[Record]:
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
+        if schemas is None and (ident := schema_id(value)) is not None:
+            raise UndecodableMessage(
+                f"neither Avro, JSON nor UTF-8 text: it looks like Confluent Schema Registry "
+                f"framing (magic byte 0, schema id {ident}), but --schema-registry is not set") from e
         raise UndecodableMessage(f"neither Avro, JSON nor UTF-8 text: {e}") from e
     try:
         return [Record(None, json.loads(text))]
     except ValueError:
         return [Record(None, text)]
+
+
+def _wire(value: bytes, ident: int, schema: WireSchema | UnknownSchema | None) -> Record:
+    if schema is None:
+        raise SchemaNeeded(ident)
+    if isinstance(schema, UnknownSchema):
+        raise UndecodableMessage(f"schema id {ident} is unknown to the schema registry: {schema.reason}")
+    payload = value[WIRE_HEADER:]
+    if schema.kind == "JSON":
+        try:
+            return Record(schema.writer, json.loads(payload.decode("utf-8")))
+        except ValueError as e:
+            raise UndecodableMessage(f"corrupt JSON payload for schema id {ident}: {e}") from e
+    data = io.BytesIO(payload)
+    try:
+        msg = fastavro.schemaless_reader(data, schema.parsed, None)
+    except Exception as e:  # fastavro raises many kinds for corrupt data
+        raise UndecodableMessage(f"corrupt Avro payload for schema id {ident}: "
+                                 f"{type(e).__name__}: {e}") from e
+    left = len(payload) - data.tell()
+    if left:
+        # One datum per message: bytes beyond it mean the payload was not written with this schema.
+        raise UndecodableMessage(f"corrupt Avro payload for schema id {ident}: {left} bytes left "
+                                 f"after the record")
+    return Record(schema.writer, msg)
 
 
 def _jsonable(value: Any) -> Any:

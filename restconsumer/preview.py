@@ -2,7 +2,8 @@
 
 Plain functions, no Twisted, built on the very code delivery uses (:func:`restconsumer.work.prepare`
 and the job's :class:`~restconsumer.mapping.RequestBuilder`): nothing is sent, stored or
-produced. Secrets are shown as ``***``.
+produced. Secrets are shown as ``***``. Schema Registry wire-format messages are decoded with
+the schemas the caller fetched first (:func:`schema_ids` says which).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from restconsumer.decode import SchemaLookup, schema_id
 from restconsumer.mapping import RequestBuilder
 from restconsumer.model import REDACTED, Job, is_secret_header
 from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
 
-__all__ = ["MAX_MESSAGES", "BadEnvelope", "envelope", "preview"]
+__all__ = ["MAX_MESSAGES", "BadEnvelope", "envelope", "envelopes", "preview", "schema_ids"]
 
 MAX_MESSAGES = 1000
 
@@ -75,9 +77,8 @@ def envelope(raw: Any, index: int, job: Job, now_ms: int,
                     [(str(k), v.encode("utf-8")) for k, v in headers.items()], numbers["timestamp"])
 
 
-def preview(job: Job, messages: Any, now_ms: int) -> list[dict[str, Any]]:
-    """Per record of each sample message: the request it would send, the reason it cannot,
-    or that a filter leaves it out. Raises :class:`BadEnvelope` listing every problem."""
+def envelopes(job: Job, messages: Any, now_ms: int) -> list[Incoming]:
+    """The sample messages of a preview; raises :class:`BadEnvelope` listing every problem."""
     if not isinstance(messages, list) or not messages:
         raise BadEnvelope([("messages", "must be a non-empty list of message envelopes")])
     if len(messages) > MAX_MESSAGES:
@@ -86,18 +87,38 @@ def preview(job: Job, messages: Any, now_ms: int) -> list[dict[str, Any]]:
     incoming = [envelope(raw, i, job, now_ms, problems) for i, raw in enumerate(messages)]
     if problems:
         raise BadEnvelope(problems)
+    return [one for one in incoming if one is not None]
+
+
+def schema_ids(incoming: list[Incoming]) -> set[int]:
+    """The Schema Registry ids of the wire-format messages among ``incoming``."""
+    return {i for one in incoming if (i := schema_id(one.value)) is not None}
+
+
+def preview(job: Job, messages: Any, now_ms: int, schemas: SchemaLookup | None = None,
+            unavailable: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
+    """Per record of each sample message: the request it would send, the reason it cannot,
+    or that a filter leaves it out. Raises :class:`BadEnvelope` listing every problem.
+
+    ``schemas``: the Schema Registry's cache, when one is configured; ``unavailable``: why
+    the schemas of these ids could not be fetched (the registry is down).
+    """
+    incoming = envelopes(job, messages, now_ms)
     builder = RequestBuilder(job)
     order = order_key(job.definition.get("ordering", "partition"))
     results: list[dict[str, Any]] = []
     for index, one in enumerate(incoming):
-        assert one is not None
-        prepared = prepare(builder, one, order)
-        results.extend(_results(index, prepared, builder.idempotency, "oauth2" in job.definition))
+        prepared = prepare(builder, one, order, schemas)
+        results.extend(_results(index, prepared, builder.idempotency, "oauth2" in job.definition,
+                                unavailable or {}))
     return results
 
 
 def _results(index: int, prepared: Prepared, idempotency: bool = False,
-             oauth2: bool = False) -> list[dict[str, Any]]:
+             oauth2: bool = False, unavailable: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
+    if prepared.schema_id is not None:
+        reason = (unavailable or {}).get(prepared.schema_id, f"schema id {prepared.schema_id} not fetched")
+        return [{"message": index, "record": 0, "error": f"schema registry unavailable: {reason}"}]
     if prepared.error is not None:
         return [{"message": index, "record": 0, "error": prepared.error}]
     return [_result(index, record, idempotency, oauth2) for record in prepared.records]

@@ -29,6 +29,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, succe
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from restconsumer.batching import Batcher, batch_body
 from restconsumer.budget import ByteBudget, prefetch_bytes
@@ -41,7 +42,8 @@ from restconsumer.metrics import Metrics
 from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
 from restconsumer.oauth2 import TokenSource
 from restconsumer.ordering import Scheduler
-from restconsumer.retry import RetryPolicy, Verdict, deliver
+from restconsumer.registry import SchemaRegistry
+from restconsumer.retry import RetryPolicy, Unavailable, Verdict, deliver
 from restconsumer.sender import Answer, DestinationRefused, HTTPSender
 from restconsumer.signing import Signer
 from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
@@ -82,6 +84,8 @@ class Shared:
     metrics: Metrics = field(default_factory=Metrics)
     #: How OAuth2 tokens are fetched (None: with treq; tests: a fake token endpoint).
     token_fetch: Any = None
+    #: The Schema Registry of ``--schema-registry`` (SPEC §12), if one is configured.
+    registry: SchemaRegistry | None = None
 
 
 @dataclass
@@ -199,6 +203,10 @@ class JobRunner:
         self._stopping = False
         self._pacer = _Pacer(self._clock)
         self._stopped: Deferred[None] | None = None
+        # Batches held back while a message of theirs (or of one before) waits for a schema.
+        self._schema_queue: deque[list[Prepared]] = deque()
+        self._schema_task: Deferred[None] | None = None
+        self._entering_queued = False
         self.loop = shared.loop_factory(self._reactor, job.id, self._consumer_config(), job.topics, self,
                               consumer_factory=shared.consumer_factory,
                               # A stop waits for the revocation grace, but not for a
@@ -281,6 +289,7 @@ class JobRunner:
         if self._stopped is not None:
             return self._stopped
         self._stopping = True
+        self._stop_schema_waiting()
         if self._summary.running:
             self._summary.stop()
         for tp in list(self._flush_timers):
@@ -321,7 +330,9 @@ class JobRunner:
 
     def prepare(self, message: Message) -> Prepared:
         """On the Kafka thread: decode, map and build the requests of one message."""
-        return prepare(self.builder, _incoming(message), self._order)
+        registry = self._shared.registry
+        return prepare(self.builder, _incoming(message), self._order,
+                       registry.cache if registry is not None else None)
 
     def assigned(self, partitions: list[TP]) -> None:
         """These partitions are ours: a new assignment each."""
@@ -331,7 +342,7 @@ class JobRunner:
 
     def arrived(self, batch: list[Prepared]) -> None:
         """Enter each message in the ledger and queue its records."""
-        if self._stopping:
+        if self._stopping or self._waits_for_schema(batch):
             return
         touched: set[TP] = set()
         for prepared in batch:
@@ -375,6 +386,7 @@ class JobRunner:
         """Let go of ``partitions``: queued records are dropped, requests under way may end
         within the revocation grace (lost: none), then are cancelled; the offsets to commit."""
         gone = set(partitions)
+        self._drop_schema_waiting(gone)
         self._scheduler.drop(lambda unit: unit.tp in gone)
         for tp in partitions:
             self._drop_batch(tp)
@@ -415,6 +427,134 @@ class JobRunner:
         settled: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
         settled.addTimeout(self._shared.revoke_grace, self._clock, onTimeoutCancel=late)
         return settled.addCallback(let_go)
+
+    # -- messages waiting for the Schema Registry ----------------------------------------
+
+    def _waits_for_schema(self, batch: list[Prepared]) -> bool:
+        """Hold ``batch`` back, in arrival order, if a message of it or of a batch before it
+        waits for a schema; True if it was held back. Its bytes are charged meanwhile."""
+        if self._entering_queued or (not self._schema_queue
+                                     and all(p.schema_id is None for p in batch)):
+            return False
+        self._budget.charge(self.job.id, sum(p.size for p in batch))
+        self._schema_queue.append(batch)
+        self._start_schema_task()
+        if self._schema_queue and self._budget.over(self.job.id):
+            # A long registry outage pauses fetching rather than growing the queue.
+            for tp in self.ledger.partitions():
+                if tp not in self._paused:
+                    self._paused.add(tp)
+                    self.loop.pause(tp)
+            self._budget.wait(self.job.id, self._room)
+        return True
+
+    def _start_schema_task(self) -> None:
+        if self._schema_task is not None:
+            return
+        task = Deferred.fromCoroutine(self._await_schemas())
+        task.addErrback(self._schema_failed)
+        if not task.called:  # it may end at once (the schemas were fetched meanwhile)
+            self._schema_task = task
+            task.addBoth(self._schema_task_ended, task)
+
+    async def _await_schemas(self) -> None:
+        """Fetch the schemas the held-back messages wait for, decode those messages again off
+        the reactor, and enter the batches in order. A registry that is down opens the job's
+        circuit and is asked again after the job's retry wait, for as long as it takes."""
+        registry = self._shared.registry
+        assert registry is not None
+        failures = 0
+        while not self._stopping:
+            self._enter_ready()
+            waiting = [p for batch in self._schema_queue for p in batch if p.schema_id is not None]
+            if not waiting:
+                break
+            missing = sorted({i for p in waiting if (i := p.schema_id) is not None
+                              and registry.cache.get(i) is None})
+            if missing:
+                try:
+                    for ident in missing:
+                        await registry.fetch(ident)
+                except Unavailable as e:
+                    failures += 1
+                    wait = self.policy.wait(failures, None, random.random)
+                    log.warn("job {job_id}: no schema from the schema registry ({reason}); asking "
+                             "again in {wait:.1f} s", job_id=self.job.id, reason=str(e), wait=wait)
+                    self._note_error(f"schema registry: {e}")
+                    self._open(f"schema registry: {e}")
+                    await deferLater(self._clock, wait, lambda: None)
+                    continue
+                failures = 0
+                self._registry_answered()
+                continue
+            again = await registry.in_thread(_prepare_again, self.builder, waiting, self._order,
+                                             registry.cache)
+            self._replace_waiting({id(old): new for old, new in zip(waiting, again, strict=True)})
+        self._registry_answered()
+
+    def _registry_answered(self) -> None:
+        """The registry answers (or nothing waits for it): a circuit it opened closes."""
+        reason = self.circuit.reason
+        if self.circuit.is_open and reason is not None and reason.startswith("schema registry:") \
+                and self.circuit.succeeded():
+            self._closed()
+
+    def _enter_ready(self) -> None:
+        """Enter the held-back batches at the head of the queue that no longer wait."""
+        queue = self._schema_queue
+        while queue and all(p.schema_id is None for p in queue[0]):
+            batch = queue.popleft()
+            self._budget.release(self.job.id, sum(p.size for p in batch))
+            self._entering_queued = True
+            try:
+                self.arrived(batch)
+            finally:
+                self._entering_queued = False
+
+    def _replace_waiting(self, again: dict[int, Prepared]) -> None:
+        """Put the messages decoded again in the place of those that waited (the ones not
+        dropped by a revocation meanwhile)."""
+        for batch in self._schema_queue:
+            for index, old in enumerate(batch):
+                new = again.get(id(old))
+                if new is not None:
+                    batch[index] = new
+                    if new.size > old.size:
+                        self._budget.charge(self.job.id, new.size - old.size)
+                    elif new.size < old.size:
+                        self._budget.release(self.job.id, old.size - new.size)
+
+    def _drop_schema_waiting(self, gone: set[TP]) -> None:
+        """Drop the held-back messages of revoked partitions, and their bytes."""
+        kept: deque[list[Prepared]] = deque()
+        for batch in self._schema_queue:
+            mine = [p for p in batch if p.incoming.tp not in gone]
+            dropped = sum(p.size for p in batch if p.incoming.tp in gone)
+            if dropped:
+                self._budget.release(self.job.id, dropped)
+            if mine:
+                kept.append(mine)
+        self._schema_queue = kept
+
+    def _stop_schema_waiting(self) -> None:
+        task, self._schema_task = self._schema_task, None
+        if task is not None:
+            task.cancel()
+        for batch in self._schema_queue:
+            self._budget.release(self.job.id, sum(p.size for p in batch))
+        self._schema_queue.clear()
+
+    def _schema_failed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            log.failure("job {job_id}: waiting for the schema registry failed", failure,
+                        job_id=self.job.id)
+
+    def _schema_task_ended(self, _: Any, task: Deferred[None]) -> None:
+        if self._schema_task is task:
+            self._schema_task = None
+            if self._schema_queue and not self._stopping:
+                # Held back again after the task had decided to end (or it failed): go on.
+                self._start_schema_task()
 
     # -- sending -------------------------------------------------------------------------
 
@@ -937,6 +1077,12 @@ class _Gate:
 
     def open(self, reason: str) -> None:
         self._runner._open(reason)
+
+
+def _prepare_again(builder: RequestBuilder, waiting: list[Prepared], order: Any,
+                   schemas: Any) -> list[Prepared]:
+    """Off the reactor: decode and map again the messages that waited for their schema."""
+    return [prepare(builder, p.incoming, order, schemas) for p in waiting]
 
 
 def _forget(_: Any, waiting: set[Deferred[None]], d: Deferred[None]) -> None:

@@ -39,6 +39,7 @@ from restconsumer.logs import configure as configure_logs
 from restconsumer.metrics import MULTIPROC_ENV, Metrics, MetricsResource
 from restconsumer.model import Policy
 from restconsumer.offsets import OffsetMover
+from restconsumer.registry import SchemaRegistry, check_url, parse_option, registry_headers
 from restconsumer.runner import Shared
 from restconsumer.secrets import ENV_PREFIX, SecretKey
 from restconsumer.sender import HTTPSender
@@ -72,6 +73,7 @@ ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "max-buffer-mb": ("RESTCONSUMER_MAX_BUFFER_MB", "256"),
     "revoke-grace": ("RESTCONSUMER_REVOKE_GRACE", "10"),
     "workers": ("RESTCONSUMER_WORKERS", "1"),
+    "schema-registry": ("RESTCONSUMER_SCHEMA_REGISTRY", None),
 }
 
 #: the secret options (SPEC §8): option name → environment variable; no defaults
@@ -106,6 +108,20 @@ def _parse_kafka_option(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise usage.UsageError(f"--kafka-option takes KEY=VALUE, not {text!r}")
     return key.strip(), value.strip()
+
+
+def _parse_registry_option(text: str) -> tuple[str, str]:
+    try:
+        return parse_option(text)
+    except ValueError as e:
+        raise usage.UsageError(f"--schema-registry-option {e}") from None
+
+
+def _option_items(text: str) -> list[str]:
+    """The KEY=VALUE items of an options variable: lines, or comma-separated when it has no
+    line break."""
+    items = text.splitlines() if "\n" in text else text.split(",")
+    return [i for i in items if i.strip()]
 
 
 class Options(usage.Options):
@@ -159,18 +175,30 @@ class Options(usage.Options):
         ["revoke-grace", None, None, "Seconds a revoked partition's requests under way may run "
                                      "on before they are cancelled, 0 to 600 "
                                      "[RESTCONSUMER_REVOKE_GRACE, default 10]"],
+        ["schema-registry", None, None, "Confluent Schema Registry URL, http(s)://host[:port][/path]: "
+                                        "wire-format messages are decoded with its schemas "
+                                        "[RESTCONSUMER_SCHEMA_REGISTRY, default none]"],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["kafka-options"] = {}
         self._kafka_options_given = False
+        self["schema-registry-options"] = {}
+        self._registry_options_given = False
 
     def opt_kafka_option(self, value: str) -> None:
         """Any librdkafka property as KEY=VALUE, repeatable [RESTCONSUMER_KAFKA_OPTIONS]"""
         key, val = _parse_kafka_option(value)
         self["kafka-options"][key] = val
         self._kafka_options_given = True
+
+    def opt_schema_registry_option(self, value: str) -> None:
+        """basic.auth.user.info=USER:PASSWORD or bearer.auth.token=TOKEN for the Schema Registry
+        [RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS]"""
+        key, val = _parse_registry_option(value)
+        self["schema-registry-options"][key] = val
+        self._registry_options_given = True
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -185,8 +213,12 @@ class Options(usage.Options):
                 self[name] = env.get(variable) or default
         if not self._kafka_options_given and env.get("RESTCONSUMER_KAFKA_OPTIONS"):
             text = env["RESTCONSUMER_KAFKA_OPTIONS"]
-            items = text.splitlines() if "\n" in text else text.split(",")
-            self["kafka-options"] = dict(_parse_kafka_option(i) for i in items if i.strip())
+            self["kafka-options"] = dict(_parse_kafka_option(i) for i in _option_items(text))
+        if not self._registry_options_given and env.get("RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS"):
+            text = env["RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS"]
+            self["schema-registry-options"] = dict(_parse_registry_option(i)
+                                                   for i in _option_items(text))
+        self._check_schema_registry()
 
         if self["jobs"] is None and Path("jobs").is_dir():
             self["jobs"] = "jobs"
@@ -285,6 +317,21 @@ class Options(usage.Options):
                                    "(apt-get install redis-server)")
 
 
+    def _check_schema_registry(self) -> None:
+        if not self["schema-registry"]:
+            if self["schema-registry-options"]:
+                raise usage.UsageError("--schema-registry-option needs --schema-registry")
+            return
+        try:
+            self["schema-registry"] = check_url(self["schema-registry"])
+        except ValueError as e:
+            raise usage.UsageError(f"--schema-registry: {e}") from None
+        try:
+            registry_headers(self["schema-registry-options"])
+        except ValueError as e:
+            raise usage.UsageError(f"--schema-registry-option: {e}") from None
+
+
 class _RemoveOnStop(Service):
     """Removes a folder of the process's when the service stops."""
 
@@ -365,8 +412,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         os.environ[MULTIPROC_ENV] = folder
         top.addService(_RemoveOnStop(folder))
     metrics = Metrics()
+    registry = None
+    if options["schema-registry"]:
+        # Stops after the jobs: a job may be decoding on its thread until then.
+        registry = SchemaRegistry(reactor, options["schema-registry"], options["schema-registry-options"])
+        registry.setServiceParent(top)
+        log.info("schema registry at {url}", url=registry.url)
     shared = Shared(reactor, kafka, sender, dead_letters, budget,
-                    revoke_grace=options["revoke-grace"], metrics=metrics)
+                    revoke_grace=options["revoke-grace"], metrics=metrics, registry=registry)
     supervisor = Supervisor(store, shared, policy=policy(options, hosts=False),
                             secrets_dir=options["secrets-dir"])
     TimerService(2.0, lambda: metrics.refresh(supervisor.runners, budget.held)).setServiceParent(top)
@@ -409,7 +462,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
               metrics=metrics, reader=reader, replays=replays,
               clock=reactor, allow_hosts=options["allowed-hosts"], policy=policy(options),
-              demo_sink=demo_sink)
+              demo_sink=demo_sink, registry=registry)
     if options["worker-count"] > 1:
         environment = {**worker_environment(options), **secret_environment(options)}
         WorkerPool(reactor, options["worker-count"] - 1, environment,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from restconsumer.decode import UndecodableMessage, decode
+from restconsumer.decode import SchemaLookup, SchemaNeeded, UndecodableMessage, decode
 from restconsumer.mapping import Outgoing, RequestBuilder, TemplateError
 
 __all__ = ["Incoming", "OrderKey", "Prepared", "RecordWork", "order_key", "prepare"]
@@ -93,6 +93,8 @@ class Prepared:
     #: Why the whole message is bad (undecodable), if it is.
     error: str | None = None
     size: int = 0
+    #: The Schema Registry id whose schema it waits for (no records yet), if it does.
+    schema_id: int | None = None
 
 
 OrderKey = Callable[[Incoming, dict[str, Any]], Hashable | None]
@@ -115,14 +117,21 @@ def _hashable(value: Any) -> Hashable | None:
     return repr(value)
 
 
-def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None = None) -> Prepared:
+def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None = None,
+            schemas: SchemaLookup | None = None) -> Prepared:
     """Decode ``incoming`` and build a request per record; never raises.
 
-    ``order(incoming, values)`` gives a record's order group beyond its partition.
+    ``order(incoming, values)`` gives a record's order group beyond its partition. With
+    ``schemas`` (a Schema Registry is configured), a message whose schema is not fetched yet
+    comes back with no records and its ``schema_id``: prepared again once it is.
     """
     prepared = Prepared(incoming)
     try:
-        records = decode(incoming.value)
+        records = decode(incoming.value, schemas)
+    except SchemaNeeded as e:
+        prepared.schema_id = e.schema_id
+        prepared.size = incoming.size()
+        return prepared
     except UndecodableMessage as e:
         prepared.error = str(e)
         prepared.size = incoming.size()

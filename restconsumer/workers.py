@@ -47,6 +47,12 @@ def worker_environment(options: Any) -> dict[str, str]:
     if options["kafka-options"]:
         env["RESTCONSUMER_KAFKA_OPTIONS"] = "\n".join(
             f"{k}={v}" for k, v in options["kafka-options"].items()) + "\n"
+    if options.get("schema-registry"):
+        env["RESTCONSUMER_SCHEMA_REGISTRY"] = options["schema-registry"]
+        if options.get("schema-registry-options"):
+            # In the environment, never on the command line: they may hold credentials.
+            env["RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS"] = "\n".join(
+                f"{k}={v}" for k, v in options["schema-registry-options"].items()) + "\n"
     if options["ca-file"]:
         env["RESTCONSUMER_CA_FILE"] = options["ca-file"]
     if options["allow-hosts"]:

@@ -31,6 +31,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     for variable, _ in ENVIRONMENT.values():
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.delenv(KAFKA_OPTIONS_VARIABLE, raising=False)
+    monkeypatch.delenv("RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS", raising=False)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -82,6 +83,7 @@ VALUES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "workers": lambda _: ("3", "2"),
     "log-level": lambda _: ("debug", "warn"),
     "metrics": lambda _: ("tcp:9100", "tcp:0:interface=127.0.0.1"),
+    "schema-registry": lambda _: ("http://registry.example:8081", "https://sr.example/api"),
 }
 
 # options kept in another form than their text
@@ -114,6 +116,7 @@ def test_environment_variable_names() -> None:
         "workers": "RESTCONSUMER_WORKERS",
         "log-level": "RESTCONSUMER_LOG_LEVEL",
         "metrics": "RESTCONSUMER_METRICS",
+        "schema-registry": "RESTCONSUMER_SCHEMA_REGISTRY",
     }
 
 

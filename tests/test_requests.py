@@ -19,6 +19,7 @@ from tests.infra.sink import Received, Sink
 
 Start = Callable[..., ServiceProcess]
 OAUTH_CLIENT_SECRET = "cs-integration-oauth-5"
+REGISTRY_PASSWORD = "sr-integration-pw-7"
 WEBHOOK_SECRET = "whsec_" + "c2lnbmluZy1zZWNyZXQtb2YtdGhlLWludGVncmF0aW9uLXRlc3Q="
 
 
@@ -307,3 +308,133 @@ def test_oauth2_one_token_for_many_requests_and_a_new_one_after_a_401(
     finally:
         auth.stop()
         sink.stop()
+
+
+PERSON_SCHEMA = {"type": "record", "name": "Person", "namespace": "org.example",
+                 "fields": [{"name": "id", "type": "string"}, {"name": "age", "type": "int"}]}
+PLACE_SCHEMA = {"type": "record", "name": "Place",
+                "fields": [{"name": "id", "type": "string"}, {"name": "city", "type": "string"}]}
+
+
+def wire(schema_id: int, schema: dict[str, Any], record: dict[str, Any]) -> bytes:
+    """A value as Confluent's serializers write it: magic byte 0, the schema id (4 bytes,
+    big-endian), the Avro datum."""
+    import io
+
+    import fastavro
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(schema), record)
+    return b"\x00" + schema_id.to_bytes(4, "big") + out.getvalue()
+
+
+class SchemaRegistryServer:
+    """A loopback server answering the registry's documented ``GET /schemas/ids/{id}``; counts
+    the requests per path; answers 503 while ``down``."""
+
+    def __init__(self, schemas: dict[int, dict[str, Any]]) -> None:
+        self.schemas = schemas
+        self.down = False
+        self.server = Sink(self.respond)
+
+    def respond(self, got: Received) -> tuple[int, dict[str, str], bytes]:
+        headers = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
+        if self.down:
+            return 503, headers, b'{"error_code": 50003, "message": "registry is down"}'
+        if got.headers.get("accept") != "application/vnd.schemaregistry.v1+json" \
+                or not got.path.startswith("/schemas/ids/"):
+            return 400, headers, b'{"error_code": 400, "message": "unexpected request"}'
+        ident = int(got.path.rsplit("/", 1)[1])
+        if ident not in self.schemas:
+            return 404, headers, json.dumps({"error_code": 40403,
+                                             "message": f"Schema {ident} not found"}).encode()
+        return 200, headers, json.dumps({"schema": json.dumps(self.schemas[ident])}).encode()
+
+    def fetches(self) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for got in self.server.snapshot():
+            seen[got.path] = seen.get(got.path, 0) + 1
+        return seen
+
+
+def test_schema_registry_wire_format_decodes_each_schema_fetched_once_and_an_unknown_id_dead_letters(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    import base64
+
+    registry = SchemaRegistryServer({1: PERSON_SCHEMA, 2: PLACE_SCHEMA})
+    registry.server.start()
+    try:
+        name = topic()
+        service = services("--schema-registry", registry.server.url,
+                           "--schema-registry-option", f"basic.auth.user.info=svc:{REGISTRY_PASSWORD}")
+        definition = job("sr", name, sink.url, datamap={"id": "$.msg.id", "kind": "$.schema.name"},
+                         json_body=["id", "kind"])
+        assert service.request("POST", "/job/sr", definition).status == 201
+        values = []
+        for i in range(8):
+            if i % 2:
+                values.append(wire(2, PLACE_SCHEMA, {"id": f"pl{i}", "city": "Oslo"}))
+            else:
+                values.append(wire(1, PERSON_SCHEMA, {"id": f"pe{i}", "age": i}))
+        values.insert(3, wire(77, PLACE_SCHEMA, {"id": "lost", "city": "Nowhere"}))
+        produce(kafka.bootstrap, name, values)
+        wait_for(lambda: counters(service, "sr").get("delivered", 0) >= 8, 60, "8 delivered")
+        wait_for(lambda: counters(service, "sr").get("dead_lettered", 0) == 1, 30, "1 dead letter")
+        bodies = sorted((json.loads(r.body)["id"], json.loads(r.body)["kind"]) for r in sink.snapshot())
+        assert bodies == sorted([(f"pe{i}", "Person") for i in range(0, 8, 2)]
+                                + [(f"pl{i}", "Place") for i in range(1, 8, 2)])
+        [letter] = read_all(kafka.bootstrap, "restconsumer.deadletter.sr", expect=1)
+        reason = dict(letter.headers())["restconsumer.reason"].decode()
+        assert "schema id 77 is unknown to the schema registry" in reason
+        assert registry.fetches() == {"/schemas/ids/1": 1, "/schemas/ids/2": 1, "/schemas/ids/77": 1}
+        # The dry run decodes with the same cache: nothing fetched again.
+        framed = base64.b64encode(wire(1, PERSON_SCHEMA, {"id": "dry", "age": 1})).decode()
+        answer = service.request("POST", "/job/sr/preview", {"messages": [{"base64": framed}]})
+        assert answer.status == 200, answer
+        [result] = answer.json["results"]
+        assert json.loads(result["request"]["body"]) == {"id": "dry", "kind": "Person"}
+        assert registry.fetches()["/schemas/ids/1"] == 1
+        assert counters(service, "sr")["delivered"] == 8
+        expected = "Basic " + base64.b64encode(f"svc:{REGISTRY_PASSWORD}".encode()).decode()
+        assert {r.headers.get("authorization") for r in registry.server.snapshot()} == {expected}
+        assert REGISTRY_PASSWORD not in service.log()
+    finally:
+        registry.server.stop()
+
+
+def test_a_schema_registry_that_is_down_holds_the_job_on_its_circuit_until_it_answers(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str], sink: Sink) -> None:
+    import base64
+
+    registry = SchemaRegistryServer({1: PERSON_SCHEMA})
+    registry.down = True
+    registry.server.start()
+    try:
+        name = topic()
+        service = services("--schema-registry", registry.server.url)
+        definition = job("srdown", name, sink.url, datamap={"id": "$.msg.id", "kind": "$.schema.name"},
+                         json_body=["id", "kind"],
+                         retry={"max_attempts": 3, "initial_wait": 0.2, "max_wait": 1})
+        assert service.request("POST", "/job/srdown", definition).status == 201
+        produce(kafka.bootstrap, name, [wire(1, PERSON_SCHEMA, {"id": f"p{i}", "age": i}) for i in range(5)])
+
+        def circuit() -> dict[str, Any]:
+            return service.request("GET", "/job/srdown/status").json["circuit"]
+
+        wait_for(lambda: circuit()["state"] == "open", 60, "the circuit open")
+        assert "schema registry" in circuit()["reason"] and "503" in circuit()["reason"]
+        wait_for(lambda: registry.fetches().get("/schemas/ids/1", 0) >= 3, 30, "the registry asked again")
+        # The dry run answers, with the outage as that record's error.
+        framed = base64.b64encode(wire(1, PERSON_SCHEMA, {"id": "dry", "age": 1})).decode()
+        answer = service.request("POST", "/job/srdown/preview", {"messages": [{"base64": framed}]})
+        assert answer.status == 200, answer
+        [result] = answer.json["results"]
+        assert result["error"].startswith("schema registry unavailable:") and "503" in result["error"]
+        assert sink.count() == 0
+        assert counters(service, "srdown").get("dead_lettered", 0) == 0
+        registry.down = False
+        wait_for(lambda: counters(service, "srdown").get("delivered", 0) >= 5, 60, "5 delivered")
+        wait_for(lambda: circuit()["state"] == "closed", 30, "the circuit closed")
+        assert sorted(r.path for r in sink.snapshot()) == sorted(f"/srdown/p{i}" for i in range(5))
+        assert counters(service, "srdown").get("dead_lettered", 0) == 0
+    finally:
+        registry.server.stop()
