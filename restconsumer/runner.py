@@ -58,6 +58,10 @@ log = Logger()
 #: A partition pauses when its last fetched message is this far past its lowest unfinished
 #: one, so that a crash re-sends a bounded window (SPEC §5).
 MAX_WINDOW = 10_000
+#: ... and resumes once the window is down to this: librdkafka drops what it pre-fetched
+#: for a paused partition, so pausing and resuming at every finished message would fetch
+#: the same messages again and again.
+RESUME_WINDOW = MAX_WINDOW // 2
 RATE_WINDOW = 10.0
 #: Seconds between two summary lines of a job that has work.
 SUMMARY_EVERY = 30.0
@@ -1001,9 +1005,10 @@ class JobRunner:
         if not self.ledger.assigned(tp):
             return
         ledger = self.ledger
-        full = ledger.window(tp) > MAX_WINDOW
+        window = ledger.window(tp)
+        full = window > MAX_WINDOW
         if tp in self._paused:
-            if full or self.circuit.is_open:
+            if window > RESUME_WINDOW or self.circuit.is_open:
                 return
             if ledger.unfinished(tp) == 0 or self._budget.room(self.job.id):
                 self._paused.discard(tp)
