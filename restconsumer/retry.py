@@ -161,7 +161,8 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
                   *, on_retry: Callable[[int, str, float], None] | None = None,
                   cancelled: Callable[[], bool] = lambda: False,
                   rand: Callable[[], float] = random.random, gate: Gate | None = None,
-                  success: frozenset[int] = frozenset()) -> Outcome:
+                  success: frozenset[int] = frozenset(),
+                  first: tuple[Answer | None, BaseException | None] | None = None) -> Outcome:
     """Send until it succeeds (2xx or a status in ``success``), cannot succeed (other
     4xx/3xx), or the attempts run out.
 
@@ -171,23 +172,33 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
     otherwise the circuit opens and the record waits with the rest. Raises
     ``CancelledError`` when the caller cancels (a request whose cancellation shows as a
     network error counts as cancelled when ``cancelled()`` says so).
+
+    ``first`` is the (answer, error) of a first attempt the caller already made while the
+    circuit was closed: the loop goes on from it, as if it had sent it itself.
     """
     attempts = 0
     tries = 0
     waits: list[float] = []
     good_at_first_failure: int | None = None
     while True:
-        if gate is not None and gate.is_open():
-            await gate.park()
-        counted = gate is None or not gate.is_open()
+        if first is None:
+            if gate is not None and gate.is_open():
+                await gate.park()
+            counted = gate is None or not gate.is_open()
+            try:
+                answer: Answer | None = await send()
+                error: BaseException | None = None
+            except Exception as e:
+                answer, error = None, e
+        else:
+            (answer, error), first = first, None
+            counted = True
         tries += 1
         body = b""
-        try:
-            answer = await send()
-        except Exception as e:
+        if answer is None:
             if cancelled():
-                raise CancelledError("abandoned") from e
-            verdict = judge(None, e)
+                raise CancelledError("abandoned") from error
+            verdict = judge(None, error)
         else:
             verdict = judge(answer, None, success)
             body = answer.body

@@ -43,7 +43,7 @@ from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIM
 from restconsumer.oauth2 import TokenSource
 from restconsumer.ordering import Scheduler
 from restconsumer.registry import SchemaRegistry
-from restconsumer.retry import RetryPolicy, Unavailable, Verdict, deliver
+from restconsumer.retry import RetryPolicy, Unavailable, Verdict, deliver, judge
 from restconsumer.sender import Answer, DestinationRefused, HTTPSender
 from restconsumer.signing import Signer
 from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
@@ -577,7 +577,7 @@ class JobRunner:
                     group, unit = taken
                     unit.group = group
                     self._active.setdefault(unit.tp, set()).add(unit)
-                    task = Deferred.fromCoroutine(self._run(unit))
+                    task = self._start(unit)
                     unit.task = task
                     task.addErrback(lambda f: log.failure("job {job_id}: delivering a record failed",
                                                           f, job_id=self.job.id))
@@ -618,10 +618,52 @@ class JobRunner:
 
     def _cancel(self, unit: _Unit) -> None:
         unit.cancelled = True
-        if unit.task is not None and not unit.task.called:
+        if unit.task is not None:
+            # Also when it has fired but waits on the rest of the retry loop (chained).
             unit.task.cancel()
 
-    async def _run(self, unit: _Unit) -> None:
+    def _start(self, unit: _Unit) -> Deferred[None]:
+        """Deliver ``unit``; fires once it has ended (cancel it to abandon it).
+
+        The usual case (one record, the circuit closed) makes its first attempt without
+        the retry loop's coroutines: a record answered 2xx at once costs a chain of
+        callbacks only. Anything else (a failure, a batch, an open circuit) goes through
+        :meth:`_run`, from the first attempt's result when there was one.
+        """
+        record = unit.record
+        if unit.batch is None and record is not None and record.request is not None \
+                and record.error is None and not self.circuit.is_open:
+            began = self._clock.seconds()
+            return self._attempt(unit, record.request).addCallbacks(
+                self._first_answer, self._first_failed, callbackArgs=(unit, began),
+                errbackArgs=(unit, began))
+        return Deferred.fromCoroutine(self._run(unit))
+
+    def _first_answer(self, answer: Answer, unit: _Unit, began: float) -> Deferred[None] | None:
+        verdict = judge(answer, None, self._success)
+        if not verdict.delivered:
+            return Deferred.fromCoroutine(self._run(unit, (answer, None), began))
+        self._verdict(unit, verdict)
+        record = unit.record
+        assert record is not None
+        self._delivered(unit.message, record, verdict.status, began, answer.body, 0)
+        return None
+
+    def _first_failed(self, failure: Failure, unit: _Unit, began: float) -> Deferred[None] | None:
+        if unit.cancelled:
+            return None  # abandoned: the message stays unfinished, and is not committed
+        return Deferred.fromCoroutine(self._run(unit, (None, failure.value), began))
+
+    def _delivered(self, message: _Message, record: RecordWork, status: int | None, began: float,
+                   body: bytes, retried: int) -> None:
+        self.stats.retried += retried
+        self.stats.delivered_one(self._clock.seconds())
+        self._metrics.delivered(self.job.id)
+        self._result(message, record.index, "delivered", status, began, body)
+        self._record_ended(message)
+
+    async def _run(self, unit: _Unit, first: tuple[Answer | None, BaseException | None] | None = None,
+                   began: float | None = None) -> None:
         if unit.batch is not None:
             await self._run_batch(unit, unit.batch)
             return
@@ -632,22 +674,20 @@ class JobRunner:
         if record.request is None or record.error is not None:
             self._dead_letter(message, record.error or "no request", record)
             return
-        began = self._clock.seconds()
+        if began is None:
+            began = self._clock.seconds()
         try:
             outcome = await deliver(lambda: self._attempt(unit, record.request), self.policy,
                                     self._clock,
                                     on_retry=lambda n, reason, wait: self._retrying(unit, n, reason, wait),
                                     cancelled=lambda: unit.cancelled, gate=_Gate(self, unit),
-                                    success=self._success)
+                                    success=self._success, first=first)
         except CancelledError:
             return  # abandoned: the message stays unfinished, and is not committed
-        self.stats.retried += outcome.retried
         if outcome.delivered:
-            self.stats.delivered_one(self._clock.seconds())
-            self._metrics.delivered(self.job.id)
-            self._result(message, record.index, "delivered", outcome.status, began, outcome.body)
-            self._record_ended(message)
+            self._delivered(message, record, outcome.status, began, outcome.body, outcome.retried)
             return
+        self.stats.retried += outcome.retried
         self.stats.failed += 1
         self._dead_letter(message, outcome.reason, record, status=outcome.status,
                           attempts=outcome.attempts, began=began, body=outcome.body)
