@@ -4,7 +4,8 @@ downloaded), against the real service on real Kafka and Redis.
 
 Every test ends by checking that the browser logged no console error and that no request
 left for another origin. The run saves screenshots of the jobs table, a job page and the
-editor's problems in ``docs/screenshots/`` (``RESTCONSUMER_SCREENSHOTS`` names another folder).
+editor's problems in a temporary folder; ``RESTCONSUMER_SCREENSHOTS=docs/screenshots`` makes
+it refresh the README's (a test run leaves the working tree as it found it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,8 @@ from tests.infra.sink import Received, Sink
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SHOTS = Path(os.environ.get("RESTCONSUMER_SCREENSHOTS") or REPO / "docs" / "screenshots")
+SHOTS = Path(os.environ.get("RESTCONSUMER_SCREENSHOTS")
+             or Path(tempfile.gettempdir()) / "restconsumer-screenshots")
 
 # Never skipped: without the browser these tests fail, saying what to install.
 assert CHROMIUM.exists() and CHROMEDRIVER.exists(), \
