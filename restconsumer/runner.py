@@ -897,6 +897,9 @@ class JobRunner:
         if reason is not None:
             result["reason"] = reason
         value = json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
+        # Held until Kafka has it: part of the message's bytes (released when it finishes).
+        message.size += len(value)
+        self._budget.charge(self.job.id, len(value))
         message.open_acks += 1
         d = Deferred.fromCoroutine(self._produce(message, [], self._result_topic, value))
         acks = self._acks.setdefault(incoming.tp, set())

@@ -975,10 +975,13 @@ def test_each_finished_record_has_a_result_and_its_offset_waits_for_the_ack() ->
     assert (second["status"], second["outcome"], second["response"]) == \
         (404, "dead_lettered", {"body": "//4=", "encoding": "base64"})
     assert "404" in second["reason"]
+    held = h.budget.held_by("j") - h.runner._prefetch
+    assert held > 64 * 1024, "a result waiting for Kafka counts in the byte budget"
     for _, _, _, ack in h.dead_letters.sent:
         ack.callback(None)
     assert h.loop.commits == {(T, 0): 2}
     assert h.runner.stats.dead_lettered == 1
+    assert h.budget.held_by("j") == h.runner._prefetch, "all released once acknowledged"
 
 
 def test_a_batch_gives_one_result_per_record_with_the_batchs_answer() -> None:
