@@ -72,6 +72,10 @@ class SchemaNeeded(Exception):
         self.schema_id = schema_id
 
 
+#: The largest schema id a registry gives (a Java int).
+MAX_SCHEMA_ID = 2**31 - 1
+
+
 def schema_id(value: bytes | None) -> int | None:
     """The schema id of a Confluent wire-format value (magic byte 0, 4-byte id), else None."""
     if value is None or len(value) < WIRE_HEADER or value[0] != 0:
@@ -114,6 +118,10 @@ def decode(value: bytes | None, schemas: SchemaLookup | None = None) -> list[Rec
 
 
 def _wire(value: bytes, ident: int, schema: WireSchema | UnknownSchema | None) -> Record:
+    if ident > MAX_SCHEMA_ID:
+        # Registry ids are positive 32-bit ints: no registry can know it (asking would
+        # only get an error that looks like an outage).
+        raise UndecodableMessage(f"schema id {ident} is not a schema registry id (over 2^31 - 1)")
     if schema is None:
         raise SchemaNeeded(ident)
     if isinstance(schema, UnknownSchema):

@@ -105,7 +105,7 @@ class Metrics:
                 labels = (job_id, topic, str(partition))
                 self.lag.labels(*labels).set(lag)
                 lag_labels.add(labels)
-            self.circuit.labels(job_id).set(1 if runner.circuit.is_open else 0)
+            self.circuit.labels(job_id).set(1 if runner.held else 0)
             circuits.add(job_id)
         for labels in self._lag_labels - lag_labels:
             self._forget(self.lag, labels)

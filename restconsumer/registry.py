@@ -57,11 +57,11 @@ class RegistryUnavailable(Unavailable):
 def check_url(url: str) -> str:
     """The registry's base URL without a trailing slash; ValueError unless http(s) with a host."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http:// or https:// URL")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:  # checked first: an error must never show a password
         raise ValueError("put credentials in --schema-registry-option basic.auth.user.info=USER:PASSWORD, "
                          "not in the URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
     return url.rstrip("/")
 
 

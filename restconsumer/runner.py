@@ -210,6 +210,8 @@ class JobRunner:
         # Batches held back while a message of theirs (or of one before) waits for a schema.
         self._schema_queue: deque[list[Prepared]] = deque()
         self._schema_task: Deferred[None] | None = None
+        #: (reason, since) while the Schema Registry is down and the job waits for it.
+        self._registry_down: tuple[str, float] | None = None
         self._entering_queued = False
         self.loop = shared.loop_factory(self._reactor, job.id, self._consumer_config(), job.topics, self,
                               consumer_factory=shared.consumer_factory,
@@ -323,7 +325,7 @@ class JobRunner:
                  "{dead_lettered}, {rate} records/s, lag {lag}{circuit}", job_id=self.job.id,
                  delivered=now[0], new=now[0] - before[0], retried=now[1], dead_lettered=now[2],
                  rate=stats.rate(self._clock.seconds()), lag=lag,
-                 circuit=", circuit open" if self.circuit.is_open else "")
+                 circuit=", circuit open" if self.held else "")
 
     @property
     def held_bytes(self) -> int:
@@ -485,7 +487,7 @@ class JobRunner:
                     log.warn("job {job_id}: no schema from the schema registry ({reason}); asking "
                              "again in {wait:.1f} s", job_id=self.job.id, reason=str(e), wait=wait)
                     self._note_error(f"schema registry: {e}")
-                    self._open(f"schema registry: {e}")
+                    self._registry_away(f"schema registry: {e}")
                     await deferLater(self._clock, wait, lambda: None)
                     continue
                 failures = 0
@@ -496,12 +498,27 @@ class JobRunner:
             self._replace_waiting({id(old): new for old, new in zip(waiting, again, strict=True)})
         self._registry_answered()
 
+    def _registry_away(self, reason: str) -> None:
+        """The registry is down: the job is held (its partitions paused, its status showing
+        an open circuit with the reason) until it answers. Kept apart from the endpoint's
+        circuit: the registry answering again says nothing of the endpoint, nor the reverse."""
+        first = self._registry_down is None
+        self._registry_down = (reason, self._registry_down[1] if self._registry_down else
+                               self._clock.seconds())
+        if first:
+            for tp in self.ledger.partitions():
+                if tp not in self._paused:
+                    self._paused.add(tp)
+                    self.loop.pause(tp)
+
     def _registry_answered(self) -> None:
-        """The registry answers (or nothing waits for it): a circuit it opened closes."""
-        reason = self.circuit.reason
-        if self.circuit.is_open and reason is not None and reason.startswith("schema registry:") \
-                and self.circuit.succeeded():
-            self._closed()
+        """The registry answers (or nothing waits for it): the job goes on."""
+        if self._registry_down is None:
+            return
+        self._registry_down = None
+        log.info("job {job_id}: the schema registry answers again", job_id=self.job.id)
+        for tp in list(self._paused):
+            self._check(tp)
 
     def _enter_ready(self) -> None:
         """Enter the held-back batches at the head of the queue that no longer wait."""
@@ -634,9 +651,12 @@ class JobRunner:
         if unit.batch is None and record is not None and record.request is not None \
                 and record.error is None and not self.circuit.is_open:
             began = self._clock.seconds()
-            return self._attempt(unit, record.request).addCallbacks(
-                self._first_answer, self._first_failed, callbackArgs=(unit, began),
-                errbackArgs=(unit, began))
+            try:
+                attempt = self._attempt(unit, record.request)
+            except Exception as e:  # raised before a Deferred existed (a URL Agent refuses...)
+                return Deferred.fromCoroutine(self._run(unit, (None, e), began))
+            return attempt.addCallbacks(self._first_answer, self._first_failed,
+                                        callbackArgs=(unit, began), errbackArgs=(unit, began))
         return Deferred.fromCoroutine(self._run(unit))
 
     def _first_answer(self, answer: Answer, unit: _Unit, began: float) -> Deferred[None] | None:
@@ -807,6 +827,8 @@ class JobRunner:
         if refused and len(items) > 1:
             half = len(items) // 2
             await self._run_batch(unit, items[:half])
+            if unit.cancelled:
+                return  # revoked or stopped: the second half is not sent
             await self._run_batch(unit, items[half:])
             return
         for message, record in items:
@@ -962,12 +984,25 @@ class JobRunner:
 
     # -- the circuit ---------------------------------------------------------------------
 
+    @property
+    def held(self) -> bool:
+        """Whether the job is held: its endpoint's circuit is open, or the Schema Registry
+        it waits for is down (SPEC §5: both are outages)."""
+        return self.circuit.is_open or self._registry_down is not None
+
     def circuit_status(self) -> dict[str, Any]:
-        """``{"state", "since", "reason"}`` of the job's circuit on this instance."""
+        """``{"state", "since", "reason"}`` of the job's circuit on this instance (an
+        unreachable Schema Registry holds it open too)."""
         c = self.circuit
-        since = None if c.since is None else datetime.datetime.fromtimestamp(
-            c.since, datetime.UTC).isoformat().replace("+00:00", "Z")
-        return {"state": "open" if c.is_open else "closed", "since": since, "reason": c.reason}
+        if c.is_open:
+            since, reason = c.since, c.reason
+        elif self._registry_down is not None:
+            reason, since = self._registry_down
+        else:
+            return {"state": "closed", "since": None, "reason": None}
+        at = None if since is None else datetime.datetime.fromtimestamp(
+            since, datetime.UTC).isoformat().replace("+00:00", "Z")
+        return {"state": "open", "since": at, "reason": reason}
 
     def _verdict(self, unit: _Unit, verdict: Verdict) -> None:
         if verdict.delivered:
@@ -1051,9 +1086,10 @@ class JobRunner:
         window = ledger.window(tp)
         full = window > MAX_WINDOW
         if tp in self._paused:
-            if window > RESUME_WINDOW or self.circuit.is_open:
+            if window > RESUME_WINDOW or self.held:
                 return
-            if ledger.unfinished(tp) == 0 or self._budget.room(self.job.id):
+            # Messages waiting for their schema are held too, though not in the ledger yet.
+            if (ledger.unfinished(tp) == 0 and not self._schema_queue) or self._budget.room(self.job.id):
                 self._paused.discard(tp)
                 self.loop.resume(tp)
             return

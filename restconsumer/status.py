@@ -46,7 +46,7 @@ def _marks(runner: JobRunner) -> tuple[Any, ...]:
     those are compared by identity, the rest by value."""
     stats, circuit = runner.stats, runner.circuit
     return (runner.loop.assignment, runner.loop.lag, stats.delivered, stats.consumed,
-            stats.last_error_at, circuit.is_open, circuit.reason, runner.held_bytes)
+            stats.last_error_at, runner.held, circuit.reason, runner.held_bytes)
 
 
 def _unchanged(before: tuple[Any, ...], now: tuple[Any, ...]) -> bool:

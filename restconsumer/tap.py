@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from restconsumer.logs import configure as configure_logs
 from restconsumer.metrics import MULTIPROC_ENV, Metrics, MetricsResource
 from restconsumer.model import Policy
 from restconsumer.offsets import OffsetMover
+from restconsumer.registry import OPTIONS as REGISTRY_OPTIONS
 from restconsumer.registry import SchemaRegistry, check_url, parse_option, registry_headers
 from restconsumer.runner import Shared
 from restconsumer.secrets import ENV_PREFIX, SecretKey
@@ -117,10 +120,16 @@ def _parse_registry_option(text: str) -> tuple[str, str]:
         raise usage.UsageError(f"--schema-registry-option {e}") from None
 
 
-def _option_items(text: str) -> list[str]:
+def _option_items(text: str, keys: Iterable[str] | None = None) -> list[str]:
     """The KEY=VALUE items of an options variable: lines, or comma-separated when it has no
-    line break."""
-    items = text.splitlines() if "\n" in text else text.split(",")
+    line break. With ``keys``, only a comma followed by one of them separates (a password
+    may hold a comma)."""
+    if "\n" in text:
+        items = text.splitlines()
+    elif keys is not None:
+        items = re.split(r",(?=\s*(?:" + "|".join(re.escape(k) for k in keys) + r")=)", text)
+    else:
+        items = text.split(",")
     return [i for i in items if i.strip()]
 
 
@@ -217,7 +226,7 @@ class Options(usage.Options):
         if not self._registry_options_given and env.get("RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS"):
             text = env["RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS"]
             self["schema-registry-options"] = dict(_parse_registry_option(i)
-                                                   for i in _option_items(text))
+                                                   for i in _option_items(text, REGISTRY_OPTIONS))
         self._check_schema_registry()
 
         if self["jobs"] is None and Path("jobs").is_dir():

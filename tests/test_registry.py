@@ -536,3 +536,30 @@ def test_waiting_messages_are_decoded_again_off_the_reactor() -> None:
     h.fake.schema(PERSON)
     assert len(ran) == 1
     h.deliver_all(["p/a"])
+
+
+def test_the_registry_answering_again_says_nothing_of_the_endpoint() -> None:
+    """A registry outage holds the job apart from the endpoint's circuit: its end neither counts
+    as a good answer of the endpoint (which would let a failing record be dead-lettered) nor
+    closes a circuit the endpoint opened."""
+    h = RegistryHarness()
+    h.arrive(*[h.value({"id": f"n{i}"}, partition=1) for i in range(3)])
+    h.agent.open()[0].answer(503)
+    good = h.runner.circuit.good
+    h.arrive(h.value(person("a")))
+    h.fake.answer(503, b"down")
+    assert h.runner.circuit_status()["state"] == "open" and not h.runner.circuit.is_open
+    h.runner.circuit.open("the endpoint is down", h.clock.seconds())  # as three failures would
+    h.clock.advance(4)
+    h.fake.schema(PERSON)
+    assert h.runner.circuit.good == good, "the registry's answer is not the endpoint's"
+    assert h.runner.circuit.is_open
+    assert h.runner.circuit_status()["reason"] == "the endpoint is down"
+
+
+def test_an_id_beyond_what_a_registry_gives_is_dead_lettered_without_asking() -> None:
+    h = RegistryHarness()
+    h.arrive(h.value(b"\x00\xff\xff\xff\xffpayload"), h.value({"id": "b"}))
+    assert h.fake.calls == []
+    assert h.dead_letters.reasons() == ["schema id 4294967295 is not a schema registry id (over 2^31 - 1)"]
+    h.deliver_all(["p/b"])

@@ -575,6 +575,36 @@ def test_a_refused_batch_is_split_until_the_refused_records_are_alone() -> None:
     assert h.loop.commits == {(T, 0): 10}
 
 
+def test_a_revoked_partition_sends_no_further_half_of_a_refused_batch() -> None:
+    h = Harness(batch_job(max_messages=4))
+    h.runner.assigned([(T, 0)])
+    h.arrive(*[h.message({"id": f"m{i}"}) for i in range(4)])
+    h.agent.open()[0].answer(400)  # the whole batch refused: its first half goes
+    [half] = h.agent.open()
+    assert len(json.loads(half.body or b"")) == 2
+    got: list[dict[TP, int]] = []
+    h.runner.revoked([(T, 0)], True).addCallback(got.append)
+    assert got == [{}] and half.cancelled
+    h.clock.advance(100)
+    assert len(h.agent.requests) == 2, "the second half was sent after the revocation"
+    assert h.dead_letters.sent == []
+
+
+def test_an_attempt_that_raises_at_once_does_not_stall_its_partition(h: Harness) -> None:
+    calls = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        raise ValueError("not a URL Agent takes")
+
+    h.runner._sender.send = refuse  # type: ignore[method-assign]
+    h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))  # raised out of arrived() before
+    assert len(calls) == 2, "the record after the failing one was tried too"
+    # An internal error (logged) is neither a delivery nor a bad message: nothing is
+    # dead-lettered, nothing committed past it.
+    assert h.dead_letters.sent == [] and h.loop.commits == {}
+
+
 def test_a_batch_is_retried_and_holds_its_partition() -> None:
     h = Harness(batch_job(max_messages=2))
     h.runner.assigned([(T, 0), (T, 1)])
