@@ -143,8 +143,10 @@ class SchemaRegistry(ThreadService):
     def __init__(self, reactor: Any, url: str, options: dict[str, str] | None = None, *,
                  fetch: Fetch | None = None, http: Any = None, clock: IReactorTime | None = None,
                  timeout: float = 10.0, cache: SchemaCache | None = None,
-                 run: Callable[..., Deferred[Any]] | None = None) -> None:
+                 run: Callable[..., Deferred[Any]] | None = None, tls: Any = None) -> None:
         super().__init__(reactor, "schema-registry")
+        #: How an https registry is checked (an ``IPolicyForHTTPS``; None: the system's CAs).
+        self._tls = tls
         self.url = check_url(url)
         self._headers = registry_headers(options or {})
         self._clock: IReactorTime = clock or reactor
@@ -290,7 +292,9 @@ class SchemaRegistry(ThreadService):
             from twisted.web.client import Agent, HTTPConnectionPool
 
             self._connections = HTTPConnectionPool(self._reactor, persistent=True)
-            http = self._http = HTTPClient(Agent(self._reactor, pool=self._connections))
+            agent = Agent(self._reactor, pool=self._connections) if self._tls is None else \
+                Agent(self._reactor, contextFactory=self._tls, pool=self._connections)
+            http = self._http = HTTPClient(agent)
         response = await http.get(url, headers=Headers({**headers, b"User-Agent": [USER_AGENT]}),
                                   timeout=timeout)
         return response.code, await response.content()

@@ -186,7 +186,11 @@ class HTTPSender(Service):
         if ca_file:
             with open(ca_file, "rb") as f:
                 self._base = _certificates(f.read())
-        self._routes: dict[str | None, _Route] = {None: self._route(_Trust(self._base, []))}
+        #: How HTTPS servers are checked: the system's CAs, or ``--ca-file``'s (the Schema
+        #: Registry client checks its server so too).
+        trust = _Trust(self._base, [])
+        self.tls_policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trust)
+        self._routes: dict[str | None, _Route] = {None: self._route(trust)}
         self._headers: dict[int, tuple[dict[bytes, list[bytes]], Headers]] = {}
 
     def _headers_of(self, raw: dict[bytes, list[bytes]]) -> Headers:

@@ -428,7 +428,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     registry = None
     if options["schema-registry"]:
         # Stops after the jobs: a job may be decoding on its thread until then.
-        registry = SchemaRegistry(reactor, options["schema-registry"], options["schema-registry-options"])
+        registry = SchemaRegistry(reactor, options["schema-registry"], options["schema-registry-options"],
+                                  tls=sender.tls_policy)
         registry.setServiceParent(top)
         log.info("schema registry at {url}", url=registry.url)
     shared = Shared(reactor, kafka, sender, dead_letters, budget,

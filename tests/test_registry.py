@@ -12,6 +12,7 @@ from typing import Any
 
 import fastavro
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -563,3 +564,33 @@ def test_an_id_beyond_what_a_registry_gives_is_dead_lettered_without_asking() ->
     assert h.fake.calls == []
     assert h.dead_letters.reasons() == ["schema id 4294967295 is not a schema registry id (over 2^31 - 1)"]
     h.deliver_all(["p/b"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_https_registry_is_checked_with_the_ca_file_as_endpoints_are(tmp_path: Any) -> None:
+    """A registry behind a private CA: trusted with --ca-file's policy (the sender's), refused
+    without it (an outage: the system's CAs do not know it)."""
+    from twisted.internet import reactor, ssl
+    from twisted.web.server import Site
+
+    from restconsumer.registry import RegistryUnavailable
+    from restconsumer.sender import HTTPSender
+    from tests.infra.certs import make_pki
+
+    pki = make_pki(tmp_path)
+    cert = ssl.PrivateCertificate.loadPEM(pki.cert_file.read_text() + pki.key_file.read_text())
+    port = reactor.listenSSL(0, Site(RegistryResource({1: PERSON})), cert.options(),  # type: ignore[attr-defined]
+                             interface="127.0.0.1")
+    url = f"https://127.0.0.1:{port.getHost().port}"
+    trusted = SchemaRegistry(reactor, url, tls=HTTPSender(reactor, ca_file=str(pki.ca_file)).tls_policy)
+    default = SchemaRegistry(reactor, url)
+    try:
+        got = await trusted.fetch(1)
+        assert isinstance(got, WireSchema) and got.writer == PERSON
+        with pytest.raises(RegistryUnavailable):
+            await default.fetch(1)
+    finally:
+        for registry in (trusted, default):
+            if registry._connections is not None:
+                await registry._connections.closeCachedConnections()
+        await port.stopListening()
