@@ -228,6 +228,8 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
         waits.append(wait)
         if on_retry is not None:
             on_retry(attempts, verdict.reason, wait)
+            if cancelled():  # told, by being told of the retry, that it will not be wanted
+                raise CancelledError("abandoned")
         await deferLater(clock, wait, lambda: None)
 
 

@@ -154,6 +154,9 @@ class _Unit:
     task: Deferred[None] | None = None
     sending: bool = False
     cancelled: bool = False
+    #: Its partition is being revoked and waits for its request to end: it must not
+    #: then wait to retry.
+    revoking: bool = False
     ended: list[Deferred[None]] = field(default_factory=list)
 
     @property
@@ -402,6 +405,7 @@ class JobRunner:
                 if lost or not unit.sending:
                     self._cancel(unit)  # a wait to retry, or another consumer has it already
                 else:
+                    unit.revoking = True
                     waiting.append(self._ended(unit))
             waiting.extend(_observe(d) for d in self._acks.get(tp, ()))
 
@@ -849,6 +853,9 @@ class JobRunner:
         return answer
 
     def _retrying(self, unit: _Unit, attempt: int, reason: str, wait: float) -> None:
+        if unit.revoking:
+            # Its partition goes as soon as this request has ended: no retry on it.
+            unit.cancelled = True
         self._note_error(reason)
         self._metrics.retried(self.job.id)
         incoming = unit.message.prepared.incoming

@@ -410,6 +410,19 @@ def test_revocation_ends_a_wait_to_retry_at_once(h: Harness) -> None:
     assert len(h.agent.requests) == 1
 
 
+def test_a_request_answered_503_during_the_revocation_grace_lets_go_at_once(h: Harness) -> None:
+    """Waited for because it was under way, it does not then hold the revocation through a
+    wait to retry: the partition goes as soon as the answer came."""
+    h.arrive(h.message({"id": "x"}))
+    got: list[dict[TP, int]] = []
+    h.runner.revoked([(T, 0)], False).addCallback(got.append)
+    assert got == []
+    h.agent.open()[0].answer(503)
+    assert got == [{(T, 0): 0}], "the revocation waited for a retry that will not be sent"
+    h.clock.advance(100)
+    assert len(h.agent.requests) == 1
+
+
 def test_a_lost_partition_commits_nothing_and_cancels_at_once(h: Harness) -> None:
     h.agent.auto = None
     h.arrive(h.message({"id": "a"}))
