@@ -30,7 +30,7 @@ class UndecodableMessage(ValueError):
     """The message is neither an Avro container, nor JSON, nor UTF-8 text."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
     """One record of a message: its writer schema (Avro) or None, and the value."""
 

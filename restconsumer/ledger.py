@@ -24,7 +24,7 @@ __all__ = ["TP", "Ledger", "Ticket"]
 TP = tuple[str, int]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Ticket:
     """One fetched message: its partition, the assignment it was fetched under, its offset."""
 
@@ -33,7 +33,7 @@ class Ticket:
     offset: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Partition:
     epoch: int
     #: Fetched offsets, oldest first, up to the last one not yet known finished in order.

@@ -35,7 +35,7 @@ class TemplateError(ValueError):
     """A record lacks a value the URL template needs."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outgoing:
     """One request, ready to send. ``headers`` is shared by every request of a job (it
     includes ``Host``) and is never changed."""

@@ -129,7 +129,7 @@ class JobStats:
         return round((self.delivered - base[1]) / elapsed, 2)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Message:
     """A fetched message on its way: its ticket, size, and what of it is still open."""
 
@@ -140,7 +140,7 @@ class _Message:
     open_acks: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Unit:
     """One record to deliver (or to dead-letter), and its place in the scheduler."""
 

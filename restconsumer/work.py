@@ -19,7 +19,7 @@ __all__ = ["Incoming", "OrderKey", "Prepared", "RecordWork", "order_key", "prepa
 _OVERHEAD = 600
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Incoming:
     """One Kafka message, as read."""
 
@@ -63,7 +63,7 @@ class Incoming:
                 + sum(len(k) + len(v or b"") for k, v in self.headers) + _OVERHEAD)
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordWork:
     """One record of a message: its request, or why it cannot have one."""
 
@@ -84,7 +84,7 @@ class RecordWork:
         return len(request.url) + len(request.body or b"") + _OVERHEAD
 
 
-@dataclass
+@dataclass(slots=True)
 class Prepared:
     """A message and its records, ready for delivery."""
 
