@@ -354,39 +354,53 @@ class JobRunner:
         if self._stopping or self._waits_for_schema(batch):
             return
         touched: set[TP] = set()
+        # Run for every message of every batch: what is looked up once is kept at hand, and
+        # the bytes are charged to the budget once (before anything can be released).
+        fetched, held, stats, scheduler = self.ledger.fetched, self._held, self.stats, self._scheduler
+        batched, by_partition = self._batch is not None, self._ordering == "partition"
+        charge = 0
         for prepared in batch:
             incoming = prepared.incoming
-            tp = incoming.tp
-            ticket = self.ledger.fetched(tp, incoming.offset)
+            tp = (incoming.topic, incoming.partition)
+            ticket = fetched(tp, incoming.offset)
             if ticket is None:
                 continue  # its partition is no longer ours (or it came twice)
             touched.add(tp)
-            self.stats.consumed += 1
+            stats.consumed += 1
             message = _Message(prepared, ticket, prepared.size, 0)
-            self._held.setdefault(tp, {})[incoming.offset] = message
-            self._budget.charge(self.job.id, prepared.size)
+            partition = held.get(tp)
+            if partition is None:
+                partition = held[tp] = {}
+            partition[incoming.offset] = message
+            charge += prepared.size
             if prepared.error is not None:
                 message.open_records = 1
-                self._scheduler.add(tp, _Unit(message, None, next(self._seq)))
+                scheduler.add(tp, _Unit(message, None, next(self._seq)))
                 continue
-            self.stats.records += len(prepared.records)
-            message.open_records = len(prepared.records)
-            if not prepared.records:
-                self._finish(message)
-                continue
-            for record in prepared.records:
+            records = prepared.records
+            stats.records += len(records)
+            message.open_records = len(records)
+            if not records or any(record.filtered for record in records):
+                self._budget.charge(self.job.id, charge)  # it may be finished here and now
+                charge = 0
+                if not records:
+                    self._finish(message)
+                    continue
+            for record in records:
                 if record.filtered:
-                    self.stats.filtered += 1
+                    stats.filtered += 1
                     self._metrics.filtered(self.job.id)
                     self._record_ended(message)
                     continue
-                if self._batch is not None and record.request is not None:
+                if batched and record.request is not None:
                     self._batch_add(tp, message, record)
                     continue
                 group: Hashable | None = tp
-                if self._ordering != "partition":
+                if not by_partition:
                     group = None if record.order is None else (tp, record.order)
-                self._scheduler.add(group, _Unit(message, record, next(self._seq)))
+                scheduler.add(group, _Unit(message, record, next(self._seq)))
+        if charge:
+            self._budget.charge(self.job.id, charge)
         self._pump()
         for tp in touched:
             self._check(tp)
