@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -290,6 +291,11 @@ class DeadLetterReader(ThreadService):
         return self.in_thread(commit)
 
 
+#: Seconds a replay's mark in Redis lasts without being kept (an instance that died
+#: mid-replay holds no one up longer).
+MARK_TTL = 60
+
+
 class ReplayRunning(Exception):
     """A replay of this job's dead letters is under way already."""
 
@@ -305,12 +311,18 @@ class Replays:
     """
 
     def __init__(self, reader: DeadLetterReader, sender: Any, dead_letters: DeadLetters,
-                 clock: Any, *, chunk: int = 500) -> None:
+                 clock: Any, *, chunk: int = 500, store: Any = None, owner: str = "",
+                 mark_ttl: int = MARK_TTL) -> None:
         self._reader = reader
         self._sender = sender
         self._dead_letters = dead_letters
         self._clock = clock
         self._chunk = chunk
+        #: Where a replay is marked as under way for every instance of the service (a
+        #: JobStore with ``claim_replay``/``keep_replay``/``release_replay``), and as whom.
+        self._store = store
+        self._owner = owner
+        self._mark_ttl = mark_ttl
         self._progress: dict[str, dict[str, Any]] = {}
         self._tasks: dict[str, Deferred[None]] = {}
 
@@ -323,10 +335,17 @@ class Replays:
         if job.id in self._tasks:
             raise ReplayRunning(f"a replay of job {job.id} is under way")
         self._tasks[job.id] = Deferred()  # held while the plan is read
+        marked = False
         try:
+            if self._store is not None:
+                marked = await self._store.claim_replay(job.id, self._owner, self._mark_ttl)
+                if not marked:
+                    raise ReplayRunning(f"a replay of job {job.id} is under way on another instance")
             plan = await self._reader.replay_plan(job.id, job.dead_letter_topic)
         except BaseException:
             del self._tasks[job.id]
+            if marked:
+                await self._unmark(job.id)
             raise
         now = self._clock.seconds()
         self._progress[job.id] = {
@@ -336,9 +355,18 @@ class Replays:
         }
         task = Deferred.fromCoroutine(self._run(job, plan))
         self._tasks[job.id] = task
+        keeper = None
+        if self._store is not None:
+            # The mark outlives a crashed instance by at most its TTL.
+            keeper = LoopingCall(self._keep, job.id)
+            keeper.clock = self._clock
+            keeper.start(self._mark_ttl / 3, now=False)
 
         def ended(result: Any) -> None:
             self._tasks.pop(job.id, None)
+            if keeper is not None:
+                keeper.stop()
+                Deferred.fromCoroutine(self._unmark(job.id))
             progress = self._progress[job.id]
             progress["finished"] = _iso(int(self._clock.seconds() * 1000))
             if isinstance(result, Failure):
@@ -353,6 +381,20 @@ class Replays:
 
         task.addBoth(ended)
         return plan
+
+    async def _keep(self, job_id: str) -> None:
+        try:
+            await self._store.keep_replay(job_id, self._owner, self._mark_ttl)
+        except Exception as e:  # Redis away a moment: the mark lasts its TTL meanwhile
+            log.warn("job {job_id}: cannot keep the replay's mark in Redis: {error}", job_id=job_id,
+                     error=str(e))
+
+    async def _unmark(self, job_id: str) -> None:
+        try:
+            await self._store.release_replay(job_id, self._owner)
+        except Exception as e:  # it expires by itself
+            log.warn("job {job_id}: cannot remove the replay's mark from Redis: {error}",
+                     job_id=job_id, error=str(e))
 
     async def _run(self, job: Job, plan: dict[int, tuple[int, int]]) -> None:
         builder = RequestBuilder(job)

@@ -48,6 +48,10 @@ def _offsets_key(job_id: str) -> str:
     return f"job:{job_id}:set_offset"
 
 
+def _replay_key(job_id: str) -> str:
+    return f"job:{job_id}:replay"
+
+
 def _stats_key(job_id: str) -> str:
     return f"job:{job_id}:stats"
 
@@ -119,6 +123,24 @@ return 1
 _END_MOVE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('PUBLISH', ARGV[2], 'start')
+return 1
+"""
+
+#: A mark held by one owner (ARGV[1]) for ARGV[2] seconds: taken if free, kept and
+#: released only by its owner.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then return 1 end
+return 0
+"""
+_KEEP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
@@ -460,6 +482,19 @@ class JobStore(Service):
     async def end_offset_move(self, job_id: str, token: str) -> None:
         """Let the job run again after its offsets moved (only the mover's own mark goes)."""
         await self._call("eval", _END_MOVE, [_offsets_key(job_id)], [token, channel(job_id)])
+
+    async def claim_replay(self, job_id: str, owner: str, ttl: int) -> bool:
+        """Mark a replay of the job's dead letters as ``owner``'s (for ``ttl`` seconds, kept
+        with :meth:`keep_replay`); False if another one holds the mark."""
+        return bool(await self._call("eval", _CLAIM, [_replay_key(job_id)], [owner, str(ttl)]))
+
+    async def keep_replay(self, job_id: str, owner: str, ttl: int) -> bool:
+        """Extend ``owner``'s mark by ``ttl`` seconds; False if it is no longer theirs."""
+        return bool(await self._call("eval", _KEEP, [_replay_key(job_id)], [owner, str(ttl)]))
+
+    async def release_replay(self, job_id: str, owner: str) -> None:
+        """Remove ``owner``'s mark (another's is left alone)."""
+        await self._call("eval", _RELEASE, [_replay_key(job_id)], [owner])
 
     async def add_stats(self, job_id: str, deltas: dict[str, int]) -> None:
         """Add to a job's counters (kept across instances and restarts, until it is deleted).

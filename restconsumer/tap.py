@@ -472,7 +472,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         DemoFeed(reactor, options["kafka"], demo_sink).setServiceParent(top)
     reader = DeadLetterReader(reactor, kafka)
     reader.setServiceParent(top)
-    replays = Replays(reader, sender, dead_letters, reactor)
+    replays = Replays(reader, sender, dead_letters, reactor, store=store, owner=reporter.instance)
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
               metrics=metrics, reader=reader, replays=replays,
               clock=reactor, allow_hosts=options["allowed-hosts"], policy=policy(options),

@@ -242,3 +242,36 @@ def test_dead_letters_listed_and_replayed_once(
         assert sink.count() == before + 3, "a second replay sent something again"
     finally:
         sink.stop()
+
+
+def test_a_replay_under_way_on_one_instance_is_409_on_another(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    """Two instances on one Redis: the replay's mark is the service's, not one process's."""
+    state = {"fixed": False}
+
+    def answer(got: Received) -> tuple[int, dict[str, str], bytes]:
+        if not state["fixed"]:
+            return 400, {}, b"not yet"
+        time.sleep(1.0)  # the replay of three letters takes three seconds
+        return 200, {}, b"ok"
+
+    sink = Sink(answer).start()
+    try:
+        name = topic(partitions=1)
+        first = services()
+        assert first.request("POST", "/job/marked", job("marked", name, sink.url)).status == 201
+        produce(kafka.bootstrap, name, [json.dumps({"id": f"m{i}"}).encode() for i in range(3)])
+        wait_for(lambda: first.request("GET", "/job/marked/status").json["counters"]
+                 ["dead_lettered"] == 3, 30, "three dead letters")
+        second = services()
+        state["fixed"] = True
+        assert first.request("POST", "/job/marked/deadletters/replay").status == 202
+        other = second.request("POST", "/job/marked/deadletters/replay")
+        assert other.status == 409, other
+        assert "another instance" in json.dumps(other.json)
+        wait_for(lambda: first.request("GET", "/job/marked/status").json.get("replay", {})
+                 .get("state") == "done", 30, "the replay done")
+        assert wait_for(lambda: second.request("POST", "/job/marked/deadletters/replay").status == 202,
+                        10, "the mark gone with the replay")
+    finally:
+        sink.stop()
