@@ -20,7 +20,7 @@ import itertools
 import json
 import random
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,14 +380,16 @@ class JobRunner:
             records = prepared.records
             stats.records += len(records)
             message.open_records = len(records)
-            if not records or any(record.filtered for record in records):
-                self._budget.charge(self.job.id, charge)  # it may be finished here and now
+            if not records:
+                self._budget.charge(self.job.id, charge)  # charged before it is released
                 charge = 0
-                if not records:
-                    self._finish(message)
-                    continue
+                self._finish(message)
+                continue
             for record in records:
                 if record.filtered:
+                    if charge:  # it may finish here and now: charged before it is released
+                        self._budget.charge(self.job.id, charge)
+                        charge = 0
                     stats.filtered += 1
                     self._metrics.filtered(self.job.id)
                     self._record_ended(message)
@@ -465,10 +467,7 @@ class JobRunner:
         self._start_schema_task()
         if self._schema_queue and self._budget.over(self.job.id):
             # A long registry outage pauses fetching rather than growing the queue.
-            for tp in self.ledger.partitions():
-                if tp not in self._paused:
-                    self._paused.add(tp)
-                    self.loop.pause(tp)
+            self._pause_all()
             self._budget.wait(self.job.id, self._room)
         return True
 
@@ -524,10 +523,7 @@ class JobRunner:
         self._registry_down = (reason, self._registry_down[1] if self._registry_down else
                                self._clock.seconds())
         if first:
-            for tp in self.ledger.partitions():
-                if tp not in self._paused:
-                    self._paused.add(tp)
-                    self.loop.pause(tp)
+            self._pause_all()
 
     def _registry_answered(self) -> None:
         """The registry answers (or nothing waits for it): the job goes on."""
@@ -904,23 +900,12 @@ class JobRunner:
         headers = dead_letter_headers(self.job.id, incoming, reason,
                                       record=record.index if record is not None else None,
                                       status=status, attempts=attempts)
-        message.open_acks += 1
-        d = Deferred.fromCoroutine(self._produce(message, headers))
-        acks = self._acks.setdefault(incoming.tp, set())
-        acks.add(d)
-
-        def acked(_: Any) -> None:
-            acks.discard(d)
-            if not self.ledger.current(message.ticket):
-                return
-            self.stats.dead_lettered += 1
-            self._metrics.dead_lettered(self.job.id)
-            message.open_acks -= 1
-            if message.open_records == 0 and message.open_acks == 0:
-                self._finish(message)
-
-        d.addCallbacks(acked, _forget, errbackArgs=(acks, d))
+        self._awaiting_ack(message, self._produce(message, headers), self._dead_letter_acked)
         self._record_ended(message)
+
+    def _dead_letter_acked(self) -> None:
+        self.stats.dead_lettered += 1
+        self._metrics.dead_lettered(self.job.id)
 
     def _result(self, message: _Message, index: int, outcome: str, status: int | None,
                 began: float | None, body: bytes, reason: str | None = None) -> None:
@@ -943,15 +928,23 @@ class JobRunner:
         # Held until Kafka has it: part of the message's bytes (released when it finishes).
         message.size += len(value)
         self._budget.charge(self.job.id, len(value))
+        self._awaiting_ack(message, self._produce(message, [], self._result_topic, value))
+
+    def _awaiting_ack(self, message: _Message, producing: Coroutine[Any, Any, None],
+                      counted: Callable[[], None] | None = None) -> None:
+        """The message's offset waits for Kafka to acknowledge what ``producing`` produces (a
+        dead letter or a result); once it has, ``counted`` is called and the message may finish."""
         message.open_acks += 1
-        d = Deferred.fromCoroutine(self._produce(message, [], self._result_topic, value))
-        acks = self._acks.setdefault(incoming.tp, set())
+        d = Deferred.fromCoroutine(producing)
+        acks = self._acks.setdefault(message.ticket.tp, set())
         acks.add(d)
 
         def acked(_: Any) -> None:
             acks.discard(d)
             if not self.ledger.current(message.ticket):
                 return
+            if counted is not None:
+                counted()
             message.open_acks -= 1
             if message.open_records == 0 and message.open_acks == 0:
                 self._finish(message)
@@ -1047,10 +1040,7 @@ class JobRunner:
                  "messages, probing every {every:.1f} s", job_id=self.job.id,
                  reason=self.circuit.reason, every=self._probe_interval())
         self._note_error(f"circuit open: {self.circuit.reason}")
-        for tp in self.ledger.partitions():
-            if tp not in self._paused:
-                self._paused.add(tp)
-                self.loop.pause(tp)
+        self._pause_all()
         self._schedule_probe()
 
     def _closed(self) -> None:
@@ -1119,6 +1109,13 @@ class JobRunner:
             self.loop.pause(tp)
             if not full:
                 self._budget.wait(self.job.id, self._room)
+
+    def _pause_all(self) -> None:
+        """Pause every assigned partition (the job is held)."""
+        for tp in self.ledger.partitions():
+            if tp not in self._paused:
+                self._paused.add(tp)
+                self.loop.pause(tp)
 
     def _room(self) -> None:
         for tp in list(self._paused):
