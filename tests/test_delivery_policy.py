@@ -643,3 +643,40 @@ async def test_sender_timeout_during_the_body_closes_the_connection() -> None:
         assert not server.site.open, "the stalled connection was left open"
 
     await with_server(test)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_senders_agent_sends_what_twisted_agent_sends() -> None:
+    """The sender's agent parses a URL's origin once (a fast path); what goes on the wire, and
+    the URI the response carries, are the same as Twisted's own ``Agent.request`` makes."""
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+    from twisted.web.http_headers import Headers
+
+    from restconsumer.sender import _Agent, _Endpoints, _read_body
+
+    async def test(server: Server) -> None:
+        pools = [HTTPConnectionPool(server.reactor), HTTPConnectionPool(server.reactor)]
+        plain = Agent(server.reactor, pool=pools[0])
+        fast = _Agent.over(server.reactor, _Endpoints(server.reactor, BrowserLikePolicyForHTTPS()),
+                           pools[1])
+        origin = server.url("").decode()
+        paths = ["/ok", "/people/p%C3%A9-1", "/ok?a=1&b=x%20y", "/ok?", "/ok?a=/b?c",
+                 "", "/ok;v=1?a", "/ok#part"]
+        try:
+            for path in paths:
+                seen = []
+                for agent in (plain, fast):
+                    response = await agent.request(b"POST", f"{origin}{path}".encode(),
+                                                   Headers({b"X-Id": [b"1"]}), None)
+                    await _read_body(response)
+                    seen.append((server.endpoint.seen.pop(), response.request.absoluteURI))
+                assert seen[0] == seen[1], path
+            # The plain form took the fast path: its origin is known.
+            assert list(fast._origins) == [origin.encode()]
+            with pytest.raises(ValueError):
+                await fast.request(b"GET", f"{origin}/a b".encode())
+        finally:
+            for pool in pools:
+                await pool.closeCachedConnections()
+
+    await with_server(test)
