@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.web.resource import Resource
 
-__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "MetricsResource", "code_class"]
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "MetricsFlusher", "MetricsResource", "code_class"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,6 +64,11 @@ class Metrics:
         self.circuit = Gauge("restconsumer_circuit_open", "1 while the job's circuit is open",
                              ["job"], registry=registry, multiprocess_mode="livemax")
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Counted per request at thousands a second, so kept here and written to
+        # prometheus-client's families in one go (flush): its locked calls, three per
+        # request, cost more than the request's own bookkeeping.
+        self._answers: list[tuple[str, int | None, float]] = []
+        self._outcomes: dict[tuple[str, str], int] = {}
         self._lag_labels: set[tuple[str, str, str]] = set()
         self._circuit_labels: set[str] = set()
 
@@ -76,7 +82,8 @@ class Metrics:
 
     def delivered(self, job: str, n: int = 1) -> None:
         """Count delivered records."""
-        self._child(self.messages, job, "delivered").inc(n)
+        key = (job, "delivered")
+        self._outcomes[key] = self._outcomes.get(key, 0) + n
 
     def dead_lettered(self, job: str, n: int = 1) -> None:
         """Count dead-lettered records (acknowledged by Kafka)."""
@@ -88,8 +95,28 @@ class Metrics:
 
     def answered(self, job: str, status: int | None, seconds: float) -> None:
         """Count one request and its duration."""
-        self._child(self.requests, job, code_class(status)).inc()
-        self._child(self.duration, job).observe(seconds)
+        self._answers.append((job, status, seconds))
+        if len(self._answers) >= 10_000:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush to the metric families (done before
+        each exposition, and every quarter of a second: see :class:`MetricsFlusher`)."""
+        answers, self._answers = self._answers, []
+        outcomes, self._outcomes = self._outcomes, {}
+        requests: dict[tuple[str, str], int] = {}
+        observe = None
+        last_job = None
+        for job, status, seconds in answers:
+            key = (job, code_class(status))
+            requests[key] = requests.get(key, 0) + 1
+            if job != last_job:
+                observe, last_job = self._child(self.duration, job).observe, job
+            observe(seconds)  # type: ignore[misc]  # set for the first answer
+        for (job, code), n in requests.items():
+            self._child(self.requests, job, code).inc(n)
+        for (job, outcome), n in outcomes.items():
+            self._child(self.messages, job, outcome).inc(n)
 
     def retried(self, job: str) -> None:
         """Count one retry."""
@@ -124,6 +151,7 @@ class Metrics:
         """The text format of every metric (of every process of the service, with workers)."""
         from prometheus_client import CollectorRegistry, generate_latest
 
+        self.flush()
         if not self.multiprocess:
             return generate_latest(self._registry)
         from prometheus_client import multiprocess
@@ -139,6 +167,21 @@ class Metrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(pid)
+
+
+class MetricsFlusher(TimerService):
+    """Flushes the counts of :class:`Metrics` every quarter of a second and when stopping
+    (with ``--workers``, other processes read them from the shared folder)."""
+
+    def __init__(self, metrics: Metrics, every: float = 0.25) -> None:
+        super().__init__(every, metrics.flush)
+        self._metrics = metrics
+
+    def stopService(self) -> Any:
+        """Stop the timer, then flush what is left."""
+        stopped = super().stopService()
+        self._metrics.flush()
+        return stopped
 
 
 class MetricsResource(Resource):

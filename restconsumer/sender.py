@@ -19,7 +19,8 @@ from urllib.parse import urljoin, urlsplit
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trust roots provide
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -190,6 +191,72 @@ def _connect_to(reactor: Any, host: str, port: int, timeout: float) -> Any:
     return TCP4ClientEndpoint(reactor, str(address), port, timeout=timeout)
 
 
+class _Deadlines:
+    """The time limits of the requests under way, kept by one timer instead of one each.
+
+    What ``Deferred.addTimeout`` does (cancel at the deadline; the ``CancelledError`` of
+    that cancel becomes a ``TimeoutError``), without a ``DelayedCall`` made and cancelled
+    per request. Requests of one time limit end their time in the order they were sent,
+    so the oldest of each limit is the next due: the timer is set for the earliest of
+    those and, when it fires, cancels what is due and is set again.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        #: Per time limit: what is under way, oldest first (key -> deadline, Deferred).
+        self._limits: dict[float, dict[int, tuple[float, Deferred[Any]]]] = {}
+        self._timed_out: set[int] = set()
+        self._next = 0
+        self._timer: Any = None
+
+    def add(self, d: Deferred[Any], timeout: float) -> Deferred[Any]:
+        """Cancel ``d`` if it has not fired in ``timeout`` seconds (then it fails with
+        ``TimeoutError``); ``d``, for chaining."""
+        key = self._next = self._next + 1
+        deadline = self._clock.seconds() + timeout
+        under_way = self._limits.get(timeout)
+        if under_way is None:
+            under_way = self._limits[timeout] = {}
+        under_way[key] = (deadline, d)
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self._clock.callLater(timeout, self._expire)
+        elif deadline < timer.getTime():
+            timer.reset(timeout)
+        return d.addBoth(self._ended, under_way, key, timeout)
+
+    def _ended(self, result: Any, under_way: dict[int, Any], key: int, timeout: float) -> Any:
+        under_way.pop(key, None)
+        if self._timed_out and key in self._timed_out:
+            self._timed_out.discard(key)
+            if isinstance(result, Failure) and isinstance(result.value, CancelledError):
+                return Failure(DeferredTimeout(timeout, "Deferred"))
+        return result
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        due = []
+        for under_way in self._limits.values():
+            for key, (deadline, d) in under_way.items():
+                if deadline > now:
+                    break
+                due.append((key, d))
+        for key, d in due:
+            # A Deferred waiting on another one (the response) has "called" set: cancel
+            # reaches what it waits on, as addTimeout's would.
+            self._timed_out.add(key)
+            d.cancel()
+        for limit, under_way in list(self._limits.items()):
+            for key, _ in due:
+                under_way.pop(key, None)
+            if not under_way:
+                del self._limits[limit]
+        deadlines = [next(iter(u.values()))[0] for u in self._limits.values()]
+        if deadlines:
+            self._timer = self._clock.callLater(max(0.0, min(deadlines) - now), self._expire)
+
+
 class DestinationRefused(Exception):
     """The request may not go where it would go (a redirect outside the allowed hosts, a
     CA that cannot be used); never retried."""
@@ -248,6 +315,7 @@ class HTTPSender(Service):
         self.tls_policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trust)
         self._routes: dict[str | None, _Route] = {None: self._route(trust)}
         self._headers: dict[int, tuple[dict[bytes, list[bytes]], Headers]] = {}
+        self._deadlines = _Deadlines(reactor)
 
     def _headers_of(self, raw: dict[bytes, list[bytes]]) -> Headers:
         # A job's requests share one header dict (Host included): one Headers object for
@@ -300,7 +368,7 @@ class HTTPSender(Service):
                 self._headers_of(request.headers)
             sent = route.agent.request(request.method, request.url, headers, body)
             d = sent.addCallback(self._answer, keep)  # type: ignore[call-overload]  # keep passes through
-        return d.addTimeout(timeout, self._reactor)
+        return self._deadlines.add(d, timeout)
 
     def _answer(self, response: IResponse, keep: int = 500) -> Deferred[Answer]:
         retry_after = _retry_after(response, self._reactor)

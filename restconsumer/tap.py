@@ -38,7 +38,7 @@ from restconsumer.health import KafkaProbe
 from restconsumer.jobsdir import JobsFolder
 from restconsumer.logs import LEVELS, kafka_logger
 from restconsumer.logs import configure as configure_logs
-from restconsumer.metrics import MULTIPROC_ENV, Metrics, MetricsResource
+from restconsumer.metrics import MULTIPROC_ENV, Metrics, MetricsFlusher, MetricsResource
 from restconsumer.model import Policy
 from restconsumer.offsets import OffsetMover
 from restconsumer.registry import OPTIONS as REGISTRY_OPTIONS
@@ -437,6 +437,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     supervisor = Supervisor(store, shared, policy=policy(options, hosts=False),
                             secrets_dir=options["secrets-dir"])
     TimerService(2.0, lambda: metrics.refresh(supervisor.runners, budget.held)).setServiceParent(top)
+    # Stops after the jobs, so that their last counts are written.
+    MetricsFlusher(metrics).setServiceParent(top)
     # The reporter stops after the jobs, so that their last counts reach Redis.
     reporter = StatusReporter(store, supervisor, reactor)
     reporter.setServiceParent(top)

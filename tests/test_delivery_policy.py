@@ -680,3 +680,45 @@ async def test_the_senders_agent_sends_what_twisted_agent_sends() -> None:
                 await pool.closeCachedConnections()
 
     await with_server(test)
+
+
+def test_request_time_limits_are_kept_by_one_timer() -> None:
+    """The sender's time limits: each request is cancelled at its own deadline and then fails
+    with TimeoutError; one that fired first is left alone; a cancel from elsewhere stays a
+    CancelledError; a shorter limit added later still fires first; one timer at a time."""
+    from restconsumer.sender import _Deadlines
+
+    clock = Clock()
+    deadlines = _Deadlines(clock)
+    results: dict[str, list[Any]] = {}
+
+    def start(name: str, timeout: float) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        deadlines.add(d, timeout)
+        d.addBoth(results.setdefault(name, []).append)
+        return d
+
+    a = start("a", 10)
+    clock.advance(4)
+    start("b", 10)          # due at 14
+    c = start("c", 10)      # due at 14, cancelled by someone else first
+    start("d", 3)           # due at 7: earlier than a's 10
+    assert len(clock.getDelayedCalls()) == 1
+    a.callback("answer")    # before its deadline
+    clock.advance(2.9)
+    assert results["d"] == []
+    clock.advance(0.1)      # 7
+    [d_failure] = results["d"]
+    assert isinstance(d_failure.value, DeferredTimeoutError)
+    results_c = results["c"]
+    assert results_c == []
+    # c is cancelled by its owner: not a timeout.
+    c.cancel()
+    assert isinstance(results_c[0].value, CancelledError)
+    assert not isinstance(results_c[0].value, DeferredTimeoutError)
+    clock.advance(6.9)      # 13.9
+    assert results["b"] == []
+    clock.advance(0.1)      # 14
+    assert isinstance(results["b"][0].value, DeferredTimeoutError)
+    assert results["a"] == ["answer"]
+    assert clock.getDelayedCalls() == [] and deadlines._limits == {} and not deadlines._timed_out

@@ -715,6 +715,38 @@ def test_metrics_count_records_requests_retries_and_gauges() -> None:
     assert "restconsumer_consumer_lag{" not in text and "restconsumer_circuit_open{" not in text
 
 
+def test_metrics_counted_per_request_are_written_by_flush_before_exposition_and_at_stop() -> None:
+    from restconsumer.metrics import Metrics, MetricsFlusher
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics._registry.get_sample_value(name, labels)
+
+    metrics = Metrics()
+    for job, status, seconds in [("a", 200, 0.002), ("a", 503, 0.02), ("b", None, 5.0), ("a", 201, 0.3)]:
+        metrics.answered(job, status, seconds)
+    metrics.delivered("a")
+    metrics.delivered("b", 4)
+    assert value("restconsumer_requests_total", job="a", code="2xx") is None  # not yet written
+    text = metrics.exposition().decode()  # flushes first
+    assert 'restconsumer_requests_total{code="2xx",job="a"} 2.0' in text
+    assert value("restconsumer_requests_total", job="a", code="5xx") == 1
+    assert value("restconsumer_requests_total", job="b", code="error") == 1
+    assert value("restconsumer_request_duration_seconds_count", job="a") == 3
+    assert value("restconsumer_request_duration_seconds_bucket", job="a", le="0.025") == 2
+    assert value("restconsumer_request_duration_seconds_sum", job="b") == 5.0
+    assert value("restconsumer_messages_total", job="b", outcome="delivered") == 4
+    # What is counted after the last flush is written when the flusher stops.
+    flusher = MetricsFlusher(metrics)
+    flusher.clock = Clock()
+    flusher.startService()
+    metrics.delivered("a", 2)
+    flusher.clock.advance(0.25)
+    assert value("restconsumer_messages_total", job="a", outcome="delivered") == 3
+    metrics.answered("a", 404, 0.001)
+    flusher.stopService()
+    assert value("restconsumer_requests_total", job="a", code="4xx") == 1
+
+
 def test_a_job_with_work_logs_a_summary_every_30_s() -> None:
     from twisted.logger import globalLogPublisher
 
