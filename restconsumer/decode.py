@@ -164,7 +164,7 @@ def to_json(value: Any) -> bytes:
     A string with a lone surrogate (legal in JSON text, not in UTF-8) is written as its
     ``\\uXXXX`` escape, so the body is still valid JSON.
     """
-    text = _COMPACT.encode(value)
+    text = "".join(_compact(value, 0)) if _compact is not None else _COMPACT.encode(value)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -174,3 +174,9 @@ def to_json(value: Any) -> bytes:
 # Made once: json.dumps with arguments builds a new encoder on every call.
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_jsonable)
 _ASCII = json.JSONEncoder(separators=(",", ":"), default=_jsonable)
+# _COMPACT's own C encoder, made once too: JSONEncoder.encode makes it anew on every call,
+# most of the cost for the small bodies of most records. No check for circular values:
+# decoded JSON and Avro cannot hold one.
+_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_compact = (_make_encoder(None, _jsonable, json.encoder.encode_basestring, None, ":", ",",
+                          False, False, True) if _make_encoder is not None else None)

@@ -59,13 +59,9 @@ def _indices(node: Index) -> tuple[int, ...]:
     return tuple(indices) if indices is not None else (node.index,)
 
 
-def compile_getter(path: JSONPath) -> Callable[[Any], list[Any]]:
-    """A function giving every value ``path`` matches in a document.
-
-    Plain chains of field names and indexes from the root (``$.msg.household.id``,
-    ``$.msg.items[0]``) — nearly every datamap — are walked with dict and list look-ups;
-    anything else goes through jsonpath-ng.
-    """
+def plain_steps(path: JSONPath) -> tuple[str | int, ...] | None:
+    """The field names and indexes of a plain chain from the root (``$.msg.household.id``,
+    ``$.msg.items[0]``), or None for any other path."""
     steps: list[str | int] = []
     node = path
     while isinstance(node, Child):
@@ -78,8 +74,21 @@ def compile_getter(path: JSONPath) -> Callable[[Any], list[Any]]:
             break
         node = node.left
     if not isinstance(node, Root):
+        return None
+    return tuple(reversed(steps))
+
+
+def compile_getter(path: JSONPath) -> Callable[[Any], list[Any]]:
+    """A function giving every value ``path`` matches in a document.
+
+    Plain chains of field names and indexes from the root (``$.msg.household.id``,
+    ``$.msg.items[0]``) — nearly every datamap — are walked with dict and list look-ups;
+    anything else goes through jsonpath-ng.
+    """
+    steps = plain_steps(path)
+    if steps is None:
         return lambda document: [match.value for match in path.find(document)]
-    keys = tuple(reversed(steps))
+    keys = steps
 
     def walk(document: Any) -> list[Any]:
         value = document
@@ -133,6 +142,12 @@ class RequestBuilder:
         self._constant = d.get("constant", {})
         #: The job's ``filter`` (SPEC §12), compiled (validation compiled it: cached), or None.
         self.filter: JSONPath | None = parse_jsonpath(d["filter"]) if "filter" in d else None
+        chains = [plain_steps(path) for path in job.paths.values()]
+        #: Whether anything of the job can read a record's ``$.meta`` (made per message,
+        #: so left out when no path can reach it): a filter, a path that is not a plain
+        #: chain of names, ``$`` itself, or one under ``$.meta``.
+        self.needs_meta = self.filter is not None or any(
+            steps is None or not steps or steps[0] == "meta" for steps in chains)
         parts = PLACEHOLDER.split(d["url"])
         # Even items are literal text, odd ones datamap keys.
         self._url_parts: list[str] = [
@@ -196,21 +211,24 @@ class RequestBuilder:
         job with ``idempotency_key``.
         """
         parts = self._url_parts
-        pieces = []
-        for i, part in enumerate(parts):
-            if i % 2 == 0:
-                pieces.append(part)
-            elif part in values:
-                pieces.append(encode_value(values[part]))
-            else:
-                raise TemplateError(f"the URL needs '{part}', which the datamap did not find")
+        if len(parts) == 1:
+            url = parts[0]  # no placeholder (a batched job's URL never has one)
+        else:
+            pieces = []
+            for i, part in enumerate(parts):
+                if i % 2 == 0:
+                    pieces.append(part)
+                elif part in values:
+                    pieces.append(encode_value(values[part]))
+                else:
+                    raise TemplateError(f"the URL needs '{part}', which the datamap did not find")
+            url = "".join(pieces)
         query = []
         for query_key in self._query_keys:
             if query_key in values:
                 value = values[query_key]
                 for item in value if isinstance(value, list) else [value]:
                     query.append(f"{quote(query_key, safe='')}={encode_value(item)}")
-        url = "".join(pieces)
         if query:
             url += ("&" if self._has_query else "?") + "&".join(query)
         body = None

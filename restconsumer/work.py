@@ -140,7 +140,7 @@ def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None 
         prepared.error = f"internal error while decoding: {type(e).__name__}: {e}"
         prepared.size = incoming.size()
         return prepared
-    meta = incoming.meta()
+    meta = incoming.meta() if builder.needs_meta else _NO_META
     size = incoming.size()
     for index, record in enumerate(records):
         work = RecordWork(index, None)
@@ -161,7 +161,7 @@ def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None 
                     prepared.records.append(work)
                     continue
             values = builder.extract(document)
-            work.entity = values.get("id", _entity(record.msg))
+            work.entity = values["id"] if "id" in values else _entity(record.msg)
             ident = (f"{incoming.topic}:{incoming.partition}:{incoming.offset}:{index}"
                      if builder.needs_ident else None)
             work.request = builder.build(values, ident)
@@ -177,6 +177,10 @@ def prepare(builder: RequestBuilder, incoming: Incoming, order: OrderKey | None 
         prepared.records.append(work)
     prepared.size = size
     return prepared
+
+
+#: The ``meta`` of a job that cannot read it (``RequestBuilder.needs_meta``); never changed.
+_NO_META: dict[str, Any] = {}
 
 
 def _entity(msg: Any) -> Any:

@@ -132,6 +132,40 @@ def test_descendant_and_field_wildcard_paths_still_work() -> None:
     assert sorted(values["fields"], key=str) == [1, "x"]
 
 
+@pytest.mark.parametrize(("datamap", "extra", "needs"), [
+    ({"id": "$.msg.id", "n": "$.msg.items[0].name"}, {}, False),
+    ({"id": "$.msg.id", "k": "$.meta.key"}, {}, True),
+    ({"id": "$.msg.id", "any": "$..offset"}, {}, True),
+    ({"id": "$.msg.id", "all": "$"}, {}, True),
+    ({"id": "$.msg.id", "x": "$.msg.items[*].x"}, {}, True),
+    ({"id": "$.msg.id"}, {"filter": "$[?(@.msg.id == 'a')]"}, True),
+])
+def test_the_meta_of_a_record_is_made_only_when_the_job_can_read_it(
+        datamap: dict[str, str], extra: dict[str, Any], needs: bool) -> None:
+    from restconsumer.work import Incoming, prepare
+
+    b = builder(datamap=datamap, url="http://api.example.com/people/", json_body=list(datamap), **extra)
+    assert b.needs_meta is needs
+    incoming = Incoming("people", 3, 1234, b"k-1", b'{"id": "a", "items": [{"name": "n", "x": 1}]}',
+                        [], 1700000000000)
+    [work] = prepare(b, incoming).records
+    # What the job reads is the same either way: the full document's values.
+    full = b.document(None, {"id": "a", "items": [{"name": "n", "x": 1}]}, incoming.meta())
+    assert work.request is not None
+    assert work.request.body == b.build(b.extract(full)).body
+    assert json.loads(work.request.body or b"")["id"] == "a"
+
+
+def test_constant_urls_and_json_bodies_are_made_as_before() -> None:
+    b = builder(url="http://api.example.com/people/?x=1", json_body=["id", "name"],
+                query_params=["id"])
+    out = b.build({"id": "a/b", "name": "Zoë", "n": float("nan")})
+    assert out.url == b"http://api.example.com/people/?x=1&id=a%2Fb"
+    assert out.body == '{"id":"a/b","name":"Zoë"}'.encode()
+    assert to_json({"f": 1.5, "n": float("nan"), "b": b"\x01", "s": "\ud800", "l": [1, None, True]}) == \
+        b'{"f":1.5,"n":NaN,"b":"AQ==","s":"\\ud800","l":[1,null,true]}'
+
+
 def test_datamap_on_a_plain_text_message() -> None:
     b = builder(datamap={"id": "$.msg.id", "text": "$.msg"})
     assert b.extract(b.document(None, "just text", META)) == {"text": "just text"}
