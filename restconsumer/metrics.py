@@ -104,16 +104,12 @@ class Metrics:
         each exposition, and every quarter of a second: see :class:`MetricsFlusher`)."""
         answers, self._answers = self._answers, []
         outcomes, self._outcomes = self._outcomes, {}
-        requests: dict[tuple[str, str], int] = {}
-        observe = None
-        last_job = None
+        by_code: dict[tuple[str, str], int] = {}
         for job, status, seconds in answers:
             key = (job, code_class(status))
-            requests[key] = requests.get(key, 0) + 1
-            if job != last_job:
-                observe, last_job = self._child(self.duration, job).observe, job
-            observe(seconds)  # type: ignore[misc]  # set for the first answer
-        for (job, code), n in requests.items():
+            by_code[key] = by_code.get(key, 0) + 1
+            self._child(self.duration, job).observe(seconds)
+        for (job, code), n in by_code.items():
             self._child(self.requests, job, code).inc(n)
         for (job, outcome), n in outcomes.items():
             self._child(self.messages, job, outcome).inc(n)

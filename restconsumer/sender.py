@@ -236,25 +236,33 @@ class _Deadlines:
     def _expire(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        due = []
-        for under_way in self._limits.values():
+        due: list[tuple[int, Deferred[Any]]] = []
+        earliest: float | None = None
+        for limit, under_way in list(self._limits.items()):
+            first = len(due)
+            following = None
             for key, (deadline, d) in under_way.items():
                 if deadline > now:
+                    following = deadline
                     break
                 due.append((key, d))
+            for key, _ in due[first:]:
+                del under_way[key]
+            if following is None:
+                del self._limits[limit]
+            elif earliest is None or following < earliest:
+                earliest = following
         for key, d in due:
             # A Deferred waiting on another one (the response) has "called" set: cancel
             # reaches what it waits on, as addTimeout's would.
             self._timed_out.add(key)
             d.cancel()
-        for limit, under_way in list(self._limits.items()):
-            for key, _ in due:
-                under_way.pop(key, None)
-            if not under_way:
-                del self._limits[limit]
-        deadlines = [next(iter(u.values()))[0] for u in self._limits.values()]
-        if deadlines:
-            self._timer = self._clock.callLater(max(0.0, min(deadlines) - now), self._expire)
+        if earliest is not None:
+            timer = self._timer  # one a cancel's callbacks may have set, sending again
+            if timer is None:
+                self._timer = self._clock.callLater(max(0.0, earliest - now), self._expire)
+            elif earliest < timer.getTime():
+                timer.reset(max(0.0, earliest - now))
 
 
 class DestinationRefused(Exception):
