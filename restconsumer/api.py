@@ -16,12 +16,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from restconsumer.auth import Authenticator, Principal
-from restconsumer.deadletters import DeadLetterReader, ReplayRunning, Replays
+from restconsumer.deadletters import DeadLetterReader
+from restconsumer.delivery.replay import ReplayRunning, Replays
 from restconsumer.metrics import CONTENT_TYPE, Metrics
 from restconsumer.model import InvalidJob, Policy, load, redact, validate
 from restconsumer.offsets import OffsetError, OffsetMover, OffsetRequest
 from restconsumer.preview import BadEnvelope, envelopes, preview, schema_ids
 from restconsumer.registry import SchemaRegistry
+from restconsumer.secrets import UnresolvedSecrets
 from restconsumer.status import StatusReporter, job_status
 from restconsumer.store import JobStore, StoreUnavailable
 from restconsumer.supervisor import Supervisor
@@ -321,9 +323,11 @@ class API:
         if self.replays is None:
             raise APIError(503, "replay not available", [])
         try:
-            plan = await self.replays.start(load(stored))
+            plan = await self.replays.start(stored)
         except ReplayRunning as e:
             raise APIError(409, "replay under way", [str(e)]) from e
+        except (InvalidJob, UnresolvedSecrets) as e:
+            raise APIError(409, "the job cannot run on this instance", [str(e)]) from e
         self.log.info("job {job_id}: replay of dead letters started: {plan}", job_id=job_id,
                       plan=", ".join(f"[{p}] {a}..{b}" for p, (a, b) in sorted(plan.items())))
         return _json(request, 202, {"replay": {"partitions": {str(p): [a, b] for p, (a, b) in plan.items()}}})

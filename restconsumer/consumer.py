@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from restconsumer.ledger import TP
+from restconsumer.delivery.ledger import TP
 
 __all__ = ["KafkaLoop", "LoopHandler", "consumer_config"]
 
@@ -304,7 +304,10 @@ class KafkaLoop:
         try:
             self._handler.arrived(batch)
         except Exception:
-            log.failure("job {name}: handling a batch failed", name=self.name)
+            # The batch is not wholly in the ledger: fetching on would let the commit point
+            # pass what it lost. The loop ends; its revocation commits what is finished.
+            log.failure("job {name}: handling a batch failed; the job's consumer stops", name=self.name)
+            self._stop.set()
         finally:
             self.taken()
 

@@ -9,24 +9,18 @@ from __future__ import annotations
 import base64
 import datetime
 import time
-from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from restconsumer.mapping import RequestBuilder
-from restconsumer.model import DEFAULT_TIMEOUT, Job
-from restconsumer.retry import RetryPolicy, deliver
 from restconsumer.threads import ThreadService
-from restconsumer.work import Incoming, prepare
+from restconsumer.work import Incoming
 
-__all__ = ["DeadLetterReader", "DeadLetters", "ReplayRunning", "Replays", "dead_letter_headers",
-           "describe_letter", "original"]
+__all__ = ["DeadLetterReader", "DeadLetters", "dead_letter_headers", "describe_letter", "original"]
 
 log = Logger()
 
@@ -263,16 +257,19 @@ class DeadLetterReader(ThreadService):
             consumer.close()
 
     def letters(self, job_id: str, topic: str, partition: int, start: int,
-                end: int) -> Deferred[list[tuple[int, Incoming | None]]]:
+                end: int) -> Deferred[list[tuple[int, Incoming | None, int | None]]]:
         """The dead letters of one partition between two offsets: (offset, the original
-        message if it is one of this job's, else None)."""
-        def read() -> list[tuple[int, Incoming | None]]:
+        message if it is one of this job's, else None, and the record it is about if it
+        is one record's)."""
+        def read() -> list[tuple[int, Incoming | None, int | None]]:
             consumer = self._consumer(f"restconsumer.{job_id}.reader")
             try:
                 out = []
                 for item in self._read(consumer, topic, partition, start, end):
                     message = item["message"]
-                    out.append((message.offset(), original(message) if item["job"] == job_id else None))
+                    mine = item["job"] == job_id
+                    out.append((message.offset(), original(message) if mine else None,
+                                item["letter"]["record"] if mine else None))
                 return out
             finally:
                 consumer.close()
@@ -289,153 +286,3 @@ class DeadLetterReader(ThreadService):
                 consumer.close()
 
         return self.in_thread(commit)
-
-
-#: Seconds a replay's mark in Redis lasts without being kept (an instance that died
-#: mid-replay holds no one up longer).
-MARK_TTL = 60
-
-
-class ReplayRunning(Exception):
-    """A replay of this job's dead letters is under way already."""
-
-
-class Replays:
-    """Replays of jobs' dead letters through the job again (``POST /job/{id}/deadletters/replay``).
-
-    A replay reads the job's dead-letter topic from where the previous replay stopped (its
-    group ``restconsumer.{id}.replay`` remembers) up to the end offsets taken when it starts,
-    skips the letters of other jobs, and sends each of this job's letters as the job would
-    send its original message; one that fails again becomes a new dead letter that keeps its
-    original source coordinates.
-    """
-
-    def __init__(self, reader: DeadLetterReader, sender: Any, dead_letters: DeadLetters,
-                 clock: Any, *, chunk: int = 500, store: Any = None, owner: str = "",
-                 mark_ttl: int = MARK_TTL) -> None:
-        self._reader = reader
-        self._sender = sender
-        self._dead_letters = dead_letters
-        self._clock = clock
-        self._chunk = chunk
-        #: Where a replay is marked as under way for every instance of the service (a
-        #: JobStore with ``claim_replay``/``keep_replay``/``release_replay``), and as whom.
-        self._store = store
-        self._owner = owner
-        self._mark_ttl = mark_ttl
-        self._progress: dict[str, dict[str, Any]] = {}
-        self._tasks: dict[str, Deferred[None]] = {}
-
-    def progress(self, job_id: str) -> dict[str, Any] | None:
-        """The latest replay of ``job_id`` on this instance, if any."""
-        return self._progress.get(job_id)
-
-    async def start(self, job: Job) -> dict[int, tuple[int, int]]:
-        """Start replaying; the plan ``{partition: (from, to)}``. Raises :class:`ReplayRunning`."""
-        if job.id in self._tasks:
-            raise ReplayRunning(f"a replay of job {job.id} is under way")
-        self._tasks[job.id] = Deferred()  # held while the plan is read
-        marked = False
-        try:
-            if self._store is not None:
-                marked = await self._store.claim_replay(job.id, self._owner, self._mark_ttl)
-                if not marked:
-                    raise ReplayRunning(f"a replay of job {job.id} is under way on another instance")
-            plan = await self._reader.replay_plan(job.id, job.dead_letter_topic)
-        except BaseException:
-            del self._tasks[job.id]
-            if marked:
-                await self._unmark(job.id)
-            raise
-        now = self._clock.seconds()
-        self._progress[job.id] = {
-            "state": "running", "started": _iso(int(now * 1000)), "finished": None,
-            "partitions": {str(p): [a, b] for p, (a, b) in plan.items()},
-            "replayed": 0, "delivered": 0, "dead_lettered": 0, "error": None,
-        }
-        task = Deferred.fromCoroutine(self._run(job, plan))
-        self._tasks[job.id] = task
-        keeper = None
-        if self._store is not None:
-            # The mark outlives a crashed instance by at most its TTL.
-            keeper = LoopingCall(self._keep, job.id)
-            keeper.clock = self._clock
-            keeper.start(self._mark_ttl / 3, now=False)
-
-        def ended(result: Any) -> None:
-            self._tasks.pop(job.id, None)
-            if keeper is not None:
-                keeper.stop()
-                Deferred.fromCoroutine(self._unmark(job.id))
-            progress = self._progress[job.id]
-            progress["finished"] = _iso(int(self._clock.seconds() * 1000))
-            if isinstance(result, Failure):
-                progress["state"] = "failed"
-                progress["error"] = result.getErrorMessage()
-                log.failure("job {job_id}: replay of dead letters failed", result, job_id=job.id)
-            else:
-                progress["state"] = "done"
-                log.info("job {job_id}: replay done: {n} dead letters sent again, {d} delivered, "
-                         "{f} dead-lettered again", job_id=job.id, n=progress["replayed"],
-                         d=progress["delivered"], f=progress["dead_lettered"])
-
-        task.addBoth(ended)
-        return plan
-
-    async def _keep(self, job_id: str) -> None:
-        try:
-            await self._store.keep_replay(job_id, self._owner, self._mark_ttl)
-        except Exception as e:  # Redis away a moment: the mark lasts its TTL meanwhile
-            log.warn("job {job_id}: cannot keep the replay's mark in Redis: {error}", job_id=job_id,
-                     error=str(e))
-
-    async def _unmark(self, job_id: str) -> None:
-        try:
-            await self._store.release_replay(job_id, self._owner)
-        except Exception as e:  # it expires by itself
-            log.warn("job {job_id}: cannot remove the replay's mark from Redis: {error}",
-                     job_id=job_id, error=str(e))
-
-    async def _run(self, job: Job, plan: dict[int, tuple[int, int]]) -> None:
-        builder = RequestBuilder(job)
-        policy = RetryPolicy.of(job.retry)
-        d = job.definition
-        timeout = float(d.get("timeout", DEFAULT_TIMEOUT))
-        topic = job.dead_letter_topic
-        progress = self._progress[job.id]
-        for partition, (start, end) in sorted(plan.items()):
-            position = start
-            while position < end:
-                until = min(end, position + self._chunk)
-                for _, incoming in await self._reader.letters(job.id, topic, partition, position, until):
-                    if incoming is None:
-                        continue  # another job's letter on a shared topic
-                    progress["replayed"] += 1
-                    prepared = prepare(builder, incoming)
-                    if prepared.error is not None:
-                        await self._again(job, incoming, prepared.error, None, None, 0)
-                        continue
-                    for record in prepared.records:
-                        if record.request is None:
-                            await self._again(job, incoming, record.error or "no request", record.index,
-                                              None, 0)
-                            continue
-                        request = record.request
-                        outcome = await deliver(
-                            partial(self._sender.send, request, timeout, bool(d.get("follow_redirects")),
-                                    d.get("ca_cert")),
-                            policy, self._clock)
-                        if outcome.delivered:
-                            progress["delivered"] += 1
-                        else:
-                            await self._again(job, incoming, outcome.reason, record.index, outcome.status,
-                                              outcome.attempts)
-                await self._reader.done(job.id, topic, partition, until)
-                position = until
-
-    async def _again(self, job: Job, incoming: Incoming, reason: str, record: int | None,
-                     status: int | None, attempts: int) -> None:
-        headers = dead_letter_headers(job.id, incoming, f"replayed: {reason}", record=record,
-                                      status=status, attempts=attempts)
-        await self._dead_letters.send(job.dead_letter_topic, incoming.key, incoming.value, headers)
-        self._progress[job.id]["dead_lettered"] += 1

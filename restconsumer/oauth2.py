@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
-from restconsumer.retry import Unavailable
+from restconsumer.delivery.retry import Unavailable
 
 __all__ = ["EARLY", "Fetch", "TokenSource", "TokenUnavailable", "treq_fetch"]
 

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from restconsumer.decode import UnknownSchema, WireSchema
-from restconsumer.retry import Unavailable
+from restconsumer.delivery.retry import Unavailable
 from restconsumer.threads import ThreadService
 
 __all__ = ["ACCEPT", "OPTIONS", "UNKNOWN_TTL", "Fetch", "RegistryUnavailable", "SchemaCache",
@@ -94,6 +94,10 @@ def registry_headers(options: dict[str, str]) -> dict[bytes, list[bytes]]:
     return headers
 
 
+#: The most unknown ids remembered at once.
+MAX_UNKNOWN = 1024
+
+
 class SchemaCache:
     """Schemas by id, and ids known to be unknown (for :data:`UNKNOWN_TTL`); thread-safe."""
 
@@ -126,7 +130,11 @@ class SchemaCache:
                 self._known[schema_id] = entry
                 self._unknown.pop(schema_id, None)
             else:
-                self._unknown[schema_id] = (entry, self._now() + self._ttl)
+                unknown = self._unknown
+                if len(unknown) >= MAX_UNKNOWN and schema_id not in unknown:
+                    # Binary payloads that start with 0x00 make up ids at will: the oldest go.
+                    del unknown[next(iter(unknown))]
+                unknown[schema_id] = (entry, self._now() + self._ttl)
 
     def __len__(self) -> int:
         with self._lock:

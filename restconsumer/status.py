@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from restconsumer.runner import JobRunner
+from restconsumer.delivery.runner import JobRunner
 from restconsumer.store import JobRecord, JobStore, StoreUnavailable
 from restconsumer.supervisor import Supervisor
 

@@ -13,8 +13,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
 
+from restconsumer.delivery.runner import JobRunner, Shared
 from restconsumer.model import InvalidJob, Job, Policy, load
-from restconsumer.runner import JobRunner, Shared
 from restconsumer.secrets import UnresolvedSecrets, resolve, sealed_paths
 from restconsumer.store import JobRecord, JobStore, StoreUnavailable
 
@@ -22,6 +22,8 @@ __all__ = ["JobError", "Supervisor"]
 
 log = Logger()
 _LOOK_UP = object()
+#: The longest wait before a job that broke is started again.
+MAX_RESTART_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,17 @@ class Supervisor(Service):
         self._stopping: set[Deferred[None]] = set()
         #: Told of every runner once it has stopped (its last counts are reported).
         self.on_stopped: Callable[[JobRunner], None] | None = None
+        #: Restarts of jobs that broke on this instance (SPEC §5), by job.
+        self.restarts: dict[str, int] = {}
+        self._restarting: dict[str, Any] = {}
 
     def stopService(self) -> Deferred[Any]:
         """Stop every job: requests under way end, finished offsets are committed."""
         super().stopService()
+        for timer in self._restarting.values():
+            if timer.active():
+                timer.cancel()
+        self._restarting.clear()
         runners, self.runners = list(self.runners.values()), {}
         stopping = [self._stop(r) for r in runners] + list(self._stopping)
         return gatherResults(stopping, consumeErrors=True)
@@ -125,6 +134,8 @@ class Supervisor(Service):
         try:
             if not self.running:
                 return
+            if job_id in self._restarting:
+                return  # it broke here and waits for its restart
             if record is _LOOK_UP:
                 try:
                     record = await self._store.record(job_id)
@@ -149,9 +160,12 @@ class Supervisor(Service):
             self.errors.pop(job_id, None)
             return None
         try:
-            return self._runnable(stored)
+            job = self.runnable(stored)
         except (InvalidJob, UnresolvedSecrets) as e:
             reason = str(e)
+        else:
+            self.errors.pop(job_id, None)
+            return job
         previous = self.errors.get(job_id)
         if previous is None or previous.reason != reason:
             # Said once, not at every reconcile.
@@ -160,8 +174,9 @@ class Supervisor(Service):
             self.errors[job_id] = JobError(reason, _now(), stored.get("hash"))
         return None
 
-    def _runnable(self, stored: dict[str, Any]) -> Job:
-        """The job to run: checked, its secrets decrypted and its references resolved."""
+    def runnable(self, stored: dict[str, Any]) -> Job:
+        """The job to run: checked, its secrets decrypted and its references resolved
+        (raises InvalidJob or UnresolvedSecrets saying why it cannot run here)."""
         # What the store could not decrypt is still encrypted.
         sealed = sealed_paths(stored)
         if sealed:
@@ -197,4 +212,27 @@ class Supervisor(Service):
                 log.failure("job {job_id}: cannot be run", job_id=job_id)
                 return
             self.runners[job_id] = runner
+            runner.on_error = self._broken
             runner.start()
+
+    def _broken(self, runner: JobRunner, reason: str) -> None:
+        """``runner`` broke (SPEC §5): it is stopped (what is finished is committed), the
+        job shows ``error`` here, and it is started again after a backoff."""
+        job_id = runner.job.id
+        if self.runners.get(job_id) is not runner:
+            return
+        count = self.restarts[job_id] = self.restarts.get(job_id, 0) + 1
+        delay = min(MAX_RESTART_WAIT, 2.0 ** (count - 1))
+        log.error("job {job_id}: stopped on this instance: {reason}; starting it again in "
+                  "{delay:.0f} s (restart {count})", job_id=job_id, reason=reason, delay=delay,
+                  count=count)
+        self.errors[job_id] = JobError(reason, _now(), runner.job.hash)
+        del self.runners[job_id]
+        self._stop(runner)
+        clock = self._shared.clock or self._shared.reactor
+        self._restarting[job_id] = clock.callLater(delay, self._restart, job_id)
+
+    def _restart(self, job_id: str) -> None:
+        self._restarting.pop(job_id, None)
+        if self.running:
+            self.changed(job_id)

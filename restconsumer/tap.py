@@ -23,9 +23,11 @@ from twisted.web.server import Site
 from restconsumer import __version__
 from restconsumer.api import API, MAX_PREVIEW_BODY
 from restconsumer.auth import Authenticator, load_token_file
-from restconsumer.budget import ByteBudget
 from restconsumer.control import JobControl
-from restconsumer.deadletters import DeadLetterReader, DeadLetters, Replays
+from restconsumer.deadletters import DeadLetterReader, DeadLetters
+from restconsumer.delivery.budget import ByteBudget
+from restconsumer.delivery.replay import Replays
+from restconsumer.delivery.runner import Shared
 from restconsumer.embedded import (
     DemoFeed,
     DemoSink,
@@ -44,7 +46,6 @@ from restconsumer.model import Policy
 from restconsumer.offsets import OffsetMover
 from restconsumer.registry import OPTIONS as REGISTRY_OPTIONS
 from restconsumer.registry import SchemaRegistry, check_url, parse_option, registry_headers
-from restconsumer.runner import Shared
 from restconsumer.secrets import ENV_PREFIX, SecretKey
 from restconsumer.sender import HTTPSender
 from restconsumer.server import APIServer, DrainingSite, OrderedServices
@@ -482,7 +483,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         DemoFeed(reactor, options["kafka"], demo_sink).setServiceParent(top)
     reader = DeadLetterReader(reactor, kafka)
     reader.setServiceParent(top)
-    replays = Replays(reader, sender, dead_letters, reactor, store=store, owner=reporter.instance)
+    replays = Replays(reader, shared, runnable=supervisor.runnable, runner_of=supervisor.runners.get,
+                      store=store, owner=reporter.instance)
     api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
               metrics=metrics, reader=reader, replays=replays,
               clock=reactor, allow_hosts=options["allowed-hosts"], policy=policy(options),

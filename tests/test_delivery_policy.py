@@ -1,4 +1,4 @@
-"""Unit tests of the retry policy (restconsumer.retry) and the HTTP client (restconsumer.sender),
+"""Unit tests of the retry policy (restconsumer.delivery.retry) and the HTTP client (restconsumer.sender),
 SPEC §5: waits, retryable statuses, deliver(), HTTPSender.
 
 deliver() runs on a :class:`twisted.internet.task.Clock` with fake senders; HTTPSender talks to a
@@ -29,8 +29,8 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from restconsumer.delivery.retry import Outcome, RetryPolicy, deliver, is_retryable_status
 from restconsumer.mapping import Outgoing
-from restconsumer.retry import Outcome, RetryPolicy, deliver, is_retryable_status
 from restconsumer.sender import Answer, HTTPSender
 
 Result = int | Answer | BaseException

@@ -23,10 +23,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 
-from restconsumer.budget import ByteBudget
 from restconsumer.consumer import KafkaLoop, consumer_config
-from restconsumer.ledger import TP
-from restconsumer.runner import JobRunner, Shared
+from restconsumer.delivery.budget import ByteBudget
+from restconsumer.delivery.ledger import TP
+from restconsumer.delivery.runner import JobRunner, Shared
 from restconsumer.sender import HTTPSender
 from restconsumer.testing import FakeCluster, FakeConsumer
 from tests.test_runner import FakeAgent, FakeDeadLetters, FakeResponse, empty_avro, make_job

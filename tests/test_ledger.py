@@ -1,7 +1,7 @@
 """Unit and stateful tests of the delivery core's pure parts (SPEC §5, §11 "Ordering and concurrency").
 
-:class:`restconsumer.ledger.Ledger` says which fetched messages are unfinished and what may
-be committed; :class:`restconsumer.ordering.Scheduler` says which records may be sent now.
+:class:`restconsumer.delivery.ledger.Ledger` says which fetched messages are unfinished and what may
+be committed; :class:`restconsumer.delivery.ordering.Scheduler` says which records may be sent now.
 Neither touches Twisted, so they are tested here directly: one test per behaviour, then a
 hypothesis state machine that drives both the way the service does (assign, revoke, lose,
 fetch, start, finish, fail, acknowledge, commit in random interleavings) against a model of
@@ -24,8 +24,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from restconsumer.ledger import TP, Ledger, Ticket
-from restconsumer.ordering import Scheduler
+from restconsumer.delivery.ledger import TP, Ledger, Ticket
+from restconsumer.delivery.ordering import Scheduler
 
 P0: TP = ("orders", 0)
 P1: TP = ("orders", 1)

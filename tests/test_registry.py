@@ -419,14 +419,15 @@ class RegistryHarness(Harness):
     """A JobRunner with a registry whose answers the test gives."""
 
     def __init__(self, **more: Any) -> None:
+        clock = Clock()
+        self.fake = FakeRegistry()
+        self.registry = SchemaRegistry(clock, "http://registry.test", fetch=self.fake,
+                                       clock=clock, run=call_now)
         super().__init__(validate({
             "id": "j", "owner": "o", "type": "POST", "topic": T, "url": "http://sink.test/p/{id}",
             "datamap": {"id": "$.msg.id", "kind": "$.schema.name"}, "json_body": ["kind"],
-            "retry": {"max_attempts": 3, "initial_wait": 1, "max_wait": 4}, **more}))
-        self.fake = FakeRegistry()
-        self.registry = SchemaRegistry(self.clock, "http://registry.test", fetch=self.fake,
-                                       clock=self.clock, run=call_now)
-        self.runner._shared.registry = self.registry
+            "retry": {"max_attempts": 3, "initial_wait": 1, "max_wait": 4}, **more}),
+            clock=clock, registry=self.registry)
         self.runner.assigned([(T, 0), (T, 1)])
         self.reserved = self.runner.held_bytes
 
@@ -437,7 +438,8 @@ class RegistryHarness(Harness):
         raw = value if isinstance(value, bytes) else json.dumps(value).encode()
         incoming = Incoming(T, partition, offset, None, raw, [], 1_700_000_000_000)
         # As the Kafka thread does it: with the cache as it is now.
-        return prepare(self.runner.builder, incoming, self.runner._order, self.registry.cache)
+        settings = self.runner.current.settings
+        return prepare(settings.builder, incoming, settings.order, self.registry.cache)
 
     def deliver_all(self, paths: list[str]) -> None:
         for path in paths:

@@ -1,4 +1,4 @@
-"""In-process tests of a running job (restconsumer.runner): a Clock, an in-memory HTTP agent, a
+"""In-process tests of a running job (restconsumer.delivery.runner): a Clock, an in-memory HTTP agent, a
 fake Kafka loop and fake dead letters — the message's whole way, fetched to committed, with no
 socket and no sleep.
 """
@@ -20,10 +20,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from restconsumer.budget import ByteBudget
-from restconsumer.ledger import TP
+from restconsumer.delivery.budget import ByteBudget
+from restconsumer.delivery.ledger import TP
+from restconsumer.delivery.intake import MAX_WINDOW, RESUME_WINDOW
+from restconsumer.delivery.runner import JobRunner, Shared
 from restconsumer.model import Job, validate
-from restconsumer.runner import MAX_WINDOW, RESUME_WINDOW, JobRunner, Shared
 from restconsumer.sender import HTTPSender
 from restconsumer.work import Incoming, Prepared, prepare
 
@@ -154,14 +155,16 @@ class Harness:
 
     def __init__(self, job: Job | None = None, *, agent: FakeAgent | None = None,
                  dead_letters: FakeDeadLetters | None = None, budget: int = 64 * 1024 * 1024,
-                 grace: float = 5.0) -> None:
-        self.clock = Clock()
+                 grace: float = 5.0, allow_hosts: frozenset[str] | None = None,
+                 token_fetch: Any = None, clock: Clock | None = None, registry: Any = None) -> None:
+        self.clock = clock or Clock()
         self.agent = agent or FakeAgent()
         self.dead_letters = dead_letters or FakeDeadLetters()
         self.budget = ByteBudget(budget)
-        sender = HTTPSender(self.clock, agent=self.agent)
-        shared = Shared(self.clock, {"bootstrap.servers": "x"}, sender, self.dead_letters,  # type: ignore[arg-type]
-                        self.budget, revoke_grace=grace, loop_factory=FakeLoop)
+        self.sender = HTTPSender(self.clock, agent=self.agent, allow_hosts=allow_hosts)
+        shared = Shared(self.clock, {"bootstrap.servers": "x"}, self.sender, self.dead_letters,  # type: ignore[arg-type]
+                        self.budget, revoke_grace=grace, loop_factory=FakeLoop, token_fetch=token_fetch,
+                        registry=registry)
         self.runner = JobRunner(job or make_job(), shared)
         self.runner.start()
         self.loop: FakeLoop = self.runner.loop  # type: ignore[assignment]
@@ -176,7 +179,7 @@ class Harness:
         self.offsets[tp] = offset + 1
         raw = value if isinstance(value, bytes) else json.dumps(value).encode()
         incoming = Incoming(T, partition, offset, key, raw, headers or [], 1_700_000_000_000)
-        return prepare(self.runner.builder, incoming, self.runner._order)
+        return prepare(self.runner.current.settings.builder, incoming, self.runner.current.settings.order)
 
     def arrive(self, *prepared: Prepared) -> None:
         self.runner.arrived(list(prepared))
@@ -610,12 +613,13 @@ def test_an_attempt_that_raises_at_once_does_not_stall_its_partition(h: Harness)
         calls.append(args)
         raise ValueError("not a URL Agent takes")
 
-    h.runner._sender.send = refuse  # type: ignore[method-assign]
+    h.sender.send = refuse  # type: ignore[method-assign]
     h.arrive(h.message({"id": "a"}), h.message({"id": "b"}))  # raised out of arrived() before
     assert len(calls) == 2, "the record after the failing one was tried too"
-    # An internal error (logged) is neither a delivery nor a bad message: nothing is
-    # dead-lettered, nothing committed past it.
-    assert h.dead_letters.sent == [] and h.loop.commits == {}
+    # SPEC §5 "Nothing waits for ever": an unexpected exception in a per-record step
+    # dead-letters that record with the reason, and the partition goes on.
+    assert h.dead_letters.reasons() == ["internal error: ValueError: not a URL Agent takes"] * 2
+    assert h.loop.commits == {(T, 0): 2}
 
 
 def test_a_batch_is_retried_and_holds_its_partition() -> None:
@@ -662,10 +666,8 @@ def test_max_in_flight_bounds_the_requests_under_way() -> None:
 
 
 def test_the_allowlist_holds_at_send_time_for_a_job_stored_before_it() -> None:
-    clock = Clock()
     agent = FakeAgent(auto=200)
-    h = Harness(agent=agent)
-    h.runner._sender = HTTPSender(clock, agent=agent, allow_hosts=frozenset({"allowed.test"}))
+    h = Harness(agent=agent, allow_hosts=frozenset({"allowed.test"}))
     h.runner.assigned([(T, 0)])
     h.arrive(h.message({"id": "x"}))
     assert agent.requests == [], "a request left for a host outside the allowlist"
@@ -1090,12 +1092,10 @@ class FakeTokenEndpoint:
 
 
 def oauth_harness() -> tuple[Harness, FakeTokenEndpoint]:
-    from restconsumer.oauth2 import TokenSource
     settings = {"token_url": "https://auth.test/token", "client_id": "cid",
                 "client_secret": "cs-unit", "scope": "write"}
-    h = Harness(make_job(oauth2=settings))
     endpoint = FakeTokenEndpoint()
-    h.runner._oauth = TokenSource(h.clock, settings, endpoint)
+    h = Harness(make_job(oauth2=settings), token_fetch=endpoint)
     h.runner.assigned([(T, 0), (T, 1)])
     return h, endpoint
 

@@ -11,9 +11,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 
 from restconsumer.control import JobControl
+from restconsumer.delivery.runner import Shared
 from restconsumer.model import Job, validate
 from restconsumer.offsets import OffsetError, OffsetRequest
-from restconsumer.runner import Shared
 from restconsumer.store import JobRecord, RedisAddress, StoreUnavailable
 from restconsumer.supervisor import Supervisor
 

@@ -69,12 +69,15 @@ class ByteBudget:
         """Call ``callback`` once, the next time ``job`` has room (the job has paused)."""
         self._waiting[job] = callback
 
-    def forget(self, job: str) -> None:
-        """``job`` has stopped: no more callbacks, nothing held."""
+    def forget(self, job: str) -> int:
+        """``job`` has stopped: no more callbacks, its reservation gone; what it still holds
+        (0 when every charge was released, as it must be) is returned and kept counted."""
         self._waiting.pop(job, None)
         self.unreserve(job)
-        rest = self._by_job.pop(job, 0)
-        self.held -= rest
+        left = self._by_job.get(job, 0)
+        if left == 0:
+            self._by_job.pop(job, None)
+        return left
 
     def _add(self, job: str, size: int) -> None:
         self.held += size

@@ -94,6 +94,8 @@ class Outcome:
     waits: list[float] = field(default_factory=list)
     #: The start of the last answer's body (as much as the sender kept).
     body: bytes = b""
+    #: It ended because its attempts were used up (not because it was refused).
+    exhausted: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,9 @@ def judge(answer: Answer | None, error: BaseException | None = None,
     """The verdict of an answer, or of the error an attempt failed with; ``success`` holds
     the statuses besides 2xx that count as delivered (a job's ``success_status``).
 
-    Raises ``error`` again when it is neither a network error nor a refusal of ours.
+    Never raises: an exception that is neither a network error nor a refusal of ours is
+    a fault of this record's way (SPEC §5 "Nothing waits for ever"), judged final with its
+    reason, so that the record is dead-lettered rather than left waiting.
     """
     if error is not None:
         if isinstance(error, DestinationRefused):
@@ -126,7 +130,10 @@ def judge(answer: Answer | None, error: BaseException | None = None,
                 # A certificate that does not verify will not verify later either.
                 return Verdict(False, False, None, f"TLS verification failed: {_describe(error)}")
             return Verdict(False, True, None, f"{type(error).__name__}: {_describe(error)}")
-        raise error
+        if isinstance(error, CancelledError):
+            # Not ours (the caller that cancels is asked first): a lower layer gave up.
+            return Verdict(False, True, None, f"cancelled: {_describe(error)}")
+        return Verdict(False, False, None, f"internal error: {type(error).__name__}: {error}")
     assert answer is not None
     status = answer.status
     if 200 <= status < 300 or status in success:
@@ -138,7 +145,7 @@ def judge(answer: Answer | None, error: BaseException | None = None,
 
 
 class Gate(Protocol):
-    """A job's circuit as one record's retry loop sees it (see restconsumer.circuit)."""
+    """A job's circuit as one record's retry loop sees it (see restconsumer.delivery.circuit)."""
 
     @property
     def good(self) -> int:
@@ -196,7 +203,8 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
         tries += 1
         body = b""
         if answer is None:
-            if cancelled():
+            if cancelled() or isinstance(error, CancelledError):
+                # Abandoned (a cancellation reaches the request under way first).
                 raise CancelledError("abandoned") from error
             verdict = judge(None, error)
         else:
@@ -220,7 +228,7 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
             if gate is None or gate.good > good_at_first_failure:
                 return Outcome(False, attempts, verdict.status,
                                f"retries exhausted after {attempts} attempts; last: {verdict.reason}",
-                               tries - 1, waits, body)
+                               tries - 1, waits, body, exhausted=True)
             gate.open(f"retries of one record used up with no good answer since; "
                       f"last: {verdict.reason}")
             continue
