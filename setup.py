@@ -32,6 +32,7 @@ setup(
             "jsonschema>=4",
             "schemathesis>=4.0",
             "selenium>=4.20",
+            "standardwebhooks>=1.0",
             "mypy>=1.10",
             "mypy-zope>=1.0",
         ],
