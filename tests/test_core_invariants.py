@@ -396,8 +396,8 @@ def test_a_replay_of_one_record_of_an_avro_container_sends_that_record_only(
         assert started.status == 202, started
         wait_for(lambda: status(service, job_id).get("replay", {}).get("state") in ("done", "failed"),
                  40, "the replay ended")
-        assert [r.path for r in sink.snapshot()[before:]] == [f"/{job_id}/rec-1"], \
-            "the replay of one record's dead letter sent these requests"
+        sent = [r.path for r in sink.snapshot()[before:]]
+        assert sent == [f"/{job_id}/rec-1"], f"the replay of rec-1's dead letter sent {sent}"
         replay = status(service, job_id)["replay"]
         assert (replay["state"], replay["delivered"], replay["dead_lettered"]) == ("done", 1, 0), replay
     finally:
