@@ -61,6 +61,10 @@ class Metrics:
         self.buffered = Gauge("restconsumer_buffered_bytes", "Bytes held of messages fetched but "
                               "not finished (pre-fetch reservations included)", registry=registry,
                               multiprocess_mode="livesum")
+        self.oldest = Gauge("restconsumer_oldest_unfinished_seconds", "Seconds the oldest "
+                            "unfinished message of a partition has waited (0: none)",
+                            ["job", "topic", "partition"], registry=registry,
+                            multiprocess_mode="livemostrecent")
         self.circuit = Gauge("restconsumer_circuit_open", "1 while the job's circuit is open",
                              ["job"], registry=registry, multiprocess_mode="livemax")
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -70,6 +74,7 @@ class Metrics:
         self._answers: list[tuple[str, int | None, float]] = []
         self._outcomes: dict[tuple[str, str], int] = {}
         self._lag_labels: set[tuple[str, str, str]] = set()
+        self._oldest_labels: set[tuple[str, str, str]] = set()
         self._circuit_labels: set[str] = set()
 
     def _child(self, family: Any, *labels: str) -> Any:
@@ -119,19 +124,29 @@ class Metrics:
         self._child(self.retries, job).inc()
 
     def refresh(self, runners: dict[str, Any], held: int) -> None:
-        """Set the gauges from the running jobs: lag per partition, bytes held, circuits."""
+        """Set the gauges from the running jobs: lag and the oldest unfinished message per
+        partition, bytes held, circuits."""
         self.buffered.set(held)
         lag_labels = set()
+        oldest_labels = set()
         circuits = set()
         for job_id, runner in runners.items():
             for (topic, partition), lag in list(runner.loop.lag.items()):
                 labels = (job_id, topic, str(partition))
                 self.lag.labels(*labels).set(lag)
                 lag_labels.add(labels)
+            ages = runner.oldest_unfinished()
+            for tp in list(runner.loop.assignment):
+                labels = (job_id, tp[0], str(tp[1]))
+                self.oldest.labels(*labels).set(round(ages.get(tp, 0.0), 3))
+                oldest_labels.add(labels)
             self.circuit.labels(job_id).set(1 if runner.held else 0)
             circuits.add(job_id)
         for labels in self._lag_labels - lag_labels:
             self._forget(self.lag, labels)
+        for labels in self._oldest_labels - oldest_labels:
+            self._forget(self.oldest, labels)
+        self._oldest_labels = oldest_labels
         for job_id in self._circuit_labels - circuits:
             self._forget(self.circuit, (job_id,))
         self._lag_labels, self._circuit_labels = lag_labels, circuits

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from restconsumer.decode import SchemaLookup, schema_id
+from restconsumer.delivery.compose import RedactedSigner, compose
 from restconsumer.mapping import RequestBuilder
 from restconsumer.model import REDACTED, Job, is_secret_header
 from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
@@ -110,28 +111,31 @@ def preview(job: Job, messages: Any, now_ms: int, schemas: SchemaLookup | None =
     for index, one in enumerate(incoming):
         prepared = prepare(builder, one, order, schemas)
         results.extend(_results(index, prepared, builder.idempotency, "oauth2" in job.definition,
-                                unavailable or {}))
+                                unavailable or {}, "signing" in job.definition, now_ms / 1000))
     return results
 
 
 def _results(index: int, prepared: Prepared, idempotency: bool = False,
-             oauth2: bool = False, unavailable: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
+             oauth2: bool = False, unavailable: Mapping[int, str] | None = None,
+             signing: bool = False, now: float = 0.0) -> list[dict[str, Any]]:
     if prepared.schema_id is not None:
         reason = (unavailable or {}).get(prepared.schema_id, f"schema id {prepared.schema_id} not fetched")
         return [{"message": index, "record": 0, "error": f"schema registry unavailable: {reason}"}]
     if prepared.error is not None:
         return [{"message": index, "record": 0, "error": prepared.error}]
-    return [_result(index, record, idempotency, oauth2) for record in prepared.records]
+    return [_result(index, record, idempotency, oauth2, signing, now) for record in prepared.records]
 
 
 def _result(index: int, record: RecordWork, idempotency: bool = False,
-            oauth2: bool = False) -> dict[str, Any]:
+            oauth2: bool = False, signing: bool = False, now: float = 0.0) -> dict[str, Any]:
     base: dict[str, Any] = {"message": index, "record": record.index}
     if record.filtered:
         return {**base, "filtered": True}
     if record.error is not None or record.request is None:
         return {**base, "error": record.error or "no request"}
-    request = record.request
+    # What delivery sends, composed by the same code: the token and signature as ***.
+    request = compose(record.request, now, REDACTED if oauth2 else None,
+                      RedactedSigner() if signing else None)
     headers = {}
     for name, values in request.headers.items():
         text = name.decode("latin-1")
@@ -146,9 +150,6 @@ def _result(index: int, record: RecordWork, idempotency: bool = False,
     body = None
     if request.body is not None:
         body = request.body.decode("utf-8", "replace")
-    if oauth2:
-        # The token is not fetched for a dry run: its scheme is what the job would send.
-        headers["Authorization"] = f"Bearer {REDACTED}"
     return {**base, "request": {"method": request.method.decode("ascii"),
                                 "url": request.url.decode("ascii"), "headers": headers, "body": body}}
 

@@ -271,6 +271,8 @@ class DestinationRefused(Exception):
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+#: Connection pools kept for jobs' own ``ca_cert`` trusts at once.
+MAX_ROUTES = 64
 _MAX_HOPS = 10
 
 
@@ -360,14 +362,22 @@ class HTTPSender(Service):
                 # Checked at send time too: a job stored before the allowlist, or by another
                 # instance, sends nothing outside it.
                 return fail(DestinationRefused(f"host {host!r} is not an allowed host (--allow-hosts)"))
-        route = self._routes.get(ca_cert)
+        routes = self._routes
+        route = routes.get(ca_cert)
         if route is None:
             try:
                 # A job's CAs are trusted besides the system's (or --ca-file's), not instead.
                 trust = _Trust(self._base, _certificates(ca_cert.encode("ascii")))  # type: ignore[union-attr]
             except Exception as e:  # a PEM cryptography read but pyOpenSSL will not
                 return fail(DestinationRefused(f"the job's ca_cert cannot be used: {e}"))
-            route = self._routes[ca_cert] = self._route(trust)
+            route = routes[ca_cert] = self._route(trust)
+            if len(routes) > MAX_ROUTES:
+                # The trust least recently used goes (its idle connections closed; requests
+                # under way end on theirs): edited ca_certs add no pool for ever.
+                stale = next(k for k in routes if k is not None)
+                routes.pop(stale).pool.closeCachedConnections()
+        elif ca_cert is not None:
+            routes[ca_cert] = routes.pop(ca_cert)  # the most recently used last
         if follow_redirects:
             d = Deferred.fromCoroutine(self._follow(route.agent, request, keep))
         else:

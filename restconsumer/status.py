@@ -122,6 +122,9 @@ class StatusReporter(Service):
             "at": now,
             "partitions": [f"{t}[{p}]" for t, p in runner.loop.assignment],
             "lag": {f"{t}[{p}]": n for (t, p), n in sorted(runner.loop.lag.items())},
+            "oldest_unfinished_seconds": {f"{t}[{p}]": round(age, 3) for (t, p), age
+                                          in sorted(runner.oldest_unfinished().items())},
+            "restarts": self._supervisor.restarts.get(runner.job.id, 0),
             "rate": stats.rate(now),
             "bytes_held": runner.held_bytes,
             "circuit": runner.circuit_status(),
@@ -164,7 +167,8 @@ class StatusReporter(Service):
     def failed(self, job_id: str) -> dict[str, Any]:
         """This instance's report of a job it cannot run (see ``Supervisor.errors``)."""
         error = self._supervisor.errors[job_id]
-        return {"at": self._clock.seconds(), "partitions": [], "error": error.as_dict()}
+        return {"at": self._clock.seconds(), "partitions": [], "error": error.as_dict(),
+                "restarts": self._supervisor.restarts.get(job_id, 0)}
 
     def _runner_stopped(self, runner: JobRunner) -> None:
         # Its last counts still have to reach Redis; while shutting down, one try only.
@@ -209,8 +213,12 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
     fresh = {name: r for name, r in reports.items()
              if isinstance(r, dict) and now - float(r.get("at", 0)) <= FRESH and r.get("partitions")}
     lag: dict[str, int] = {}
+    oldest: dict[str, float] = {}
     for report in fresh.values():
         lag.update(report.get("lag") or {})
+        oldest.update(report.get("oldest_unfinished_seconds") or {})
+    restarts = sum(int(r.get("restarts", 0)) for r in reports.values()
+                   if isinstance(r, dict) and now - float(r.get("at", 0)) <= FRESH)
     errors = [r["last_error"] for r in reports.values()
               if isinstance(r, dict) and isinstance(r.get("last_error"), dict)]
     last_error = max(errors, key=lambda e: e.get("at") or 0, default=None)
@@ -232,6 +240,8 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
         "counters": counters,
         "lag": dict(sorted(lag.items())),
         "total_lag": sum(lag.values()),
+        "oldest_unfinished_seconds": dict(sorted(oldest.items())),
+        "restarts": restarts,
         "rate": round(sum(float(r.get("rate", 0)) for r in fresh.values()), 2),
         "bytes_held": sum(int(r.get("bytes_held", 0)) for r in fresh.values()),
         "last_error": last_error,

@@ -21,8 +21,8 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from restconsumer.delivery.budget import ByteBudget
-from restconsumer.delivery.ledger import TP
 from restconsumer.delivery.intake import MAX_WINDOW, RESUME_WINDOW
+from restconsumer.delivery.ledger import TP
 from restconsumer.delivery.runner import JobRunner, Shared
 from restconsumer.model import Job, validate
 from restconsumer.sender import HTTPSender

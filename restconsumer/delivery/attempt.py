@@ -1,11 +1,7 @@
 """One attempt of one request (SPEC §5, §12): compose it, keep the job's pace, send it.
 
-:func:`compose` makes the request that goes on the wire from the one the request builder
-made: the job's OAuth2 token in ``Authorization``, then the Standard Webhooks signature
-(signed at each attempt: a retry carries a fresh timestamp, its id unchanged). The preview
-calls the same function with ``***`` for the token and a signer that writes ``***``, so it
-shows what the job would send without fetching or signing anything.
-
+Each attempt is composed anew by :func:`~restconsumer.delivery.compose.compose` (the
+token, then the signature: a retry carries a fresh timestamp, its id unchanged).
 :class:`Attempts` is a job's way to the wire, shared by the running job and a replay of its
 dead letters: the ``ratelimit`` pace (every attempt, retries too), one token cache, the
 request's time limit, and the request metrics.
@@ -13,54 +9,25 @@ request's time limit, and the request metrics.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from restconsumer.delivery.compose import compose
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.mapping import Outgoing
 from restconsumer.metrics import Metrics
-from restconsumer.model import REDACTED
 from restconsumer.oauth2 import TokenSource
 from restconsumer.sender import Answer, DestinationRefused, HTTPSender
 from restconsumer.signing import Signer
 
-__all__ = ["RESULT_BODY", "Attempts", "RedactedSigner", "Sending", "compose"]
+__all__ = ["RESULT_BODY", "Attempts", "Pacer", "Sending"]
 
 #: The most of an answer's body a result (SPEC §12) holds.
 RESULT_BODY = 64 * 1024
-
-
-class _Signs(Protocol):
-    def sign(self, request: Outgoing, now: float) -> Outgoing: ...
-
-
-class RedactedSigner:
-    """Signs as the job's signer would, with ``***`` for the signature (a preview)."""
-
-    def sign(self, request: Outgoing, now: float) -> Outgoing:
-        """A copy of ``request`` with the three Standard Webhooks headers, redacted."""
-        headers = dict(request.headers)
-        headers[b"webhook-id"] = [(request.webhook_id or "").encode()]
-        headers[b"webhook-timestamp"] = [str(int(now)).encode()]
-        headers[b"webhook-signature"] = [REDACTED.encode()]
-        return dataclasses.replace(request, headers=headers, own_headers=True)
-
-
-def compose(request: Outgoing, now: float, token: str | None, signer: _Signs | None) -> Outgoing:
-    """The request as sent: with the bearer ``token`` (OAuth2), then signed."""
-    if token is not None:
-        auth = b"Bearer " + token.encode("latin-1", "replace")
-        request = dataclasses.replace(request, headers={**request.headers, b"Authorization": [auth]},
-                                      own_headers=True)
-    if signer is not None:
-        request = signer.sign(request, now)
-    return request
 
 
 class Sending(Protocol):
@@ -217,6 +184,3 @@ class Pacer:
             self._waiting.popleft().callback(None)
         self._schedule()
 
-
-#: How a unit's attempt is made (the send of :class:`Attempts`, bound to one request).
-Send = Callable[[], Deferred[Answer]]

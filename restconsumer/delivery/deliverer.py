@@ -21,7 +21,8 @@ attempt's result when there was one.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -74,12 +75,10 @@ def batch_request(settings: Settings, items: list[tuple[Message, RecordWork]],
     headers = settings.batch_headers
     if not (settings.idempotency or settings.signing_secret is not None):
         return Outgoing(first.method, first.url, headers, body)
-    if own_key and first.webhook_id is not None:
-        key = first.webhook_id
-    else:
-        incoming = items[0][0].prepared.incoming
-        last = items[-1][0].prepared.incoming.offset
-        key = f"{settings.job.id}:{incoming.topic}:{incoming.partition}:{incoming.offset}-{last}"
+    incoming = items[0][0].prepared.incoming
+    place = f"{settings.job.id}:{incoming.topic}:{incoming.partition}:{incoming.offset}"
+    # A replayed letter's key is the one its record's own request would have.
+    key = f"{place}:{items[0][1].index}" if own_key else f"{place}-{items[-1][0].prepared.incoming.offset}"
     if not settings.idempotency:
         return Outgoing(first.method, first.url, headers, body, None, False, key)
     return Outgoing(first.method, first.url, {**headers, b"Idempotency-Key": [key.encode()]}, body,
@@ -117,7 +116,8 @@ class Deliverer:
 
     def __init__(self, clock: IReactorTime, current: Current, attempts: Attempts,
                  breaker: Breaker[Unit], ends: Ends, metrics: Metrics, *,
-                 own_keys: bool = False, note: Any = None) -> None:
+                 own_keys: bool = False, note: Callable[[str], None] | None = None,
+                 broken: Callable[[str], None] | None = None) -> None:
         self._clock = clock
         self._current = current
         self._attempts = attempts
@@ -128,6 +128,8 @@ class Deliverer:
         self._own_keys = own_keys
         #: Told of every retry's reason (the job's last error).
         self._note = note
+        #: Told when ending a record failed (the outcomes, the ledger): the job is broken.
+        self._broken = broken
 
     def start(self, unit: Unit) -> Deferred[None]:
         """Deliver ``unit``; fires once it has ended (cancel it to abandon it)."""
@@ -141,15 +143,20 @@ class Deliverer:
         failure.raiseException()
 
     def _unexpected(self, failure: Failure, unit: Unit) -> None:
-        """Whatever a step raised: the unit's open records are dead-lettered with it."""
+        """Whatever a step raised: the unit's open records are dead-lettered with it; if
+        none was open, it was raised while ending them: the job is broken."""
         if unit.cancelled:
             return None  # abandoned: its messages stay unfinished, and are not committed
         job_id = self._current.settings.job.id
         log.failure("job {job_id}: delivering a record failed", failure, job_id=job_id)
         reason = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
+        ended = False
         for message, record in unit.items():
             if unit.end(message, record):
+                ended = True
                 self._ends.dead_letter(message, reason, record, failed=True)
+        if not ended and self._broken is not None:
+            self._broken(f"{reason} (while ending a record)")
         return None
 
     def _start(self, unit: Unit) -> Deferred[None]:

@@ -95,7 +95,7 @@ class JobRunner:
         self.outcomes = Outcomes(clock, current, self.ledger, shared.budget, shared.dead_letters,
                                  shared.metrics, stats, commit=self._commit, settled=self._settled)
         deliverer = Deliverer(clock, current, self.attempts, self.breaker, self.outcomes,
-                              shared.metrics, note=self._note)
+                              shared.metrics, note=self._note, broken=self._broken)
         self.dispatcher = Dispatcher(clock, current, self.breaker, deliverer.start)
         self.intake = Intake(clock, current, self.ledger, self.outcomes, self.dispatcher, shared.budget,
                              stats, shared.metrics, None, held=lambda: self.held,
