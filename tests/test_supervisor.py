@@ -192,3 +192,70 @@ def test_offset_requests_are_checked_against_the_job() -> None:
     assert "offset must be" in text and "topic 'nope'" in text and "partition must be" in text
     with pytest.raises(OffsetError, match="partition needs topic"):
         OffsetRequest.parse("end", None, "0", one)
+
+
+# -- with the real JobRunner (issue 19): rebuilds, and a job that broke --------------------
+
+
+def real_supervisor() -> tuple[Supervisor, MemoryStore, Any]:
+    from twisted.internet.task import Clock
+
+    from restconsumer.delivery.budget import ByteBudget
+    from restconsumer.sender import HTTPSender
+    from tests.test_runner import FakeAgent, FakeDeadLetters, FakeLoop
+
+    clock = Clock()
+    shared = Shared(clock, {"bootstrap.servers": "x"}, HTTPSender(clock, agent=FakeAgent(auto=200)),
+                    FakeDeadLetters(), ByteBudget(1 << 24), clock=clock,  # type: ignore[arg-type]
+                    loop_factory=FakeLoop)
+    store = MemoryStore()
+    supervisor = Supervisor(store, shared)  # type: ignore[arg-type]
+    supervisor.startService()
+    return supervisor, store, clock
+
+
+def batched(job_id: str, **batch: Any) -> dict[str, Any]:
+    stored = definition(job_id, url="http://h/batch")
+    job = validate({k: v for k, v in stored.items() if k not in ("hash", "modified")}
+                   | {"batch": batch, "json_body": ["id"]})
+    return {**job.definition, "hash": job.hash, "modified": job.modified}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batched_job_whose_batch_changes_is_rebuilt_and_a_header_change_is_taken_in_place() -> None:
+    supervisor, store, _ = real_supervisor()
+    store.records["a"] = JobRecord(batched("a", max_messages=10))
+    await supervisor.sync("a")
+    first = supervisor.runners["a"]
+    changed = batched("a", max_messages=10)
+    changed["headers"] = {"X-New": "1"}
+    job = validate({k: v for k, v in changed.items() if k not in ("hash", "modified")})
+    store.records["a"] = JobRecord({**job.definition, "hash": job.hash, "modified": job.modified})
+    await supervisor.sync("a")
+    assert supervisor.runners["a"] is first, "a header change is taken in place"
+    store.records["a"] = JobRecord(batched("a", max_messages=20))
+    await supervisor.sync("a")
+    assert supervisor.runners["a"] is not first, "a batch change rebuilds the job"
+    assert first._stopped is not None and first._stopped.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_that_broke_shows_error_and_is_started_again_with_backoff() -> None:
+    supervisor, store, clock = real_supervisor()
+    store.records["a"] = JobRecord(definition("a"))
+    await supervisor.sync("a")
+    runner = supervisor.runners["a"]
+    runner.assigned([("t", 0)])
+    runner._broken("internal error taking messages in: boom")  # as JobRunner.arrived does
+    assert "a" not in supervisor.runners and supervisor.restarts == {"a": 1}
+    assert supervisor.errors["a"].reason.startswith("internal error taking messages in")
+    await supervisor.sync("a")  # a reconcile meanwhile does not skip the backoff
+    assert "a" not in supervisor.runners
+    clock.advance(1.0)
+    again = supervisor.runners["a"]
+    assert again is not runner and "a" not in supervisor.errors
+    again._broken("boom again")
+    clock.advance(1.9)
+    assert "a" not in supervisor.runners, "the second wait is longer"
+    clock.advance(0.1)
+    assert "a" in supervisor.runners and supervisor.restarts == {"a": 2}
