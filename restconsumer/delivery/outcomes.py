@@ -155,12 +155,13 @@ class Outcomes:
 
     def hold(self, message: Message) -> None:
         """Hold a message just entered in the ledger (its bytes charged now)."""
+        # Charged first: a message is released only if it was held, and held only once charged.
+        self._budget.charge(self._job_id, message.size)
         tp = message.ticket.tp
         partition = self._held.get(tp)
         if partition is None:
             partition = self._held[tp] = {}
         partition[message.ticket.offset] = message
-        self._budget.charge(self._job_id, message.size)
 
     def _grow(self, message: Message, size: int) -> None:
         """``message`` holds ``size`` bytes more (a result waiting for its ack)."""
