@@ -105,6 +105,7 @@ class Intake:
         fetched, outcomes, stats, dispatcher = self._ledger.fetched, self._outcomes, self._stats, \
             self._dispatcher
         now = self._clock.seconds()
+        messages: list[Held] = []
         for prepared in batch:
             incoming = prepared.incoming
             tp = (incoming.topic, incoming.partition)
@@ -112,14 +113,16 @@ class Intake:
             if ticket is None:
                 continue  # its partition is no longer ours (or it came twice)
             touched.add(tp)
-            stats.consumed += 1
-            records = prepared.records
-            message = Held(prepared, ticket, prepared.size,
-                           1 if prepared.error is not None else len(records), 0, now)
-            outcomes.hold(message)
+            messages.append(Held(prepared, ticket, prepared.size,
+                                 1 if prepared.error is not None else len(prepared.records), 0, now))
+        stats.consumed += len(messages)
+        outcomes.hold(messages)
+        for message in messages:
+            prepared = message.prepared
             if prepared.error is not None:
-                dispatcher.undecodable(tp, message)
+                dispatcher.undecodable(message.ticket.tp, message)
                 continue
+            records = prepared.records
             if not records:
                 outcomes.finish(message)
                 continue
@@ -127,7 +130,7 @@ class Intake:
                 if record.filtered:
                     outcomes.filtered(message)
                 else:
-                    dispatcher.record(tp, message, record)
+                    dispatcher.record(message.ticket.tp, message, record)
         dispatcher.pump()
         for tp in touched:
             self.check(tp)

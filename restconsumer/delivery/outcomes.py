@@ -153,15 +153,17 @@ class Outcomes:
 
     # -- holding -------------------------------------------------------------------------
 
-    def hold(self, message: Message) -> None:
-        """Hold a message just entered in the ledger (its bytes charged now)."""
+    def hold(self, messages: list[Message]) -> None:
+        """Hold messages just entered in the ledger (their bytes charged now, in one go)."""
         # Charged first: a message is released only if it was held, and held only once charged.
-        self._budget.charge(self._job_id, message.size)
-        tp = message.ticket.tp
-        partition = self._held.get(tp)
-        if partition is None:
-            partition = self._held[tp] = {}
-        partition[message.ticket.offset] = message
+        self._budget.charge(self._job_id, sum(message.size for message in messages))
+        held = self._held
+        for message in messages:
+            tp = message.ticket.tp
+            partition = held.get(tp)
+            if partition is None:
+                partition = held[tp] = {}
+            partition[message.ticket.offset] = message
 
     def _grow(self, message: Message, size: int) -> None:
         """``message`` holds ``size`` bytes more (a result waiting for its ack)."""
