@@ -19,16 +19,18 @@ from standardwebhooks.webhooks import Webhook
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
+from restconsumer.delivery.attempt import Attempts
 from restconsumer.delivery.breaker import Breaker
 from restconsumer.delivery.budget import ByteBudget
 from restconsumer.delivery.circuit import Circuit
+from restconsumer.delivery.dispatch import Dispatcher
 from restconsumer.delivery.ledger import Ledger
 from restconsumer.delivery.outcomes import JobStats, Outcomes
 from restconsumer.delivery.replay import Replays
 from restconsumer.delivery.retry import Verdict
 from restconsumer.delivery.runner import JobRunner, Shared
 from restconsumer.delivery.settings import Current, Settings
-from restconsumer.delivery.units import Message
+from restconsumer.delivery.units import Message, Unit
 from restconsumer.metrics import Metrics
 from restconsumer.model import Job, validate
 from restconsumer.sender import HTTPSender
@@ -229,8 +231,7 @@ def test_a_message_is_released_once_whatever_lets_go_of_it() -> None:
     budget = ByteBudget(1 << 20)
     outcomes, ledger, _ = make_outcomes(budget)
     first, second = held_message(ledger, 0), held_message(ledger, 1)
-    outcomes.hold(first)
-    outcomes.hold(second)
+    outcomes.hold([first, second])
     assert budget.held_by("j") == 2000
     outcomes.finish(first)
     assert budget.held_by("j") == 1000
@@ -461,3 +462,179 @@ def test_the_runner_is_a_thin_controller() -> None:
             if cls.__module__ == module.__name__:
                 assert len(inspect.getsource(cls).splitlines()) < 300, cls.__name__
     assert package.__doc__ and "Intake" in package.__doc__
+
+
+
+# -- the dispatcher: an order group goes on only when its unit has ended ---------------------
+
+class DispatchModel:
+    """A dispatcher whose units end when the test says."""
+
+    def __init__(self, **more: Any) -> None:
+        self.clock = Clock()
+        self.current = Current(Settings.of(make_job(**more)))
+        self.ledger = Ledger()
+        self.offsets: dict[Any, int] = {}
+        self.started: list[tuple[Unit, Deferred[None]]] = []
+        self.breaker: Breaker[Unit] = Breaker(self.clock, lambda: 4.0, lambda u: u.seq, opened=lambda: None,
+                                              closed=lambda: None, start_one=self.pump)
+        self.dispatcher = Dispatcher(self.clock, self.current, self.breaker, self.start)
+
+    def pump(self) -> None:
+        self.dispatcher.pump()
+
+    def start(self, unit: Unit) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.started.append((unit, d))
+        return d
+
+    def add(self, partition: int, *ids: str) -> None:
+        """Messages of ``partition`` (one record each), queued and pumped."""
+        tp = (T, partition)
+        settings = self.current.settings
+        for id_ in ids:
+            if tp not in self.offsets:
+                self.ledger.assign(tp)
+            offset = self.offsets.get(tp, 0)
+            self.offsets[tp] = offset + 1
+            incoming = Incoming(T, partition, offset, None, json.dumps({"id": id_}).encode(), [], None)
+            prepared = prepare(settings.builder, incoming, settings.order)
+            ticket = self.ledger.fetched(tp, offset)
+            assert ticket is not None
+            message = Message(prepared, ticket, 10, len(prepared.records))
+            for record in prepared.records:
+                self.dispatcher.record(tp, message, record)
+        self.dispatcher.pump()
+
+    def under_way(self) -> list[str]:
+        """The ids of the units started and not ended, in the order they started."""
+        return [_id_of(u) for u, d in self.started if not d.called]
+
+    def end(self, id_: str) -> None:
+        [d] = [d for u, d in self.started if _id_of(u) == id_ and not d.called]
+        d.callback(None)
+
+
+def _id_of(unit: Unit) -> str:
+    assert unit.record is not None and unit.record.request is not None
+    return unit.record.request.url.rsplit(b"/", 1)[-1].decode()
+
+
+def test_the_dispatcher_lets_an_order_group_go_on_only_when_its_unit_has_ended() -> None:
+    m = DispatchModel()  # ordering: partition
+    m.add(0, "a0", "a1", "a2")
+    m.add(1, "b0", "b1")
+    assert m.under_way() == ["a0", "b0"], "one unit per partition, partitions side by side"
+    m.end("b0")
+    assert m.under_way() == ["a0", "b1"]
+    m.end("a0")
+    m.end("a1")
+    assert m.under_way() == ["b1", "a2"]
+    assert m.dispatcher.under_way == 2
+
+
+def test_the_dispatcher_keeps_to_max_in_flight_across_groups() -> None:
+    m = DispatchModel(ordering="none", max_in_flight=3)
+    m.add(0, *[f"m{i}" for i in range(6)])
+    assert m.under_way() == ["m0", "m1", "m2"]
+    m.end("m1")
+    assert m.under_way() == ["m0", "m2", "m3"]
+    m.current.settings = dataclasses.replace(m.current.settings, max_in_flight=1)
+    m.end("m0")
+    assert m.under_way() == ["m2", "m3"], "a lower max_in_flight starts nothing until under it"
+    m.end("m2")
+    m.end("m3")
+    assert m.under_way() == ["m4"]
+
+
+def test_the_dispatcher_starts_nothing_new_while_the_circuit_is_open() -> None:
+    m = DispatchModel(ordering="none", max_in_flight=2)
+    m.add(0, "m0", "m1", "m2")
+    m.breaker.open("HTTP 503")
+    m.end("m0")
+    m.end("m1")
+    assert m.under_way() == [], "an open circuit starts nothing but its probe"
+    m.clock.advance(4.0)
+    assert m.under_way() == ["m2"], "the probe timer starts one new record as the probe"
+
+
+def test_a_revocation_waits_for_what_is_on_the_wire_and_cancels_the_rest() -> None:
+    m = DispatchModel(ordering="none", max_in_flight=2)
+    m.add(0, "m0", "m1", "m2")
+    on_wire = next(u for u, _ in m.started if _id_of(u) == "m0")
+    on_wire.sending = True
+    waiting = m.dispatcher.revoke([(T, 0)], lost=False)
+    assert len(waiting) == 1 and not waiting[0].called
+    waiting_unit = next(u for u, _ in m.started if _id_of(u) == "m1")
+    assert waiting_unit.cancelled, "a unit not on the wire (waiting to retry) is cancelled at once"
+    assert not on_wire.cancelled
+    m.end("m0")
+    assert waiting[0].called, "the revocation is told when the request on the wire ended"
+    assert [_id_of(u) for u, _ in m.started] == ["m0", "m1"], "the queued m2 never starts"
+
+
+def test_a_unit_that_ends_at_once_does_not_nest_the_pump() -> None:
+    m = DispatchModel(ordering="none", max_in_flight=1)
+    m.start = lambda unit: succeed(None)  # type: ignore[method-assign]
+    m.dispatcher = Dispatcher(m.clock, m.current, m.breaker, m.start)
+    m.add(0, *[f"m{i}" for i in range(3000)])  # would pass the recursion limit if nested
+    assert m.dispatcher.under_way == 0
+    assert m.dispatcher.scheduler.take() is None
+
+
+# -- attempts: the job's way to the wire ------------------------------------------------------
+
+def make_attempts(**more: Any) -> tuple[Attempts, FakeAgent, Clock, Current]:
+    clock = Clock()
+    agent = FakeAgent()
+    current = Current(Settings.of(make_job(**more)))
+    attempts = Attempts(clock, HTTPSender(clock, agent=agent), Metrics(), current)
+    return attempts, agent, clock, current
+
+
+@dataclasses.dataclass
+class Sent:
+    sending: bool = False
+    cancelled: bool = False
+
+
+def test_an_attempt_is_signed_anew_and_marks_its_unit_on_the_wire() -> None:
+    secret = WEBHOOK_SECRET
+    attempts, agent, clock, current = make_attempts(signing={"secret": secret})
+    clock.advance(time.time())  # signatures are checked against the wall clock
+    request = current.settings.builder.build({"id": "x"}, "people:0:0:0")
+    unit = Sent()
+    answers: list[Any] = []
+    attempts.send(request, unit).addCallback(answers.append)
+    assert unit.sending
+    [first] = agent.open()
+    first.answer(200)
+    assert not unit.sending and answers[0].status == 200
+    clock.advance(7)
+    attempts.send(request, unit)
+    second = agent.open()[0]
+    assert first.header("webhook-id") and first.header("webhook-id") == second.header("webhook-id"), \
+        "a retry keeps its id"
+    assert int(second.header("webhook-timestamp") or 0) - int(first.header("webhook-timestamp") or 0) == 7
+    Webhook(secret).verify(second.body or b"", {k: second.header(k) or "" for k in
+                                                ("webhook-id", "webhook-timestamp", "webhook-signature")})
+
+
+def test_attempts_keep_the_jobs_pace_and_take_its_settings_afresh() -> None:
+    attempts, agent, clock, current = make_attempts(ratelimit=2.0)
+    request = current.settings.builder.build({"id": "x"})
+    for _ in range(3):
+        attempts.send(request, Sent())
+    assert len(agent.requests) == 1
+    clock.advance(1.9)
+    assert len(agent.requests) == 1
+    clock.advance(0.1)
+    assert len(agent.requests) == 2
+    job = current.settings.job
+    current.settings = Settings.of(dataclasses.replace(job, definition={**job.definition, "ratelimit": 0.5}))
+    attempts.send(request, Sent())  # an attempt under the new settings
+    clock.advance(2.0)
+    assert len(agent.requests) == 3, "the attempt waiting goes at the pace it was given"
+    clock.advance(0.5)
+    assert len(agent.requests) == 4, "the next at the new pace, from when the last one went"
+    attempts.stop()

@@ -138,7 +138,7 @@ class FakeDeadLetters:
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]]) -> Deferred[None]:
-        self._machine.dead_lettered(value)
+        self._machine.dead_lettered(value, dict(headers).get("restconsumer.reason", b"").decode())
         return succeed(None)
 
 
@@ -513,11 +513,14 @@ class JobMachine(RuleBasedStateMachine):
     def cancelled(self, pending: Pending) -> None:
         self.note(pending.records, "cancelled")
 
-    def dead_lettered(self, value: bytes | None) -> None:
+    def dead_lettered(self, value: bytes | None, reason: str) -> None:
         record = self.whose.get(value or b"")
         if record is None:
             self.problem("dead letter", f"a dead letter of no message fetched: {value!r}")
             return
+        if reason.startswith("internal error") and "raised by the agent" not in reason:
+            # Only what the machine raises may dead-letter a record as an internal error.
+            self.problem("dead letter", f"record {record} dead-lettered for a fault of ours: {reason}")
         self.dead_letters += 1
         seen = self.history.get(record, [])
         if seen and all(s == "slow" for s in seen):
@@ -665,7 +668,7 @@ class JobMachine(RuleBasedStateMachine):
         elif how == "refused":
             pending.d.errback(ConnectionRefusedError("connection refused"))
         else:  # an exception judge does not know
-            pending.d.errback(KeyError("from the agent"))
+            pending.d.errback(KeyError("raised by the agent"))
 
     def _advance(self, seconds: float) -> None:
         target = self.clock.seconds() + seconds
@@ -704,7 +707,8 @@ class JobMachine(RuleBasedStateMachine):
         self._start(parts, set(assigned))
 
     @precondition(lambda self: self._fetchable())
-    @rule(which=partitions, new=st.lists(messages, max_size=4), malformed=st.none() | st.integers(0, 7))
+    @rule(which=partitions, new=st.lists(messages, min_size=1, max_size=4),
+          malformed=st.none() | st.integers(0, 7))
     @_checked
     def fetch(self, which: tuple[int, ...], new: list[tuple[str, bytes | None]],
               malformed: int | None) -> None:
@@ -923,7 +927,7 @@ class JobMachine(RuleBasedStateMachine):
 
 
 JobMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None,
+    max_examples=400, stateful_step_count=30, deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestJobRunnerStates = JobMachine.TestCase
