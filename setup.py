@@ -8,8 +8,8 @@ setup(
     description="Kafka messages turned into REST requests, as declared by jobs kept in Redis",
     python_requires=">=3.11",
     packages=[*find_packages(include=["restconsumer", "restconsumer.*"]), "twisted.plugins"],
-    package_data={"restconsumer": ["openapi.json", "ui/*.html", "ui/*.js", "ui/*.css"]},
-    entry_points={"console_scripts": ["restconsumer = restconsumer.cli:main"]},
+    package_data={"restconsumer": ["api/openapi.json", "api/ui/*.html", "api/ui/*.js", "api/ui/*.css"]},
+    entry_points={"console_scripts": ["restconsumer = restconsumer.ops.cli:main"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "klein>=24.8",
@@ -35,6 +35,7 @@ setup(
             "standardwebhooks>=1.0",
             "mypy>=1.10",
             "mypy-zope>=1.0",
+            "import-linter>=2.0",
         ],
     },
 )

@@ -334,7 +334,7 @@ class DeadLetterReader:
                 source = f"{headers.get('restconsumer.partition')}:{headers.get('restconsumer.offset')}"
                 letters.append(DeadLetter(
                     source_id, source,
-                    msg.timestamp()[1], now, headers.get("restconsumer.status", ""),
+                    msg.timestamp()[1], now, headers.get("restconsumer.control.status", ""),
                     headers.get("restconsumer.reason", "")))
             with self._lock:
                 for letter in letters:

@@ -214,7 +214,7 @@ def bare_consumers(bootstrap: str, count: int) -> None:
 
     from confluent_kafka import Consumer
 
-    from restconsumer.consumer import consumer_config
+    from restconsumer.kafka.consumer import consumer_config
 
     stop = threading.Event()
     assigned: list[int] = []

@@ -21,14 +21,28 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from restconsumer import __version__
-from restconsumer.api import API, MAX_PREVIEW_BODY
-from restconsumer.auth import Authenticator, load_token_file
-from restconsumer.control import JobControl
-from restconsumer.deadletters import DeadLetterReader, DeadLetters
+from restconsumer.api.auth import Authenticator, load_token_file
+from restconsumer.api.routes import API, MAX_PREVIEW_BODY
+from restconsumer.api.server import APIServer, DrainingSite, OrderedServices
+from restconsumer.control.channel import JobControl
+from restconsumer.control.jobsdir import JobsFolder
+from restconsumer.control.offsets import OffsetMover
+from restconsumer.control.status import StatusReporter
+from restconsumer.control.store import JobStore, RedisAddress
+from restconsumer.control.supervisor import Supervisor
+from restconsumer.control.watch import DependencyWatch
 from restconsumer.delivery.budget import ByteBudget
+from restconsumer.delivery.deadletters import DeadLetterReader, DeadLetters
+from restconsumer.delivery.metrics import MULTIPROC_ENV, Metrics, MetricsFlusher, MetricsResource
+from restconsumer.delivery.registry import OPTIONS as REGISTRY_OPTIONS
+from restconsumer.delivery.registry import SchemaRegistry, check_url, parse_option, registry_headers
 from restconsumer.delivery.replay import Replays
 from restconsumer.delivery.runner import Shared
-from restconsumer.embedded import (
+from restconsumer.delivery.sender import HTTPSender
+from restconsumer.jobs.model import Policy
+from restconsumer.jobs.secrets import ENV_PREFIX, SecretKey
+from restconsumer.kafka.health import KafkaProbe
+from restconsumer.ops.embedded import (
     DemoFeed,
     DemoSink,
     EmbeddedGuide,
@@ -37,23 +51,9 @@ from restconsumer.embedded import (
     EmbeddedSite,
     loopback_endpoint,
 )
-from restconsumer.health import KafkaProbe
-from restconsumer.jobsdir import JobsFolder
-from restconsumer.logs import LEVELS, kafka_logger
-from restconsumer.logs import configure as configure_logs
-from restconsumer.metrics import MULTIPROC_ENV, Metrics, MetricsFlusher, MetricsResource
-from restconsumer.model import Policy
-from restconsumer.offsets import OffsetMover
-from restconsumer.registry import OPTIONS as REGISTRY_OPTIONS
-from restconsumer.registry import SchemaRegistry, check_url, parse_option, registry_headers
-from restconsumer.secrets import ENV_PREFIX, SecretKey
-from restconsumer.sender import HTTPSender
-from restconsumer.server import APIServer, DrainingSite, OrderedServices
-from restconsumer.status import StatusReporter
-from restconsumer.store import JobStore, RedisAddress
-from restconsumer.supervisor import Supervisor
-from restconsumer.watch import DependencyWatch
-from restconsumer.workers import ParentWatch, WorkerPool, worker_environment
+from restconsumer.ops.logs import LEVELS, kafka_logger
+from restconsumer.ops.logs import configure as configure_logs
+from restconsumer.ops.workers import ParentWatch, WorkerPool, worker_environment
 
 __all__ = ["APIServer", "Options", "kafka_config", "makeService"]
 
@@ -315,7 +315,7 @@ class Options(usage.Options):
         configure_logs(self["log-level"], self["log-format"])
         if self.parent is not None and not self.parent.get("logger"):
             # twistd reads its log observer (a dotted name) after our options are parsed.
-            self.parent["logger"] = "restconsumer.logs.observer"
+            self.parent["logger"] = "restconsumer.ops.logs.observer"
         if self["metrics"]:
             try:
                 endpoints._parseServer(self["metrics"], None)

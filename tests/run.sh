@@ -2,8 +2,8 @@
 # Installs what the tests need, then runs them. The tests themselves start a real
 # Apache Kafka broker (jars resolved from Maven Central by tests/infra/pom.xml, cached
 # in ~/.m2 and ~/.cache/restconsumer) and a real redis-server, and stop them after.
-# ruff and mypy check the code first. Extra arguments go to pytest. pytest's closing line
-# is the last thing printed.
+# ruff, mypy and import-linter check the code first. Extra arguments go to pytest;
+# pytest's closing line is the last thing printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +26,5 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 rm -rf build
 python3 -m ruff check --quiet .
 python3 -m mypy   # with the mypy-zope plugin, configured in pyproject.toml
+lint-imports --no-cache   # imports go only down (the layers in pyproject.toml)
 exec python3 -m pytest "$@"

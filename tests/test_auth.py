@@ -1,4 +1,4 @@
-"""Unit tests of restconsumer.auth: admin token, user/password, owner-scoped tokens, tokens files."""
+"""Unit tests of restconsumer.api.auth: admin token, user/password, owner-scoped tokens, tokens files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from restconsumer.auth import Authenticator, Principal, load_token_file, load_tokens
+from restconsumer.api.auth import Authenticator, Principal, load_token_file, load_tokens
 
 
 def basic(user: str, password: str) -> bytes:

@@ -23,7 +23,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from restconsumer.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, envelope, run
+from restconsumer.ops.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, envelope, run
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce
 from tests.infra.ports import wait_for
@@ -510,13 +510,13 @@ def test_an_answer_that_is_not_json() -> None:
 
 def command(*argv: str, url: str | None = None, token: str | None = ADMIN_TOKEN,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``python3 -m restconsumer.cli [--url URL] ARGV`` with the admin token in the environment."""
+    """``python3 -m restconsumer.ops.cli [--url URL] ARGV`` with the admin token in the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESTCONSUMER_")}
     env["PYTHONPATH"] = str(REPO)
     if token is not None:
         env["RESTCONSUMER_API_TOKEN"] = token
     prefix = ["--url", url] if url else []
-    return subprocess.run([sys.executable, "-m", "restconsumer.cli", *prefix, *argv], env=env,
+    return subprocess.run([sys.executable, "-m", "restconsumer.ops.cli", *prefix, *argv], env=env,
                           cwd=cwd or REPO, capture_output=True, text=True, timeout=180)
 
 

@@ -17,8 +17,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent
 
-from restconsumer.control import JobControl
-from restconsumer.store import JobStore, RedisAddress, StoreUnavailable
+from restconsumer.control.channel import JobControl
+from restconsumer.control.store import JobStore, RedisAddress, StoreUnavailable
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce
 from tests.infra.ports import wait_for

@@ -373,7 +373,7 @@ def test_a_dead_letter_of_a_message_at_the_size_limit_is_still_produced(
         headers = dict(letter.headers())
         assert letter.value() is None
         assert b"refused" in headers["restconsumer.value_dropped"]
-        assert headers["restconsumer.status"] == b"400"
+        assert headers["restconsumer.control.status"] == b"400"
         assert letter.key() == b"k"
         wait_for(lambda: any(entity(r) == "after" for r in sink.snapshot()), 30, "the next message")
         wait_for(lambda: committed(kafka.bootstrap, "restconsumer.huge", name, 1) == [2], 20,

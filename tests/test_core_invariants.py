@@ -258,7 +258,7 @@ def test_a_probe_answered_400_is_dead_lettered_and_the_rest_delivered_once_the_c
         letters = read_all(kafka.bootstrap, f"restconsumer.deadletter.{job_id}", expect=2, timeout=8)
         assert [json.loads(m.value())["id"] for m in letters] == [probe]
         headers = dict(letters[0].headers())
-        assert headers["restconsumer.status"] == b"400", headers
+        assert headers["restconsumer.control.status"] == b"400", headers
         assert b"400" in headers["restconsumer.reason"], headers
         wait_for(lambda: status(service, job_id)["counters"]["delivered"] == 29, 10, "29 delivered")
         counters = status(service, job_id)["counters"]

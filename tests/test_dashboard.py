@@ -212,15 +212,15 @@ def test_the_dashboard_files_are_served_with_their_types_and_nothing_else(servic
         assert answer.status == 200, path
         assert answer.headers["Content-Type"].split(";")[0] == kind
         assert "connect-src 'self'" in answer.headers["Content-Security-Policy"]
-        assert answer.body == (REPO / "restconsumer" / "ui" / ("index.html" if path == "/ui/" else path[4:])
-                               ).read_bytes()
-    for outside in ("/ui/../api.py", "/ui/%2e%2e/api.py", "/ui/..%2fapi.py", "/ui/index.html/..",
+        name = "index.html" if path == "/ui/" else path[4:]
+        assert answer.body == (REPO / "restconsumer" / "api" / "ui" / name).read_bytes()
+    for outside in ("/ui/../routes.py", "/ui/%2e%2e/routes.py", "/ui/..%2froutes.py", "/ui/index.html/..",
                     "/ui/openapi.json", "/ui/ui/app.js", "/ui//etc/passwd"):
         answer = s.request("GET", outside, token=None)
         assert answer.status == 404 and answer.json["error"] == "not found", outside
-    html = (REPO / "restconsumer" / "ui" / "index.html").read_text()
-    script = (REPO / "restconsumer" / "ui" / "app.js").read_text()
-    for text in (html, script, (REPO / "restconsumer" / "ui" / "app.css").read_text()):
+    html = (REPO / "restconsumer" / "api" / "ui" / "index.html").read_text()
+    script = (REPO / "restconsumer" / "api" / "ui" / "app.js").read_text()
+    for text in (html, script, (REPO / "restconsumer" / "api" / "ui" / "app.css").read_text()):
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in \
             text.replace("https://example.org", ""), "the dashboard names another origin"
 

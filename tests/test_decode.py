@@ -1,4 +1,4 @@
-"""Unit tests of restconsumer.decode: Avro Object Container Files, JSON, text and bad messages (SPEC §4).
+"""Unit tests of restconsumer.jobs.decode: Avro Object Container Files, JSON, text and bad messages (SPEC §4).
 
 Avro containers are written here with fastavro, as Aether does; nothing touches Kafka.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import fastavro
 import pytest
 
-from restconsumer.decode import AVRO_MAGIC, Record, UndecodableMessage, decode, to_json
+from restconsumer.jobs.decode import AVRO_MAGIC, Record, UndecodableMessage, decode, to_json
 
 PERSON = {
     "type": "record",

@@ -213,7 +213,7 @@ def test_bad_messages_are_dead_lettered_and_the_job_goes_on(
             assert h["origin"] == b"test"
         assert b"UTF-8" in headers[0]["restconsumer.reason"]
         assert b"'id'" in headers[1]["restconsumer.reason"]
-        assert headers[2]["restconsumer.status"] == b"400"
+        assert headers[2]["restconsumer.control.status"] == b"400"
         assert b"no such patient" in headers[2]["restconsumer.reason"]
         log = service.log()
         assert "dead-lettered" in log and f"{name}[0]@3 entity bad400" in log

@@ -25,16 +25,16 @@ from restconsumer.delivery.budget import ByteBudget
 from restconsumer.delivery.circuit import Circuit
 from restconsumer.delivery.dispatch import Dispatcher
 from restconsumer.delivery.ledger import Ledger
+from restconsumer.delivery.metrics import Metrics
 from restconsumer.delivery.outcomes import JobStats, Outcomes
 from restconsumer.delivery.replay import Replays
 from restconsumer.delivery.retry import Verdict
 from restconsumer.delivery.runner import JobRunner, Shared
+from restconsumer.delivery.sender import HTTPSender
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.delivery.units import Message, Unit
-from restconsumer.metrics import Metrics
-from restconsumer.model import Job, validate
-from restconsumer.sender import HTTPSender
-from restconsumer.work import Incoming, prepare
+from restconsumer.jobs.model import Job, validate
+from restconsumer.jobs.work import Incoming, prepare
 from tests.test_runner import FakeAgent, FakeDeadLetters, FakeLoop, Harness, T, make_job
 
 # -- the breaker: open => a probe armed or under way ----------------------------------------

@@ -1,5 +1,5 @@
-"""Unit tests of the retry policy (restconsumer.delivery.retry) and the HTTP client (restconsumer.sender),
-SPEC §5: waits, retryable statuses, deliver(), HTTPSender.
+"""Unit tests of the retry policy (restconsumer.delivery.retry) and the HTTP client
+(restconsumer.delivery.sender), SPEC §5: waits, retryable statuses, deliver(), HTTPSender.
 
 deliver() runs on a :class:`twisted.internet.task.Clock` with fake senders; HTTPSender talks to a
 twisted.web server on the loopback interface, in the test's own reactor (pytest-twisted).
@@ -30,8 +30,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from restconsumer.delivery.retry import Outcome, RetryPolicy, deliver, is_retryable_status
-from restconsumer.mapping import Outgoing
-from restconsumer.sender import Answer, HTTPSender
+from restconsumer.delivery.sender import Answer, HTTPSender
+from restconsumer.jobs.mapping import Outgoing
 
 Result = int | Answer | BaseException
 
@@ -652,7 +652,7 @@ async def test_the_senders_agent_sends_what_twisted_agent_sends() -> None:
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
     from twisted.web.http_headers import Headers
 
-    from restconsumer.sender import _Agent, _Endpoints, _read_body
+    from restconsumer.delivery.sender import _Agent, _Endpoints, _read_body
 
     async def test(server: Server) -> None:
         pools = [HTTPConnectionPool(server.reactor), HTTPConnectionPool(server.reactor)]
@@ -686,7 +686,7 @@ def test_request_time_limits_are_kept_by_one_timer() -> None:
     """The sender's time limits: each request is cancelled at its own deadline and then fails
     with TimeoutError; one that fired first is left alone; a cancel from elsewhere stays a
     CancelledError; a shorter limit added later still fires first; one timer at a time."""
-    from restconsumer.sender import _Deadlines
+    from restconsumer.delivery.sender import _Deadlines
 
     clock = Clock()
     deadlines = _Deadlines(clock)

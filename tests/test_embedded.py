@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from restconsumer.embedded import demo_job, loopback_endpoint, main
-from restconsumer.model import validate
+from restconsumer.jobs.model import validate
+from restconsumer.ops.embedded import demo_job, loopback_endpoint, main
 from tests.infra.ports import wait_for
 from tests.infra.service import REPO, ServiceProcess
 
@@ -237,9 +237,9 @@ def test_demo_job_is_valid_and_calls_the_given_api() -> None:
 
 
 def test_produce_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    """``python3 -m restconsumer.embedded`` with wrong arguments says how to use it."""
+    """``python3 -m restconsumer.ops.embedded`` with wrong arguments says how to use it."""
     assert main(["send", "x"]) == 2
-    assert "usage: python3 -m restconsumer.embedded produce BOOTSTRAP TOPIC" in capsys.readouterr().err
+    assert "usage: python3 -m restconsumer.ops.embedded produce BOOTSTRAP TOPIC" in capsys.readouterr().err
 
 
 def test_readme_set_up_runs_embedded_mode_from_the_repository_root() -> None:

@@ -1,5 +1,5 @@
 """One contract for the Kafka clients: each test runs against a real confluent-kafka
-Consumer/Producer on the test broker and against restconsumer.testing's in-memory fake.
+Consumer/Producer on the test broker and against restconsumer.kafka.fake's in-memory fake.
 
 Only what both do is asserted (the fake's known differences are in its module docstring).
 The tests at the end check the fake's own test controls (expiry, injected failures).
@@ -27,7 +27,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from restconsumer.testing import FakeCluster, FakeConsumer, FakeProducer
+from restconsumer.kafka.fake import FakeCluster, FakeConsumer, FakeProducer
 
 _names = itertools.count()
 TPs = set[tuple[str, int]]
@@ -220,7 +220,7 @@ class RealBackend(Backend):
 
 
 class FakeBackend(Backend):
-    """restconsumer.testing's in-memory cluster."""
+    """restconsumer.kafka.fake's in-memory cluster."""
 
     name = "fake"
 

@@ -1,6 +1,6 @@
-"""In-process tests of a job's Kafka loop (restconsumer.consumer) and of whole jobs over it.
+"""In-process tests of a job's Kafka loop (restconsumer.kafka.consumer) and of whole jobs over it.
 
-The loop runs its real thread against the in-memory Kafka of ``restconsumer.testing`` (the
+The loop runs its real thread against the in-memory Kafka of ``restconsumer.kafka.fake`` (the
 fake that ``tests/test_fake_kafka_contract.py`` checks against a real broker); whole jobs
 send through the in-memory agent of ``tests/test_runner.py``. No broker, no socket, no sleep
 on the reactor: each test lets the reactor run until what it expects has happened, with a
@@ -23,12 +23,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 
-from restconsumer.consumer import KafkaLoop, consumer_config
+from restconsumer.base.types import TP
 from restconsumer.delivery.budget import ByteBudget
-from restconsumer.delivery.ledger import TP
 from restconsumer.delivery.runner import JobRunner, Shared
-from restconsumer.sender import HTTPSender
-from restconsumer.testing import FakeCluster, FakeConsumer
+from restconsumer.delivery.sender import HTTPSender
+from restconsumer.kafka.consumer import KafkaLoop, consumer_config
+from restconsumer.kafka.fake import FakeCluster, FakeConsumer
 from tests.test_runner import FakeAgent, FakeDeadLetters, FakeResponse, empty_avro, make_job
 
 #: Poll timings that keep these tests quick (the defaults are 1 s idle, 20 ms busy).

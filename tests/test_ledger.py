@@ -24,7 +24,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from restconsumer.delivery.ledger import TP, Ledger, Ticket
+from restconsumer.base.types import TP
+from restconsumer.delivery.ledger import Ledger, Ticket
 from restconsumer.delivery.ordering import Scheduler
 
 P0: TP = ("orders", 0)

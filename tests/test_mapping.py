@@ -1,6 +1,6 @@
-"""Unit tests of restconsumer.mapping: JSONPath document, datamap, URL template, body, auth (SPEC §4).
+"""Unit tests of restconsumer.jobs.mapping: JSONPath document, datamap, URL template, body, auth (SPEC §4).
 
-Jobs are built with :func:`restconsumer.model.validate`, exactly as the service builds them.
+Jobs are built with :func:`restconsumer.jobs.model.validate`, exactly as the service builds them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonpath_ng.ext import parse as parse_uncached
 
-from restconsumer.decode import to_json
-from restconsumer.mapping import Outgoing, RequestBuilder, TemplateError, compile_getter, encode_value
-from restconsumer.model import Job, parse_jsonpath, validate
+from restconsumer.jobs.decode import to_json
+from restconsumer.jobs.mapping import Outgoing, RequestBuilder, TemplateError, compile_getter, encode_value
+from restconsumer.jobs.model import Job, parse_jsonpath, validate
 
 META = {"topic": "people", "partition": 3, "offset": 1234, "key": "k-1", "timestamp": 1700000000000}
 
@@ -142,7 +142,7 @@ def test_descendant_and_field_wildcard_paths_still_work() -> None:
 ])
 def test_the_meta_of_a_record_is_made_only_when_the_job_can_read_it(
         datamap: dict[str, str], extra: dict[str, Any], needs: bool) -> None:
-    from restconsumer.work import Incoming, prepare
+    from restconsumer.jobs.work import Incoming, prepare
 
     b = builder(datamap=datamap, url="http://api.example.com/people/", json_body=list(datamap), **extra)
     assert b.needs_meta is needs

@@ -1,4 +1,4 @@
-"""Unit tests of restconsumer.model: validation, normalisation, hashing and redaction of jobs."""
+"""Unit tests of restconsumer.jobs.model: validation, normalisation, hashing and redaction of jobs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from restconsumer import model
-from restconsumer.model import (
+from restconsumer.jobs import model
+from restconsumer.jobs.model import (
     REDACTED,
     InvalidJob,
     Job,
@@ -1068,7 +1068,7 @@ def test_signing_misuse_is_refused(signing: Any, field: str) -> None:
 def test_the_signing_secret_is_encrypted_at_rest() -> None:
     from cryptography.fernet import Fernet
 
-    from restconsumer.secrets import SecretKey, open_definition, seal_definition
+    from restconsumer.jobs.secrets import SecretKey, open_definition, seal_definition
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     key = SecretKey([Fernet.generate_key()])
     stored = validate(minimal(signing={"secret": secret})).stored()

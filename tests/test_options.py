@@ -14,10 +14,10 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from restconsumer import tap
-from restconsumer.health import KafkaProbe
-from restconsumer.jobsdir import JobsFolder
-from restconsumer.logs import kafka_logger
-from restconsumer.store import JobStore, RedisAddress
+from restconsumer.control.jobsdir import JobsFolder
+from restconsumer.control.store import JobStore, RedisAddress
+from restconsumer.kafka.health import KafkaProbe
+from restconsumer.ops.logs import kafka_logger
 from restconsumer.tap import ENVIRONMENT, APIServer, Options, kafka_config, makeService
 from tests.infra.certs import make_pki
 from tests.infra.service import REPO

@@ -330,7 +330,7 @@ def test_a_message_answered_503_for_ever_is_dead_lettered_and_its_partition_goes
         letter = letters[0]
         assert json.loads(letter.value())["id"] == poison
         headers = dict(letter.headers())
-        assert headers["restconsumer.status"] == b"503", headers
+        assert headers["restconsumer.control.status"] == b"503", headers
         assert b"retries exhausted" in headers["restconsumer.reason"], headers
         assert b"503" in headers["restconsumer.reason"], headers
         assert headers["restconsumer.attempts"] == b"3", headers

@@ -1,4 +1,4 @@
-"""The dry run's engine (restconsumer.preview): the requests a job would send, nothing sent."""
+"""The dry run's engine (restconsumer.api.preview): the requests a job would send, nothing sent."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 import fastavro
 import pytest
 
-from restconsumer.model import validate
-from restconsumer.preview import BadEnvelope, preview
+from restconsumer.api.preview import BadEnvelope, preview
+from restconsumer.jobs.model import validate
 
 JOB = validate({"id": "p", "owner": "o", "type": "POST", "topic": "people",
                 "datamap": {"id": "$.msg.id", "name": "$.msg.name", "who": "$.meta.key"},

@@ -19,7 +19,16 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from restconsumer.decode import (
+from restconsumer.api.preview import preview
+from restconsumer.delivery.registry import (
+    ACCEPT,
+    RegistryUnavailable,
+    SchemaCache,
+    SchemaRegistry,
+    call_now,
+    parse_option,
+)
+from restconsumer.jobs.decode import (
     Record,
     SchemaNeeded,
     UndecodableMessage,
@@ -28,17 +37,8 @@ from restconsumer.decode import (
     decode,
     schema_id,
 )
-from restconsumer.model import validate
-from restconsumer.preview import preview
-from restconsumer.registry import (
-    ACCEPT,
-    RegistryUnavailable,
-    SchemaCache,
-    SchemaRegistry,
-    call_now,
-    parse_option,
-)
-from restconsumer.work import Incoming, prepare
+from restconsumer.jobs.model import validate
+from restconsumer.jobs.work import Incoming, prepare
 from tests.test_runner import Harness, T, make_job
 
 PERSON = {"type": "record", "name": "Person", "namespace": "org.example",
@@ -117,7 +117,7 @@ def test_without_a_registry_framing_is_named_and_json_and_text_are_unchanged() -
 
 def test_prepare_marks_a_message_waiting_for_its_schema_and_never_raises() -> None:
     builder = make_job()
-    from restconsumer.mapping import RequestBuilder
+    from restconsumer.jobs.mapping import RequestBuilder
     incoming = Incoming(T, 0, 0, None, framed(4, PERSON, {"id": "p", "age": 1}), [], None)
     waiting = prepare(RequestBuilder(builder), incoming, None, SchemaCache())
     assert waiting.schema_id == 4 and waiting.records == [] and waiting.error is None
@@ -357,7 +357,7 @@ def test_registry_options_from_the_command_line_and_the_environment(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from twisted.python.usage import UsageError
 
-    from restconsumer.workers import worker_environment
+    from restconsumer.ops.workers import worker_environment
 
     options = parse("--schema-registry", "https://sr.example/", "--schema-registry-option",
                     f"basic.auth.user.info=svc:{SECRET}")
@@ -575,8 +575,8 @@ async def test_an_https_registry_is_checked_with_the_ca_file_as_endpoints_are(tm
     from twisted.internet import reactor, ssl
     from twisted.web.server import Site
 
-    from restconsumer.registry import RegistryUnavailable
-    from restconsumer.sender import HTTPSender
+    from restconsumer.delivery.registry import RegistryUnavailable
+    from restconsumer.delivery.sender import HTTPSender
     from tests.infra.certs import make_pki
 
     pki = make_pki(tmp_path)

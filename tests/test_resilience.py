@@ -122,7 +122,7 @@ def test_only_the_refused_messages_are_dead_lettered(
         assert {json.loads(m.value())["id"] for m in letters} == refused
         for letter in letters:
             headers = dict(letter.headers())
-            assert headers["restconsumer.status"] == b"400"
+            assert headers["restconsumer.control.status"] == b"400"
             assert b"invalid person" in headers["restconsumer.reason"]
             assert headers["restconsumer.attempts"] == b"1"
         wait_for(lambda: sink.count() >= 300, 30, "every message tried")

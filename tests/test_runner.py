@@ -20,13 +20,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from restconsumer.base.types import TP
 from restconsumer.delivery.budget import ByteBudget
 from restconsumer.delivery.intake import MAX_WINDOW, RESUME_WINDOW
-from restconsumer.delivery.ledger import TP
 from restconsumer.delivery.runner import JobRunner, Shared
-from restconsumer.model import Job, validate
-from restconsumer.sender import HTTPSender
-from restconsumer.work import Incoming, Prepared, prepare
+from restconsumer.delivery.sender import HTTPSender
+from restconsumer.jobs.model import Job, validate
+from restconsumer.jobs.work import Incoming, Prepared, prepare
 
 T = "people"
 
@@ -258,7 +258,7 @@ def test_a_dead_letter_does_not_hold_up_the_partition_but_its_offset_waits_for_t
     [(topic, value, headers, ack)] = h.dead_letters.sent
     assert topic == "restconsumer.deadletter.j"
     assert json.loads(value or b"") == {"id": "bad"}
-    assert headers["restconsumer.status"] == b"400"
+    assert headers["restconsumer.control.status"] == b"400"
     assert headers["restconsumer.offset"] == b"0"
     ack.callback(None)
     assert h.loop.commits == {(T, 0): 2}
@@ -677,7 +677,7 @@ def test_the_allowlist_holds_at_send_time_for_a_job_stored_before_it() -> None:
 
 
 def test_host_of_a_url() -> None:
-    from restconsumer.sender import _host_of
+    from restconsumer.delivery.sender import _host_of
 
     assert _host_of(b"http://Sink.Test:8080/p?q=1") == "sink.test"
     assert _host_of(b"https://user:pw@h.example/") == "h.example"
@@ -718,7 +718,7 @@ def test_metrics_count_records_requests_retries_and_gauges() -> None:
 
 
 def test_metrics_counted_per_request_are_written_by_flush_before_exposition_and_at_stop() -> None:
-    from restconsumer.metrics import Metrics, MetricsFlusher
+    from restconsumer.delivery.metrics import Metrics, MetricsFlusher
 
     def value(name: str, **labels: str) -> float | None:
         return metrics._registry.get_sample_value(name, labels)

@@ -42,8 +42,8 @@ from zope.interface import implementer
 # All this test knows of restconsumer (module paths move: keep them here alone).
 from restconsumer.delivery.budget import ByteBudget
 from restconsumer.delivery.runner import JobRunner, Shared
-from restconsumer.model import validate
-from restconsumer.sender import HTTPSender
+from restconsumer.delivery.sender import HTTPSender
+from restconsumer.jobs.model import validate
 
 TOPIC = "t"
 PARTITIONS = 3

@@ -1,6 +1,6 @@
 """Job secrets (SPEC §8): where they are, references to them, encryption at rest, the key check.
 
-The pure parts (restconsumer.secrets) without Twisted, then the store against the real Redis
+The pure parts (restconsumer.jobs.secrets) without Twisted, then the store against the real Redis
 in-process, then the whole service: references resolved when a job starts, the error state,
 --secret-key (nothing in clear in Redis, rotation, refusing to start with another key or none).
 """
@@ -21,9 +21,10 @@ from cryptography.fernet import Fernet
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from restconsumer import secrets
-from restconsumer.model import Policy, validate
-from restconsumer.secrets import (
+from restconsumer.control.store import JobStore, RedisAddress, StoreUnavailable
+from restconsumer.jobs import secrets
+from restconsumer.jobs.model import Policy, validate
+from restconsumer.jobs.secrets import (
     FINGERPRINT_KEY,
     REDACTED,
     Reference,
@@ -39,7 +40,6 @@ from restconsumer.secrets import (
     sealed_fingerprints,
     slots,
 )
-from restconsumer.store import JobStore, RedisAddress, StoreUnavailable
 from restconsumer.tap import Options, secret_environment
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce, read_all

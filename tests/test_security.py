@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from restconsumer.api import API
+from restconsumer.api.routes import API
 from tests.infra.certs import PKI, make_pki
 from tests.infra.kafka import KafkaBroker
 from tests.infra.kafka_io import produce, read_all
@@ -139,7 +139,7 @@ def test_allowlist_refuses_other_hosts_and_guards_redirects(
         [escaped] = read_all(kafka.bootstrap, "restconsumer.deadletter.escapes", expect=1)
         assert b"not an allowed host" in dict(escaped.headers())["restconsumer.reason"]
         [stayed] = read_all(kafka.bootstrap, "restconsumer.deadletter.stays", expect=1)
-        assert dict(stayed.headers())["restconsumer.status"] == b"307"
+        assert dict(stayed.headers())["restconsumer.control.status"] == b"307"
         paths = [r.path for r in sink.snapshot()]
         assert paths.count("/landed/r1") == 1  # only the job that follows, to an allowed host
         assert "/landed/x" not in paths
@@ -189,7 +189,7 @@ def test_https_is_verified_and_a_ca_can_be_given(
 
 # -- the OpenAPI description ---------------------------------------------------------------
 
-SPEC = json.loads((REPO / "restconsumer" / "openapi.json").read_text())
+SPEC = json.loads((REPO / "restconsumer" / "api" / "openapi.json").read_text())
 
 
 def _schema(ref: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 
-from restconsumer.server import APIServer, DrainingSite, StartupError, describe_endpoint
+from restconsumer.api.server import APIServer, DrainingSite, StartupError, describe_endpoint
 from tests.infra.certs import make_pki
 from tests.infra.service import REPO, ServiceProcess
 
@@ -170,7 +170,7 @@ def test_end_process_stops_the_services_then_exits_non_zero(tmp_path: Path) -> N
     script = textwrap.dedent(f"""
         from twisted.application.service import Service
         from twisted.internet import reactor
-        from restconsumer.server import end_process
+        from restconsumer.base.process import end_process
 
         class Recorder(Service):
             def stopService(self):

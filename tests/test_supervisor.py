@@ -1,5 +1,6 @@
-"""In-process tests of job lifecycle (restconsumer.supervisor) and job control (restconsumer.control):
-an in-memory store, runners that record what is done to them, no Redis and no Kafka.
+"""In-process tests of job lifecycle (restconsumer.control.supervisor) and job control
+(restconsumer.control.channel): an in-memory store, runners that record what is done to
+them, no Redis and no Kafka.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 
-from restconsumer.control import JobControl
+from restconsumer.control.channel import JobControl
+from restconsumer.control.offsets import OffsetError, OffsetRequest
+from restconsumer.control.store import JobRecord, RedisAddress, StoreUnavailable
+from restconsumer.control.supervisor import Supervisor
 from restconsumer.delivery.runner import Shared
-from restconsumer.model import Job, validate
-from restconsumer.offsets import OffsetError, OffsetRequest
-from restconsumer.store import JobRecord, RedisAddress, StoreUnavailable
-from restconsumer.supervisor import Supervisor
+from restconsumer.jobs.model import Job, validate
 
 
 def definition(job_id: str, topic: str = "t", url: str = "http://h/x/{id}") -> dict[str, Any]:
@@ -201,7 +202,7 @@ def real_supervisor() -> tuple[Supervisor, MemoryStore, Any]:
     from twisted.internet.task import Clock
 
     from restconsumer.delivery.budget import ByteBudget
-    from restconsumer.sender import HTTPSender
+    from restconsumer.delivery.sender import HTTPSender
     from tests.test_runner import FakeAgent, FakeDeadLetters, FakeLoop
 
     clock = Clock()

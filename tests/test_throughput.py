@@ -140,7 +140,7 @@ def test_a_refused_batch_dead_letters_only_the_refused_records(
         letters = read_all(kafka.bootstrap, "restconsumer.deadletter.batched", expect=2, timeout=60)
         assert sorted(json.loads(m.value())["id"] for m in letters) == sorted(refused)
         for letter in letters:
-            assert dict(letter.headers())["restconsumer.status"] == b"400"
+            assert dict(letter.headers())["restconsumer.control.status"] == b"400"
         delivered = set()
         for got in sink.snapshot():
             ids = [item["id"] for item in json.loads(got.body)]

@@ -2,9 +2,9 @@
 
 A message's way, in the order it goes (each step one module, each module one rule):
 
-1. **Fetch.** The job's Kafka loop (:mod:`restconsumer.consumer`) polls on the job's own
+1. **Fetch.** The job's Kafka loop (:mod:`restconsumer.kafka.consumer`) polls on the job's own
    thread and, still there, decodes and maps each message into its requests
-   (:func:`restconsumer.work.prepare`); a batch of prepared messages crosses to the reactor.
+   (:func:`restconsumer.jobs.work.prepare`); a batch of prepared messages crosses to the reactor.
 
 2. **Intake** (:mod:`.intake`). Each message is entered in the partition's
    :mod:`.ledger` (which knows what may be committed: never past an unfinished message),

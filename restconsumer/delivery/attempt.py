@@ -17,12 +17,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from restconsumer.delivery.compose import compose
+from restconsumer.delivery.metrics import Metrics
+from restconsumer.delivery.oauth2 import TokenSource
+from restconsumer.delivery.sender import Answer, DestinationRefused, HTTPSender
 from restconsumer.delivery.settings import Current, Settings
-from restconsumer.mapping import Outgoing
-from restconsumer.metrics import Metrics
-from restconsumer.oauth2 import TokenSource
-from restconsumer.sender import Answer, DestinationRefused, HTTPSender
-from restconsumer.signing import Signer
+from restconsumer.jobs.mapping import Outgoing
+from restconsumer.jobs.signing import Signer
 
 __all__ = ["RESULT_BODY", "Attempts", "Pacer", "Sending"]
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from restconsumer.mapping import Outgoing
-from restconsumer.model import REDACTED
+from restconsumer.jobs.mapping import Outgoing
+from restconsumer.jobs.model import REDACTED
 
 __all__ = ["RedactedSigner", "Signs", "compose"]
 
 
 class Signs(Protocol):
-    """Signs a request (restconsumer.signing.Signer, or the preview's redacted twin)."""
+    """Signs a request (restconsumer.jobs.signing.Signer, or the preview's redacted twin)."""
 
     def sign(self, request: Outgoing, now: float) -> Outgoing:
         """A signed copy of ``request``, its timestamp ``now``."""

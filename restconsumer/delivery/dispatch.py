@@ -20,13 +20,13 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from restconsumer.base.types import TP
 from restconsumer.delivery.batching import Batcher
 from restconsumer.delivery.breaker import Breaker
-from restconsumer.delivery.ledger import TP
 from restconsumer.delivery.ordering import Scheduler
 from restconsumer.delivery.settings import Current
 from restconsumer.delivery.units import Message, Unit
-from restconsumer.work import RecordWork
+from restconsumer.jobs.work import RecordWork
 
 __all__ = ["Batches", "Dispatcher"]
 

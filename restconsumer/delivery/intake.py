@@ -27,15 +27,16 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from restconsumer.base.types import TP
 from restconsumer.delivery.budget import ByteBudget
 from restconsumer.delivery.dispatch import Dispatcher
-from restconsumer.delivery.ledger import TP, Ledger
+from restconsumer.delivery.ledger import Ledger
 from restconsumer.delivery.outcomes import JobStats, Outcomes
+from restconsumer.delivery.registry import SchemaRegistry
 from restconsumer.delivery.retry import Unavailable
 from restconsumer.delivery.settings import Current
 from restconsumer.delivery.units import Message as Held
-from restconsumer.registry import SchemaRegistry
-from restconsumer.work import Incoming, Prepared, prepare
+from restconsumer.jobs.work import Incoming, Prepared, prepare
 
 __all__ = ["MAX_WINDOW", "RESUME_WINDOW", "Intake", "SchemaHold", "incoming_of"]
 

@@ -19,9 +19,9 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["TP", "Ledger", "Ticket"]
+from restconsumer.base.types import TP
 
-TP = tuple[str, int]
+__all__ = ["Ledger", "Ticket"]
 
 
 @dataclass(slots=True)

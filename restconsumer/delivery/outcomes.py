@@ -30,14 +30,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from restconsumer.deadletters import DeadLetters, dead_letter_headers
+from restconsumer.base.types import TP
 from restconsumer.delivery.attempt import RESULT_BODY
 from restconsumer.delivery.budget import ByteBudget
-from restconsumer.delivery.ledger import TP, Ledger
+from restconsumer.delivery.deadletters import DeadLetters, dead_letter_headers
+from restconsumer.delivery.ledger import Ledger
+from restconsumer.delivery.metrics import Metrics
 from restconsumer.delivery.settings import Current
 from restconsumer.delivery.units import Message
-from restconsumer.metrics import Metrics
-from restconsumer.work import Incoming, RecordWork
+from restconsumer.jobs.work import Incoming, RecordWork
 
 __all__ = ["RATE_WINDOW", "JobStats", "Outcomes", "Producing", "result_value"]
 

@@ -28,18 +28,19 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from restconsumer.deadletters import DeadLetterReader, dead_letter_headers
+from restconsumer.base.types import TP
 from restconsumer.delivery.attempt import Attempts
 from restconsumer.delivery.breaker import Breaker
+from restconsumer.delivery.deadletters import DeadLetterReader, dead_letter_headers
 from restconsumer.delivery.deliverer import Deliverer
-from restconsumer.delivery.ledger import TP, Ticket
+from restconsumer.delivery.ledger import Ticket
 from restconsumer.delivery.outcomes import Producing, result_value
 from restconsumer.delivery.retry import Unavailable
 from restconsumer.delivery.runner import JobRunner, Shared
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.delivery.units import Message, Unit
-from restconsumer.model import Job
-from restconsumer.work import Incoming, Prepared, RecordWork, prepare
+from restconsumer.jobs.model import Job
+from restconsumer.jobs.work import Incoming, Prepared, RecordWork, prepare
 
 __all__ = ["MARK_TTL", "ReplayRunning", "Replays"]
 

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseFailed
 
-from restconsumer.sender import Answer, DestinationRefused
+from restconsumer.delivery.sender import Answer, DestinationRefused
 
 __all__ = ["Gate", "Outcome", "RetryPolicy", "Unavailable", "Verdict", "deliver", "is_retryable_status",
            "judge"]

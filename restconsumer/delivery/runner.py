@@ -21,24 +21,25 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from restconsumer.consumer import KafkaLoop, consumer_config
-from restconsumer.deadletters import DeadLetters
+from restconsumer.base.types import TP
 from restconsumer.delivery.attempt import Attempts
 from restconsumer.delivery.breaker import Breaker
 from restconsumer.delivery.budget import ByteBudget, prefetch_bytes
 from restconsumer.delivery.circuit import Circuit
+from restconsumer.delivery.deadletters import DeadLetters
 from restconsumer.delivery.deliverer import Deliverer
 from restconsumer.delivery.dispatch import Dispatcher
 from restconsumer.delivery.intake import Intake, incoming_of
-from restconsumer.delivery.ledger import TP, Ledger
+from restconsumer.delivery.ledger import Ledger
+from restconsumer.delivery.metrics import Metrics
 from restconsumer.delivery.outcomes import JobStats, Outcomes
+from restconsumer.delivery.registry import SchemaRegistry
+from restconsumer.delivery.sender import HTTPSender
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.delivery.units import Unit
-from restconsumer.metrics import Metrics
-from restconsumer.model import Job
-from restconsumer.registry import SchemaRegistry
-from restconsumer.sender import HTTPSender
-from restconsumer.work import Prepared, prepare
+from restconsumer.jobs.model import Job
+from restconsumer.jobs.work import Prepared, prepare
+from restconsumer.kafka.consumer import KafkaLoop, consumer_config
 
 __all__ = ["JobRunner", "JobStats", "Shared"]
 

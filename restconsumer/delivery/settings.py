@@ -1,7 +1,7 @@
 """A job's delivery settings as one immutable value (SPEC §3, §5, §11, §12).
 
 Plain data, no Twisted. :class:`Settings` is everything the delivery core reads of a job's
-definition, built whole from a :class:`~restconsumer.model.Job` and swapped in one
+definition, built whole from a :class:`~restconsumer.jobs.model.Job` and swapped in one
 assignment when the definition changes: no part of the core ever sees half of an old
 definition and half of a new one. :meth:`Settings.takes_in_place` says which changes the
 records under way do not depend on (a header, the URL, the retry policy...), and which need
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from restconsumer.delivery.retry import RetryPolicy
-from restconsumer.mapping import RequestBuilder
-from restconsumer.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
-from restconsumer.work import OrderKey, order_key
+from restconsumer.jobs.mapping import RequestBuilder
+from restconsumer.jobs.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
+from restconsumer.jobs.work import OrderKey, order_key
 
 __all__ = ["BatchSettings", "Current", "Settings"]
 

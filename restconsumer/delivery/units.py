@@ -13,8 +13,9 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from restconsumer.delivery.ledger import TP, Ticket
-from restconsumer.work import Prepared, RecordWork
+from restconsumer.base.types import TP
+from restconsumer.delivery.ledger import Ticket
+from restconsumer.jobs.work import Prepared, RecordWork
 
 __all__ = ["Message", "Unit"]
 

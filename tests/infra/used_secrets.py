@@ -23,7 +23,7 @@ import secrets as _random
 from collections.abc import Iterable
 from pathlib import Path
 
-from restconsumer.secrets import is_secret_header, parse_reference
+from restconsumer.jobs.secrets import is_secret_header, parse_reference
 
 __all__ = ["collect", "new_secret", "registered", "secret"]
 

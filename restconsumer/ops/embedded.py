@@ -7,7 +7,7 @@ at start-up, never from the jobs folder) and the demo endpoint ``/embedded/echo/
 calls. It binds the API to 127.0.0.1 and, once started, prints what to do next: the Kafka
 bootstrap address, the dashboard link, a ready ``curl`` line and a ``produce`` line.
 
-``python3 -m restconsumer.embedded produce BOOTSTRAP TOPIC`` sends each line of its
+``python3 -m restconsumer.ops.embedded produce BOOTSTRAP TOPIC`` sends each line of its
 standard input as one message to a Kafka topic (the embedded one or any other).
 """
 
@@ -34,10 +34,10 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from restconsumer.auth import Authenticator
-from restconsumer.model import InvalidJob, validate
-from restconsumer.server import APIServer, DrainingSite
-from restconsumer.store import JobStore, StoreUnavailable
+from restconsumer.api.auth import Authenticator
+from restconsumer.api.server import APIServer, DrainingSite
+from restconsumer.control.store import JobStore, StoreUnavailable
+from restconsumer.jobs.model import InvalidJob, validate
 
 __all__ = ["DEMO_JOB_ID", "DEMO_TOPIC", "DemoFeed", "DemoSink", "EmbeddedGuide", "EmbeddedKafka",
            "EmbeddedRedis", "EmbeddedSite", "demo_job", "free_port", "loopback_endpoint", "main"]
@@ -353,7 +353,7 @@ class EmbeddedGuide(Service):
         say("embedded: try  {curl}", curl=f"curl {auth} {self.api}/jobs")
         sample = json.dumps({"id": "me", "name": "Me", "age": 42})
         say("embedded: produce a message of your own  {command}",
-            command=f"echo {shlex.quote(sample)} | {_python()} -m restconsumer.embedded produce "
+            command=f"echo {shlex.quote(sample)} | {_python()} -m restconsumer.ops.embedded produce "
                     f"{self.bootstrap} {DEMO_TOPIC}")
 
     async def _create_demo_job(self, api: str) -> None:
@@ -398,10 +398,10 @@ def _produce(bootstrap: str, topic: str, lines: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python3 -m restconsumer.embedded produce BOOTSTRAP TOPIC`` (messages on stdin, one a line)."""
+    """``python3 -m restconsumer.ops.embedded produce BOOTSTRAP TOPIC`` (messages on stdin, one a line)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3 or args[0] != "produce":
-        print("usage: python3 -m restconsumer.embedded produce BOOTSTRAP TOPIC  "
+        print("usage: python3 -m restconsumer.ops.embedded produce BOOTSTRAP TOPIC  "
               "(each line of standard input is one message)", file=sys.stderr)
         return 2
     return 1 if _produce(args[1], args[2], sys.stdin.readlines()) else 0

@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from restconsumer.delivery.ledger import TP
+from restconsumer.base.types import TP
 
 __all__ = ["KafkaLoop", "LoopHandler", "consumer_config"]
 

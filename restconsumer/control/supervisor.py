@@ -13,10 +13,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.logger import Logger
 
+from restconsumer.control.store import JobRecord, JobStore, StoreUnavailable
 from restconsumer.delivery.runner import JobRunner, Shared
-from restconsumer.model import InvalidJob, Job, Policy, load
-from restconsumer.secrets import UnresolvedSecrets, resolve, sealed_paths
-from restconsumer.store import JobRecord, JobStore, StoreUnavailable
+from restconsumer.jobs.model import InvalidJob, Job, Policy, load
+from restconsumer.jobs.secrets import UnresolvedSecrets, resolve, sealed_paths
 
 __all__ = ["JobError", "Supervisor"]
 

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 from typing import Any
 
-from restconsumer.mapping import Outgoing
+from restconsumer.base.types import Outgoing
 
 __all__ = ["PREFIX", "SCHEMES", "Signer", "secret_problem"]
 

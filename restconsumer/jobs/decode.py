@@ -2,7 +2,7 @@
 Schema Registry wire format, JSON, or text.
 
 Plain functions, no Twisted. The wire format's schemas come from a :class:`SchemaLookup`
-(the process's schema cache, filled on the reactor by :mod:`restconsumer.registry`).
+(the process's schema cache, filled on the reactor by :mod:`restconsumer.delivery.registry`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.python.failure import Failure
 
-from restconsumer.threads import ThreadService
+from restconsumer.base.threads import ThreadService
 
 __all__ = ["KafkaProbe"]
 

@@ -29,9 +29,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from restconsumer.model import Job
-from restconsumer.store import JobStore
-from restconsumer.threads import ThreadService
+from restconsumer.base.threads import ThreadService
+from restconsumer.control.store import JobStore
+from restconsumer.jobs.model import Job
 
 __all__ = ["OffsetError", "OffsetMover", "OffsetRequest"]
 

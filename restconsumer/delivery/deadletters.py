@@ -17,8 +17,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from restconsumer.threads import ThreadService
-from restconsumer.work import Incoming
+from restconsumer.base.threads import ThreadService
+from restconsumer.jobs.work import Incoming
 
 __all__ = ["DeadLetterReader", "DeadLetters", "dead_letter_headers", "describe_letter", "original"]
 
@@ -34,7 +34,7 @@ def dead_letter_headers(job_id: str, incoming: Incoming, reason: str, *, record:
         ("restconsumer.partition", str(incoming.partition).encode()),
         ("restconsumer.offset", str(incoming.offset).encode()),
         ("restconsumer.attempts", str(attempts).encode()),
-        ("restconsumer.status", b"" if status is None else str(status).encode()),
+        ("restconsumer.control.status", b"" if status is None else str(status).encode()),
         ("restconsumer.reason", reason.encode("utf-8", "replace")),
     ]
     if record is not None:
@@ -151,7 +151,7 @@ def describe_letter(message: Any) -> dict[str, Any] | None:
         "source": {"topic": text.get("restconsumer.topic"), "partition": number("restconsumer.partition"),
                    "offset": number("restconsumer.offset")},
         "record": number("restconsumer.record"),
-        "reason": text.get("restconsumer.reason"), "status": number("restconsumer.status"),
+        "reason": text.get("restconsumer.reason"), "status": number("restconsumer.control.status"),
         "attempts": number("restconsumer.attempts"),
         "key": _text_or_base64(message.key()), "value": _text_or_base64(message.value()),
     }

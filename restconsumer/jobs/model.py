@@ -21,7 +21,7 @@ from cryptography.x509 import load_pem_x509_certificates
 from jsonpath_ng import JSONPath
 from jsonpath_ng.ext import parse as _parse_jsonpath
 
-from restconsumer.secrets import (
+from restconsumer.jobs.secrets import (
     REDACTED,
     hash_view,
     is_secret_header,
@@ -31,6 +31,7 @@ from restconsumer.secrets import (
     reference_problems,
     slots,
 )
+from restconsumer.jobs.signing import SCHEMES, secret_problem
 
 __all__ = [
     "ID_PATTERN",
@@ -421,8 +422,6 @@ def _check_requests(definition: dict[str, Any], problems: list[Problem]) -> None
 
 def _check_signing(definition: dict[str, Any], problems: list[Problem]) -> None:
     """``signing`` (SPEC §12): a Standard Webhooks secret, ``whsec_<base64>``."""
-    from restconsumer.signing import SCHEMES, secret_problem
-
     signing = definition.get("signing")
     if signing is None:
         return

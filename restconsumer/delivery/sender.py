@@ -43,8 +43,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from restconsumer.mapping import Outgoing
-from restconsumer.model import is_secret_header
+from restconsumer.jobs.mapping import Outgoing
+from restconsumer.jobs.model import is_secret_header
 
 __all__ = ["Answer", "DestinationRefused", "HTTPSender"]
 

@@ -18,8 +18,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from restconsumer.store import CHANNEL_PATTERN, RedisAddress
-from restconsumer.supervisor import Supervisor
+from restconsumer.control.store import CHANNEL_PATTERN, RedisAddress
+from restconsumer.control.supervisor import Supervisor
 
 __all__ = ["JobControl"]
 

@@ -20,8 +20,9 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from restconsumer.model import InvalidJob, Job, Policy, load
-from restconsumer.secrets import (
+from restconsumer.base.process import end_process
+from restconsumer.jobs.model import InvalidJob, Job, Policy, load
+from restconsumer.jobs.secrets import (
     FINGERPRINT_KEY,
     SecretKey,
     check_key,
@@ -321,8 +322,6 @@ class JobStore(Service):
     # -- the secret key --------------------------------------------------------------------
 
     def _end_process(self, reason: str) -> None:
-        from restconsumer.server import end_process
-
         self.log.critical("{reason}; the process ends", reason=reason)
         end_process(self._clock)  # type: ignore[arg-type]
 

@@ -1,7 +1,7 @@
 """Confluent Schema Registry (SPEC §12): the schemas of wire-format messages, fetched and cached.
 
 :class:`SchemaCache` is plain data, no Twisted: the jobs' Kafka threads read it while they
-decode (:func:`restconsumer.decode.decode`). :class:`SchemaRegistry` fills it on the reactor:
+decode (:func:`restconsumer.jobs.decode.decode`). :class:`SchemaRegistry` fills it on the reactor:
 ``GET {url}/schemas/ids/{id}`` with treq, once per id however many records wait for it. An id
 the registry does not know (404, error code 40403) is a bad message: its records are
 dead-lettered, and the id is asked again a minute later (it may have been registered since).
@@ -26,9 +26,10 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from restconsumer.decode import UnknownSchema, WireSchema
+from restconsumer.base.threads import ThreadService
+from restconsumer.base.types import USER_AGENT
 from restconsumer.delivery.retry import Unavailable
-from restconsumer.threads import ThreadService
+from restconsumer.jobs.decode import UnknownSchema, WireSchema
 
 __all__ = ["ACCEPT", "OPTIONS", "UNKNOWN_TTL", "Fetch", "RegistryUnavailable", "SchemaCache",
            "SchemaRegistry", "call_now", "check_url", "parse_option", "registry_headers"]
@@ -292,7 +293,6 @@ class SchemaRegistry(ThreadService):
                           timeout: float) -> tuple[int, bytes]:
         from twisted.web.http_headers import Headers
 
-        from restconsumer.mapping import USER_AGENT
 
         http = self._http
         if http is None:

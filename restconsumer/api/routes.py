@@ -15,18 +15,18 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from restconsumer.auth import Authenticator, Principal
-from restconsumer.deadletters import DeadLetterReader
+from restconsumer.api.auth import Authenticator, Principal
+from restconsumer.api.preview import BadEnvelope, envelopes, preview, schema_ids
+from restconsumer.control.offsets import OffsetError, OffsetMover, OffsetRequest
+from restconsumer.control.status import StatusReporter, job_status
+from restconsumer.control.store import JobStore, StoreUnavailable
+from restconsumer.control.supervisor import Supervisor
+from restconsumer.delivery.deadletters import DeadLetterReader
+from restconsumer.delivery.metrics import CONTENT_TYPE, Metrics
+from restconsumer.delivery.registry import SchemaRegistry
 from restconsumer.delivery.replay import ReplayRunning, Replays
-from restconsumer.metrics import CONTENT_TYPE, Metrics
-from restconsumer.model import InvalidJob, Policy, load, redact, validate
-from restconsumer.offsets import OffsetError, OffsetMover, OffsetRequest
-from restconsumer.preview import BadEnvelope, envelopes, preview, schema_ids
-from restconsumer.registry import SchemaRegistry
-from restconsumer.secrets import UnresolvedSecrets
-from restconsumer.status import StatusReporter, job_status
-from restconsumer.store import JobStore, StoreUnavailable
-from restconsumer.supervisor import Supervisor
+from restconsumer.jobs.model import InvalidJob, Policy, load, redact, validate
+from restconsumer.jobs.secrets import UnresolvedSecrets
 
 __all__ = ["API", "MAX_BODY", "MAX_PREVIEW_BODY", "APIError"]
 
@@ -336,7 +336,7 @@ class API:
                methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     def echo(self, request: IRequest) -> bytes:
         """``--embedded`` only: a demo endpoint for jobs to call; ``demo_sink`` counts what it
-        got (restconsumer.embedded logs a summary), answers 200."""
+        got (restconsumer.ops.embedded logs a summary), answers 200."""
         if self.demo_sink is None:
             raise NotFound()
         body = request.content.read(self.max_body)

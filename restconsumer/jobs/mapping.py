@@ -9,23 +9,20 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from jsonpath_ng import JSONPath
 from jsonpath_ng.jsonpath import Child, Fields, Index, Root
 
-from restconsumer import __version__
-from restconsumer.decode import to_json
-from restconsumer.model import PLACEHOLDER, Job, is_secret_header, parse_jsonpath
+from restconsumer.base.types import USER_AGENT, Outgoing
+from restconsumer.jobs.decode import to_json
+from restconsumer.jobs.model import PLACEHOLDER, Job, is_secret_header, parse_jsonpath
 
 __all__ = ["USER_AGENT", "Outgoing", "RequestBuilder", "TemplateError", "compile_getter", "encode_value"]
 
 _MISSING = object()
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
-#: Sent with every request (SPEC §12); a job's own ``User-Agent`` header replaces it.
-USER_AGENT = f"restconsumer/{__version__}".encode("ascii")
 #: What a header value taken from a message may not hold: it could end the header, or
 #: start another one (request smuggling), or be read differently by each server.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -33,24 +30,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 class TemplateError(ValueError):
     """A record lacks a value the URL template needs."""
-
-
-@dataclass(slots=True)
-class Outgoing:
-    """One request, ready to send. ``headers`` is shared by every request of a job (it
-    includes ``Host``) and is never changed."""
-
-    method: bytes
-    url: bytes
-    headers: dict[bytes, list[bytes]]
-    body: bytes | None
-    entity_id: Any = None
-    #: Whether ``headers`` belong to this request alone (templated headers, an idempotency
-    #: key) rather than being the job's shared dict.
-    own_headers: bool = False
-    #: The record's place (``{job}:{topic}:{partition}:{offset}:{record}``, a batch's
-    #: ``…:{first}-{last}``): the ``webhook-id`` of a signed request.
-    webhook_id: str | None = None
 
 
 def _indices(node: Index) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
+from restconsumer.base.types import USER_AGENT
 from restconsumer.delivery.retry import Unavailable
 
 __all__ = ["EARLY", "Fetch", "TokenSource", "TokenUnavailable", "treq_fetch"]
@@ -35,7 +36,6 @@ async def treq_fetch(url: str, form: dict[str, str], timeout: float) -> tuple[in
     """POST the form to the token endpoint with treq; its status and body."""
     import treq
 
-    from restconsumer.mapping import USER_AGENT
 
     response = await treq.post(url, data=form, timeout=timeout,
                                headers=Headers({b"Accept": [b"application/json"],

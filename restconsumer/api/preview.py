@@ -1,7 +1,7 @@
 """The dry run (SPEC §9): the requests a job would send for sample messages.
 
-Plain functions, no Twisted, built on the very code delivery uses (:func:`restconsumer.work.prepare`
-and the job's :class:`~restconsumer.mapping.RequestBuilder`): nothing is sent, stored or
+Plain functions, no Twisted, built on the very code delivery uses (:func:`restconsumer.jobs.work.prepare`
+and the job's :class:`~restconsumer.jobs.mapping.RequestBuilder`): nothing is sent, stored or
 produced. Secrets are shown as ``***``. Schema Registry wire-format messages are decoded with
 the schemas the caller fetched first (:func:`schema_ids` says which).
 """
@@ -14,11 +14,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from restconsumer.decode import SchemaLookup, schema_id
 from restconsumer.delivery.compose import RedactedSigner, compose
-from restconsumer.mapping import RequestBuilder
-from restconsumer.model import REDACTED, Job, is_secret_header
-from restconsumer.work import Incoming, Prepared, RecordWork, order_key, prepare
+from restconsumer.jobs.decode import SchemaLookup, schema_id
+from restconsumer.jobs.mapping import RequestBuilder
+from restconsumer.jobs.model import REDACTED, Job, is_secret_header
+from restconsumer.jobs.work import Incoming, Prepared, RecordWork, order_key, prepare
 
 __all__ = ["MAX_MESSAGES", "BadEnvelope", "envelope", "envelopes", "preview", "schema_ids"]
 

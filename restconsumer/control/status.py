@@ -19,9 +19,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from restconsumer.control.store import JobRecord, JobStore, StoreUnavailable
+from restconsumer.control.supervisor import Supervisor
 from restconsumer.delivery.runner import JobRunner
-from restconsumer.store import JobRecord, JobStore, StoreUnavailable
-from restconsumer.supervisor import Supervisor
 
 __all__ = ["COUNTERS", "StatusReporter", "job_status"]
 

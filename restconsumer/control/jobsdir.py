@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from restconsumer.model import InvalidJob, Policy, validate
-from restconsumer.store import JobStore, StoreUnavailable
+from restconsumer.control.store import JobStore, StoreUnavailable
+from restconsumer.jobs.model import InvalidJob, Policy, validate
 
 __all__ = ["JobFile", "JobsFolder", "read_folder"]
 

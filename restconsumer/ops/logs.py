@@ -91,7 +91,7 @@ def json_observer(stream: TextIO | None = None) -> ILogObserver:
 
 
 #: Twisted's and txredisapi's words at every connection attempt: the service says once when
-#: a part goes away and once when it is back (restconsumer.watch), so these go at debug.
+#: a part goes away and once when it is back (restconsumer.control.watch), so these go at debug.
 _CHATTER = ("Starting factory {factory!r}", "Stopping factory {factory!r}",
             "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
             "Discarding dead connection.")

@@ -1,0 +1,2 @@
+"""What every layer shares: value types (:mod:`.types`), thread services
+(:mod:`.threads`), ending the process with a status (:mod:`.process`)."""
