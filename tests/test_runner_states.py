@@ -34,8 +34,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
@@ -44,6 +42,7 @@ from restconsumer.delivery.budget import ByteBudget
 from restconsumer.delivery.runner import JobRunner, Shared
 from restconsumer.delivery.sender import HTTPSender
 from restconsumer.jobs.model import validate
+from tests.test_runner import FakeResponse
 
 TOPIC = "t"
 PARTITIONS = 3
@@ -66,19 +65,6 @@ Record = tuple[int, int]  # (partition, offset)
 
 
 # -- fakes -------------------------------------------------------------------------------
-
-
-class FakeResponse:
-    """An IResponse with a whole body."""
-
-    def __init__(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-        self.code = code
-        self.headers = Headers({k: [v] for k, v in (headers or {}).items()})
-        self._body = body
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.dataReceived(self._body)
-        protocol.connectionLost(Failure(ResponseDone()))
 
 
 class _Collect:
