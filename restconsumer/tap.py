@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, Service
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -24,11 +24,13 @@ from restconsumer import __version__
 from restconsumer.api.auth import Authenticator, load_token_file
 from restconsumer.api.routes import API, MAX_PREVIEW_BODY
 from restconsumer.api.server import APIServer, DrainingSite, OrderedServices
+from restconsumer.base.pem import read_certificates
 from restconsumer.control.channel import JobControl
 from restconsumer.control.jobsdir import JobsFolder
 from restconsumer.control.offsets import OffsetMover
+from restconsumer.control.redis import RedisAddress
 from restconsumer.control.status import StatusReporter
-from restconsumer.control.store import JobStore, RedisAddress
+from restconsumer.control.store import JobStore
 from restconsumer.control.supervisor import Supervisor
 from restconsumer.control.watch import DependencyWatch
 from restconsumer.delivery.budget import ByteBudget
@@ -93,19 +95,24 @@ MIN_BUFFER_MB = 16
 MAX_REVOKE_GRACE = 600.0
 
 
+def _endpoint(description: str) -> IStreamServerEndpoint:
+    """A server endpoint from its string, as ``makeService`` will make it (checked early, so
+    that a mistake is a usage error); nothing listens yet."""
+    from twisted.internet import reactor  # the installed one: twistd installs it before options
+
+    return endpoints.serverFromString(reactor, description)
+
+
 def _check_ca_file(path: str) -> None:
     """Refuse a CA bundle that cannot be read or holds no PEM certificate."""
     try:
         pem = Path(path).read_bytes()
     except OSError as e:
         raise usage.UsageError(f"--ca-file {path}: cannot read it: {e.strerror or e}") from e
-    if b"-----BEGIN CERTIFICATE-----" not in pem:
-        raise usage.UsageError(f"--ca-file {path}: no PEM certificate in it")
     try:
-        x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        raise usage.UsageError(f"--ca-file {path}: a certificate in it is damaged "
-                               f"(not valid PEM)") from None
+        read_certificates(pem)
+    except ValueError as e:
+        raise usage.UsageError(f"--ca-file {path}: {e}") from None
 
 
 def _parse_kafka_option(text: str) -> tuple[str, str]:
@@ -237,7 +244,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--jobs {self['jobs']}: no such folder")
 
         try:
-            endpoints._parseServer(self["api"], None)
+            _endpoint(self["api"])
         except Exception as e:
             raise usage.UsageError(f"--api {self['api']!r} is not an endpoint string: {e}") from e
         try:
@@ -318,7 +325,7 @@ class Options(usage.Options):
             self.parent["logger"] = "restconsumer.ops.logs.observer"
         if self["metrics"]:
             try:
-                endpoints._parseServer(self["metrics"], None)
+                _endpoint(self["metrics"])
             except Exception as e:
                 raise usage.UsageError(f"--metrics {self['metrics']!r} is not an endpoint string: "
                                        f"{e}") from e
@@ -383,12 +390,17 @@ def secret_environment(options: Options) -> dict[str, str]:
     return env
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    """The whole service: embedded parts if asked, store, delivery, job control, API.
+def _share_metrics(top: OrderedServices) -> None:
+    """Make a folder where every process of ``--workers`` writes its metrics (``/metrics``
+    adds them up), named in the environment the workers inherit; removed on stop."""
+    folder = tempfile.mkdtemp(prefix="restconsumer-metrics-")
+    os.environ[MULTIPROC_ENV] = folder
+    top.addService(_RemoveOnStop(folder))
 
-    Children stop in the reverse order: the API first, then job control, the jobs (which
-    commit what they finished), the dead letters (flushed), the HTTP pool, the store.
-    """
+
+def tune_interpreter() -> None:
+    """Tune the interpreter for this service's threads and objects (the plugin calls it before
+    :func:`makeService`; tests that build the service in their own process do not)."""
     # The reactor answers every request of every job; the jobs' Kafka threads decode in
     # Python while it waits for the GIL. A thread asking for it gets it within 1 ms, not
     # Python's default 5 ms: batch mode went from 17,000 to 21,000 records/s.
@@ -400,6 +412,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # collections in a 200,000-record run became 2-6 (bench/throughput.py).
     gc.set_threshold(50_000, 20, 20)
     gc.freeze()  # what start-up made (modules, classes) is never garbage: not scanned again
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """The whole service: embedded parts if asked, store, delivery, job control, API.
+
+    Children stop in the reverse order: the API first, then job control, the jobs (which
+    commit what they finished), the dead letters (flushed), the HTTP pool, the store.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -429,10 +449,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     dead_letters.setServiceParent(top)
     budget = ByteBudget(options["max-buffer-bytes"])
     if options["worker-count"] > 1 and not options["worker"]:
-        # Every process of the service writes its metrics here; /metrics adds them up.
-        folder = tempfile.mkdtemp(prefix="restconsumer-metrics-")
-        os.environ[MULTIPROC_ENV] = folder
-        top.addService(_RemoveOnStop(folder))
+        _share_metrics(top)
     metrics = Metrics()
     registry = None
     if options["schema-registry"]:
@@ -500,8 +517,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     endpoint = endpoints.serverFromString(reactor, options["api"])
     site_type = EmbeddedSite if options["embedded"] else DrainingSite
     server = APIServer(endpoint, site_type(api.app.resource(), max_body=MAX_PREVIEW_BODY), reactor,
-                       description=f"Kafka {options['kafka']}, Redis {redis_address}",
-                       token_note=token_note)
+                       endpoint_name=options["api"], token_note=token_note,
+                       description=f"Kafka {options['kafka']}, Redis {redis_address}")
     server.setServiceParent(top)
     if options["embedded"]:
         EmbeddedGuide(reactor, store, server, auth, options["kafka"],

@@ -458,6 +458,17 @@ def test_make_service_without_jobs_folder() -> None:
         assert kinds.count(kind) == 1, kind
 
 
+@pytest.mark.parametrize("text", ["tcp:0", "tcp:port=0:interface=127.0.0.1", "tcp6:0:interface=\\:\\:1",
+                                  "unix:/run/restconsumer.sock"])
+def test_the_api_endpoint_is_named_as_written(text: str) -> None:
+    """The log and a failure to listen name the endpoint the way the operator wrote it."""
+    from twisted.internet import reactor
+
+    service = makeService(parse("--api", text, "--api-token", "t"), reactor)
+    server = next(kid for kid in children(service) if isinstance(kid, APIServer))
+    assert server.endpoint_name == text
+
+
 def test_make_service_uses_the_default_reactor() -> None:
     options = parse("--api", "tcp:0:interface=127.0.0.1", "--api-token", "t")
     assert isinstance(tap.makeService(options), MultiService)

@@ -18,13 +18,12 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 
-from restconsumer.api.server import APIServer, DrainingSite, StartupError, describe_endpoint
+from restconsumer.api.server import APIServer, DrainingSite, StartupError
 from tests.infra.certs import make_pki
 from tests.infra.service import REPO, ServiceProcess
 
@@ -300,14 +299,3 @@ def test_a_late_bind_is_announced() -> None:
     assert api.address is None
     pending.callback(Port())
     assert api.address == "http://127.0.0.1:4242"
-
-
-@pytest.mark.parametrize(("text", "name"), [
-    ("tcp:9013", "tcp:9013"),
-    ("tcp:port=9013:interface=127.0.0.1", "tcp:9013:interface=127.0.0.1"),
-    ("tcp6:9013:interface=\\:\\:1", "tcp6:9013:interface=::1"),
-    ("unix:/run/restconsumer.sock", "unix:/run/restconsumer.sock"),
-])
-def test_endpoints_are_named_as_written(text: str, name: str) -> None:
-    """The log names the endpoint the way the operator wrote it."""
-    assert describe_endpoint(serverFromString(Clock(), text)) == name

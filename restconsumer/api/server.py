@@ -9,11 +9,6 @@ from typing import IO, Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import (
-    SSL4ServerEndpoint,
-    TCP6ServerEndpoint,
-    UNIXServerEndpoint,
-)
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,7 +17,7 @@ from twisted.web.server import Request, Site
 
 from restconsumer.base.process import end_process
 
-__all__ = ["APIServer", "DrainingSite", "OrderedServices", "StartupError", "describe_endpoint",
+__all__ = ["APIServer", "DrainingSite", "OrderedServices", "StartupError",
            "end_process"]
 
 log = Logger()
@@ -49,21 +44,6 @@ def _fail_start(message: str) -> StartupError:
     log.critical("{message}", message=message)
     sys.excepthook = _report_briefly
     return StartupError(message)
-
-
-def describe_endpoint(endpoint: IStreamServerEndpoint) -> str:
-    """An endpoint as an operator would write it, e.g. ``tcp:9013:interface=127.0.0.1``."""
-    # Twisted's endpoints do not say what they are; these attributes are stable in practice,
-    # and anything else falls back to its repr.
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int):
-        kind = ("ssl" if isinstance(endpoint, SSL4ServerEndpoint)
-                else "tcp6" if isinstance(endpoint, TCP6ServerEndpoint) else "tcp")
-        interface = getattr(endpoint, "_interface", "")
-        return f"{kind}:{port}" + (f":interface={interface}" if interface else "")
-    if isinstance(endpoint, UNIXServerEndpoint):
-        return f"unix:{endpoint._address}"
-    return repr(endpoint)
 
 
 class _CountedRequest(Request):
@@ -158,7 +138,8 @@ class APIServer(Service):
         self._description = description
         self._token_note = token_note
         self._grace = grace
-        self.endpoint_name = endpoint_name or describe_endpoint(endpoint)
+        #: The endpoint as the operator wrote it (``--api``), for logs and errors.
+        self.endpoint_name = endpoint_name or repr(endpoint)
         self._on_fatal = on_fatal
         self._port: Any = None
         self._listening: Deferred[Any] | None = None

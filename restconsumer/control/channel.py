@@ -10,15 +10,14 @@ from typing import Any
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from restconsumer.control.store import CHANNEL_PATTERN, RedisAddress
+from restconsumer.control.redis import RedisAddress, RedisLink
+from restconsumer.control.store import CHANNEL_PATTERN
 from restconsumer.control.supervisor import Supervisor
 
 __all__ = ["JobControl"]
@@ -71,56 +70,36 @@ class JobControl(Service):
         self.clock: IReactorTime = reactor
         self.subscribe_timeout = subscribe_timeout
         self._subscribe_failing = False
-        self._address = address
+        self._link = RedisLink(reactor, address, self._subscriber, what="the job channel's subscriber")
         self._supervisor = supervisor
         self._every = every
-        self._factory: txredisapi.SubscriberFactory | None = None
         self._timer = LoopingCall(self._reconcile)
         self._timer.clock = reactor
-        self._watcher = LoopingCall(self._watch)
-        self._watcher.clock = reactor
         self.connected = False
 
     def startService(self) -> None:
         """Subscribe (reconnecting by itself) and start the periodic reconcile."""
         super().startService()
-        self._subscribe()
+        self._link.start()
         self._timer.start(self._every, now=True).addErrback(
             lambda f: log.failure("periodic reconcile stopped", f))
-        self._watcher.start(2.0, now=False)
 
-    def _subscribe(self) -> None:
-        a = self._address
+    def _subscriber(self) -> txredisapi.SubscriberFactory:
+        a = self._link.address
         factory = txredisapi.SubscriberFactory()
         factory.protocol = _Subscriber
         factory.control = self
         factory.password = a.password
         factory.username = a.username
         factory.replyTimeout = 10
-        factory.maxDelay = 2
-        factory.noisy = False  # no "Starting factory" line at every reconnect
-        endpoint: Any = HostnameEndpoint(self._reactor, a.host, a.port, timeout=5)
-        if a.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(a.host), endpoint)
-        factory.startConnecting(endpoint)
-        self._factory = factory
+        return factory
 
     def stopService(self) -> Deferred[Any]:
         """Unsubscribe and stop reconciling."""
         super().stopService()
-        for timer in (self._timer, self._watcher):
-            if timer.running:
-                timer.stop()
-        factory, self._factory = self._factory, None
-        return factory.disconnect() if factory is not None else succeed(None)
-
-    def _watch(self) -> None:
-        # txredisapi stops reconnecting when a connection dies during its AUTH: start afresh.
-        if self._factory is not None and self._factory.stopped and self.running:
-            log.warn("job control: the subscriber gave up; starting a new one")
-            old = self._factory
-            self._subscribe()
-            old.disconnect().addErrback(lambda _: None)
+        if self._timer.running:
+            self._timer.stop()
+        return self._link.stop()
 
     def _reconcile(self) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._supervisor.reconcile())

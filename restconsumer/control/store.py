@@ -10,17 +10,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from restconsumer.base.process import end_process
+from restconsumer.control.redis import RedisAddress, RedisLink
 from restconsumer.jobs.model import InvalidJob, Job, Policy, load
 from restconsumer.jobs.secrets import (
     FINGERPRINT_KEY,
@@ -177,40 +175,6 @@ class KeyRefused(Exception):
     """The secret key (or its absence) does not fit what Redis holds: the instance must not run."""
 
 
-@dataclass(frozen=True)
-class RedisAddress:
-    """Where Redis is, parsed from a ``redis://`` or ``rediss://`` URL."""
-
-    host: str
-    port: int
-    db: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-    @classmethod
-    def from_url(cls, url: str) -> RedisAddress:
-        """Parse ``redis[s]://[[user]:password@]host[:port][/db]``; raise ValueError if bad."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            raise ValueError(f"the database in {url!r} must be a number")
-        return cls(
-            host=parts.hostname or "localhost",
-            port=parts.port or 6379,
-            db=int(path or 0),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            tls=parts.scheme == "rediss",
-        )
-
-    def __str__(self) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{self.host}:{self.port}/{self.db}"
-
-
 class JobStore(Service):
     """Jobs in Redis over a txredisapi pool that reconnects by itself.
 
@@ -242,13 +206,13 @@ class JobStore(Service):
         self._checked = False
         self._checking: list[Deferred[None]] | None = None
         self._refused: str | None = None
-        self._watch_every = watch_every
-        self._watch: LoopingCall | None = None
         self.address = address
-        self._poolsize = poolsize
-        self._reply_timeout = reply_timeout
-        self._connect_timeout = connect_timeout
-        self._redis: Any = None
+        self._link = RedisLink(
+            clock, address, lambda: txredisapi.RedisFactory(
+                f"{address.host}:{address.port}", address.db or None, poolsize, isLazy=True,
+                password=address.password, username=address.username, replyTimeout=reply_timeout),
+            what="the connection pool", connect_timeout=connect_timeout, every=watch_every,
+            on_tick=self._check_key_soon)
 
     def startService(self) -> None:
         """Start connecting to Redis, and watch that the pool keeps trying."""
@@ -259,49 +223,22 @@ class JobStore(Service):
         else:
             self.log.info("job secrets are stored encrypted under the key with fingerprint "
                           "{fingerprint}", fingerprint=self.secret_key.fingerprint)
-        self._connect()
-        self._watch = LoopingCall(self._check_pool)
-        self._watch.clock = self._clock
-        self._watch.start(self._watch_every, now=False)
+        self._link.start()
 
-    def _connect(self) -> None:
-        a = self.address
-        self._redis = txredisapi.lazyConnectionPool(
-            host=a.host, port=a.port, dbid=a.db or None, poolsize=self._poolsize,
-            password=a.password, username=a.username,
-            # txredisapi's own TLS (ssl_context_factory=True) does not verify the server.
-            ssl_context_factory=optionsForClientTLS(a.host) if a.tls else False,
-            connectTimeout=self._connect_timeout, replyTimeout=self._reply_timeout,
-        )
-        # Come back within a couple of seconds of Redis (the default waits up to 10 s).
-        self._redis._factory.maxDelay = 2
-
-    def _check_pool(self) -> Deferred[Any] | None:
+    def _check_key_soon(self) -> None:
         if self.connected and not self._checked and self._checking is None:
             # Checked as soon as Redis answers, even if nothing asks the store for anything.
             Deferred.fromCoroutine(self._key_checked()).addErrback(lambda _: None)
-        # txredisapi gives up for good when a connection is lost during its AUTH or
-        # SELECT (a proxy that accepts while Redis is down does that): start afresh.
-        if self._redis is None or not self._redis._factory.stopped:
-            return None
-        self.log.warn("Redis at {address}: the connection pool gave up; starting a new one",
-                      address=str(self.address))
-        old = self._redis
-        self._connect()
-        return old.disconnect().addErrback(lambda _: None)
 
     def stopService(self) -> Deferred[Any]:
         """Close every connection; fires when they are closed."""
         super().stopService()
-        if self._watch is not None and self._watch.running:
-            self._watch.stop()
-        redis, self._redis = self._redis, None
-        return redis.disconnect() if redis is not None else succeed(None)
+        return self._link.stop()
 
     @property
     def connected(self) -> bool:
         """Whether at least one connection to Redis is up."""
-        return self._redis is not None and self._redis._factory.size > 0
+        return self._link.connected
 
     async def _call(self, method: str, *args: Any) -> Any:
         if not self._checked:
@@ -314,7 +251,7 @@ class JobStore(Service):
         if not self.connected:
             raise StoreUnavailable(f"Redis at {self.address} is not connected")
         try:
-            return await getattr(self._redis, method)(*args)
+            return await getattr(self._link.commands, method)(*args)
         except (txredisapi.ConnectionError, txredisapi.TimeoutError, txredisapi.ResponseError) as e:
             # A ResponseError here is Redis refusing to work (READONLY, OOM, LOADING...).
             raise StoreUnavailable(f"Redis at {self.address}: {e}") from e

@@ -10,15 +10,15 @@ treq's per-request URL parsing and wrapping cost a third of the throughput here
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.application.service import Service
 from twisted.internet import ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trust roots provide
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import (
@@ -32,8 +32,6 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
@@ -43,8 +41,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from restconsumer.jobs.mapping import Outgoing
-from restconsumer.jobs.model import is_secret_header
+from restconsumer.base.pem import read_certificates, system_certificates
+from restconsumer.base.types import Outgoing
+from restconsumer.base.urls import host_of, origin
+from restconsumer.delivery.agent import OriginAgent
+from restconsumer.jobs.secrets import is_secret_header
 
 __all__ = ["Answer", "DestinationRefused", "HTTPSender"]
 
@@ -125,60 +126,6 @@ class _Endpoints:
         return endpoint
 
 
-#: What Agent accepts in a URL: printable ASCII, no space (its own check, on the whole URL).
-_PRINTABLE = re.compile(rb"[\x21-\x7e]+")
-
-
-class _Agent(Agent):
-    """Twisted's ``Agent``, with the origin of each URL parsed once.
-
-    The request builder makes every URL of a job from one template, so the scheme, host,
-    port and endpoint of its requests are always the same; ``Agent.request`` parses the
-    whole URL again for each request, a tenth of the reactor's time on the delivery path
-    (``bench/run.py``). Here the origin (up to the path's first ``/``) is parsed by
-    ``URI.fromBytes`` once and the request goes on as ``Agent.request`` would send it: same
-    key, endpoint, request path and ``URI`` (a test compares the two on the wire). A URL
-    outside the plain form (no path, a fragment, ``;`` parameters) takes ``Agent.request``.
-    """
-
-    _origins: dict[bytes, tuple[URI, Any, tuple[bytes, bytes, int]]]
-
-    @classmethod
-    def over(cls, reactor: Any, endpoints: IAgentEndpointFactory, pool: HTTPConnectionPool) -> _Agent:
-        """An agent connecting through ``endpoints``, its connections kept in ``pool``."""
-        agent = cls.usingEndpointFactory(reactor, endpoints, pool=pool)
-        assert isinstance(agent, _Agent)
-        agent._origins = {}
-        return agent
-
-    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
-                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:  # noqa: N803  # IAgent's name
-        start = uri.find(b"://") + 3
-        slash = uri.find(b"/", start) if start > 2 else -1
-        if slash < 0 or b"#" in uri or b";" in uri or b"?" in uri[:slash] \
-                or _PRINTABLE.fullmatch(uri) is None:
-            return super().request(method, uri, headers, bodyProducer)
-        origin = uri[:slash]
-        try:
-            known = self._origins[origin]
-        except KeyError:
-            parsed = URI.fromBytes(origin + b"/")
-            try:
-                endpoint = self._getEndpoint(parsed)
-            except Exception:
-                return super().request(method, uri, headers, bodyProducer)
-            if len(self._origins) > 1000:
-                self._origins.clear()
-            known = self._origins[origin] = (parsed, endpoint, (parsed.scheme, parsed.host, parsed.port))
-        parsed, endpoint, key = known
-        target = uri[slash:]
-        path, _, query = target.partition(b"?")
-        if not query:
-            target = path  # Agent sends "/x?" as "/x"
-        full = URI(parsed.scheme, parsed.netloc, parsed.host, parsed.port, path, b"", query, b"")
-        return self._requestWithEndpoint(key, endpoint, method, full, headers, bodyProducer, target)
-
-
 def _connect_to(reactor: Any, host: str, port: int, timeout: float) -> Any:
     """An endpoint for a host: an IP literal is connected to straight away (no name lookup,
     no happy-eyeballs delay before a refused connection fails)."""
@@ -194,9 +141,13 @@ def _connect_to(reactor: Any, host: str, port: int, timeout: float) -> Any:
 class _Deadlines:
     """The time limits of the requests under way, kept by one timer instead of one each.
 
-    What ``Deferred.addTimeout`` does (cancel at the deadline; the ``CancelledError`` of
-    that cancel becomes a ``TimeoutError``), without a ``DelayedCall`` made and cancelled
-    per request. Requests of one time limit end their time in the order they were sent,
+    What ``Deferred.addTimeout`` does (cancel at the deadline; the failure of that cancel
+    becomes a ``twisted.internet.defer.TimeoutError``), without a ``DelayedCall`` made and
+    cancelled per request. Unlike ``addTimeout``, every failure of a request cancelled at
+    its deadline becomes the ``TimeoutError``, not only a bare ``CancelledError``: Twisted's
+    agent fails a request cancelled before its headers came with ``ResponseNeverReceived``
+    and one cancelled while connecting with ``ConnectingCancelledError``, yet it was its
+    time limit that ended each. Requests of one time limit end their time in the order they were sent,
     so the oldest of each limit is the next due: the timer is set for the earliest of
     those and, when it fires, cancels what is due and is set again.
     """
@@ -229,7 +180,8 @@ class _Deadlines:
         under_way.pop(key, None)
         if self._timed_out and key in self._timed_out:
             self._timed_out.discard(key)
-            if isinstance(result, Failure) and isinstance(result.value, CancelledError):
+            if isinstance(result, Failure):
+                # Whatever the cancel made of it (see the class), its time was up.
                 return Failure(DeferredTimeout(timeout, "Deferred"))
         return result
 
@@ -284,11 +236,6 @@ class _Route:
     agent: IAgent
 
 
-def _origin(url: bytes) -> tuple[str, str, int | None]:
-    parts = urlsplit(url.decode("ascii", "replace"))
-    return parts.scheme, (parts.hostname or "").lower(), parts.port
-
-
 class HTTPSender(Service):
     """Sends requests over persistent connection pools; HTTPS is always verified.
 
@@ -316,16 +263,26 @@ class HTTPSender(Service):
         self._allow_hosts = allow_hosts
         #: The certificates of --ca-file, trusted instead of the system's CAs.
         self._base: list[ssl.Certificate] | None = None
+        self._system: list[ssl.Certificate] | None = None
         if ca_file:
             with open(ca_file, "rb") as f:
                 self._base = _certificates(f.read())
         #: How HTTPS servers are checked: the system's CAs, or ``--ca-file``'s (the Schema
         #: Registry client checks its server so too).
-        trust = _Trust(self._base, [])
+        trust = ssl.platformTrust() if self._base is None else ssl.trustRootFromCertificates(self._base)
         self.tls_policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trust)
         self._routes: dict[str | None, _Route] = {None: self._route(trust)}
         self._headers: dict[int, tuple[dict[bytes, list[bytes]], Headers]] = {}
         self._deadlines = _Deadlines(reactor)
+
+    def _trusted(self) -> list[ssl.Certificate]:
+        """The CAs every request trusts: ``--ca-file``'s, else the system's (read once, when
+        a job's ``ca_cert`` is to be trusted besides them)."""
+        if self._base is not None:
+            return self._base
+        if self._system is None:
+            self._system = _certificates_of(system_certificates())
+        return self._system
 
     def _headers_of(self, raw: dict[bytes, list[bytes]]) -> Headers:
         # A job's requests share one header dict (Host included): one Headers object for
@@ -343,7 +300,7 @@ class HTTPSender(Service):
         pool = HTTPConnectionPool(self._reactor, persistent=True)
         pool.maxPersistentPerHost = self._per_host
         pool.retryAutomatically = False
-        agent: IAgent = self._agent or _Agent.over(
+        agent: IAgent = self._agent or OriginAgent.over(
             self._reactor, _Endpoints(self._reactor, BrowserLikePolicyForHTTPS(trust)), pool)
         return _Route(pool, agent)
 
@@ -357,7 +314,7 @@ class HTTPSender(Service):
         """Send one request; fires with the :class:`Answer` (the first ``keep`` bytes of its
         body), fails on network errors."""
         if self._allow_hosts is not None:
-            host = _host_of(request.url)
+            host = host_of(request.url)
             if host not in self._allow_hosts:
                 # Checked at send time too: a job stored before the allowlist, or by another
                 # instance, sends nothing outside it.
@@ -367,7 +324,8 @@ class HTTPSender(Service):
         if route is None:
             try:
                 # A job's CAs are trusted besides the system's (or --ca-file's), not instead.
-                trust = _Trust(self._base, _certificates(ca_cert.encode("ascii")))  # type: ignore[union-attr]
+                trust = ssl.trustRootFromCertificates(
+                    self._trusted() + _certificates(ca_cert.encode("ascii")))  # type: ignore[union-attr]
             except Exception as e:  # a PEM cryptography read but pyOpenSSL will not
                 return fail(DestinationRefused(f"the job's ca_cert cannot be used: {e}"))
             route = routes[ca_cert] = self._route(trust)
@@ -404,12 +362,12 @@ class HTTPSender(Service):
                 return await self._answer(response, keep)
             await _read_body(response)  # so that the connection can be reused
             target = urljoin(url.decode("ascii", "replace"), location[0].decode("latin-1")).encode()
-            scheme, host, _ = _origin(target)
+            scheme, host, _ = origin(target)
             if scheme not in ("http", "https"):
                 raise DestinationRefused(f"redirect to a {scheme!r} URL")
             if self._allow_hosts is not None and host not in self._allow_hosts:
                 raise DestinationRefused(f"redirect to {host!r}, which is not an allowed host")
-            if _origin(target) != _origin(url):
+            if origin(target) != origin(url):
                 headers = {k: v for k, v in headers.items()
                            if not is_secret_header(k.decode("latin-1"))}
             if response.code in (301, 302, 303) and method not in (b"GET", b"HEAD"):
@@ -420,30 +378,11 @@ class HTTPSender(Service):
 
 
 def _certificates(pem: bytes) -> list[ssl.Certificate]:
-    return [ssl.Certificate.loadPEM(c) for c in _split_pem(pem)]
+    return _certificates_of(read_certificates(pem))
 
 
-@implementer(IOpenSSLTrustRoot)
-class _Trust:
-    """The system's CAs (or ``base``), plus ``extra``."""
-
-    def __init__(self, base: list[ssl.Certificate] | None, extra: list[ssl.Certificate]) -> None:
-        self._base = base
-        self._extra = extra
-
-    def _addCACertsToContext(self, context: Any) -> None:
-        if self._base is None:
-            context.set_default_verify_paths()
-        store = context.get_cert_store()
-        for cert in (self._base or []) + self._extra:
-            store.add_cert(cert.original)
-
-
-def _host_of(url: bytes) -> str:
-    """The host of an absolute URL, lower case (brackets of an IPv6 literal removed)."""
-    authority = url.split(b"/", 3)[2].rpartition(b"@")[2]
-    host = authority[1:authority.find(b"]")] if authority.startswith(b"[") else authority.partition(b":")[0]
-    return host.decode("ascii", "replace").lower()
+def _certificates_of(certificates: list[x509.Certificate]) -> list[ssl.Certificate]:
+    return [ssl.Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
 
 
 class _BodyReader(Protocol):
@@ -482,8 +421,3 @@ def _read_body(response: IResponse, keep: int = 500) -> Deferred[bytes]:
     reader = _BodyReader(done, keep)
     response.deliverBody(reader)
     return done
-
-
-def _split_pem(data: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    return [part + marker for part in data.split(marker) if b"BEGIN CERTIFICATE" in part]
