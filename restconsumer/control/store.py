@@ -446,10 +446,6 @@ class JobStore(Service):
         if args:
             await self._call("eval", _ADD_STATS, [_stats_key(job_id)], args)
 
-    async def put_instance_state(self, job_id: str, instance: str, state: dict[str, Any]) -> None:
-        """What one instance reports of a job: rate, lag of its partitions, last error."""
-        await self.put_instance_states(instance, {job_id: state})
-
     async def put_instance_states(self, instance: str, states: dict[str, dict[str, Any]]) -> None:
         """What one instance reports of several jobs, in one call per hundred jobs."""
         items = list(states.items())

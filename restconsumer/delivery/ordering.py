@@ -28,11 +28,9 @@ class Scheduler(Generic[U]):
         #: Groups whose head may start, and ungrouped units, in the order they became ready.
         self._ready: deque[tuple[Hashable, U | None]] = deque()
         self.in_flight = 0
-        self.queued = 0
 
     def add(self, group: Hashable | None, unit: U) -> None:
         """Queue ``unit`` behind the earlier units of ``group`` (None: no group)."""
-        self.queued += 1
         if group is None:
             self._ready.append((_NO_GROUP, unit))
             return
@@ -49,7 +47,6 @@ class Scheduler(Generic[U]):
             group, unit = self._ready.popleft()
             if group is _NO_GROUP:
                 assert unit is not None
-                self.queued -= 1
                 self.in_flight += 1
                 return None, unit
             units = self._groups.get(group)
@@ -59,7 +56,6 @@ class Scheduler(Generic[U]):
             if not units:
                 del self._groups[group]
             self._busy.add(group)
-            self.queued -= 1
             self.in_flight += 1
             return group, head
         return None
@@ -92,5 +88,4 @@ class Scheduler(Generic[U]):
             else:
                 ready.append((group, unit))
         self._ready = ready
-        self.queued -= len(dropped)
         return dropped

@@ -244,7 +244,6 @@ class KafkaLoop:
             log.failure("job {name}: the Kafka loop failed", name=self.name)
             raise
         finally:
-            self._sync_commits(consumer)
             self._close(consumer)
 
     def _turn(self, consumer: Any) -> None:
@@ -411,10 +410,6 @@ class KafkaLoop:
             self._warn("commit failed: {error}", error=str(e))
             return
         self._committed.update(due)
-
-    def _sync_commits(self, consumer: Any) -> None:
-        commits, _, _ = self._mail.take()
-        self._points.update((tp, o) for tp, o in commits.items() if tp in self._assigned)
 
     def _measure_lag(self, consumer: Any) -> None:
         lag = {}
