@@ -97,6 +97,9 @@ class RedisLink:
         if a.tls:
             # txredisapi's own TLS (ssl_context_factory=True) does not verify the server.
             endpoint = wrapClientTLS(optionsForClientTLS(a.host), endpoint)
+        # A lazy factory fails this Deferred when a connection attempt is refused (AUTH...);
+        # nothing waits on it here: the watch and ``connected`` say how things stand.
+        factory.deferred.addErrback(lambda _: None)
         factory.startConnecting(endpoint)
         self.factory = factory
 

@@ -10,12 +10,13 @@ import base64
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from jsonpath_ng import JSONPath
 from jsonpath_ng.jsonpath import Child, Fields, Index, Root
 
 from restconsumer.base.types import USER_AGENT, Outgoing
+from restconsumer.base.urls import DEFAULT_PORTS, origin
 from restconsumer.jobs.decode import to_json
 from restconsumer.jobs.model import PLACEHOLDER, Job, is_secret_header, parse_jsonpath
 
@@ -101,12 +102,10 @@ def encode_value(value: Any) -> str:
 
 def _host_header(template: str) -> bytes:
     """The ``Host`` header of a URL template (its authority never holds a placeholder)."""
-    parts = urlsplit(PLACEHOLDER.sub("x", template))
-    host = parts.hostname or ""
+    scheme, host, port = origin(PLACEHOLDER.sub("x", template))
     if ":" in host:
         host = f"[{host}]"
-    default = 443 if parts.scheme == "https" else 80
-    value = host if parts.port in (None, default) else f"{host}:{parts.port}"
+    value = host if port == DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
     return value.encode("idna") if not value.isascii() else value.encode("ascii")
 
 
