@@ -16,8 +16,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from restconsumer.control.keys import CHANNEL_PATTERN
 from restconsumer.control.redis import RedisAddress, RedisLink
-from restconsumer.control.store import CHANNEL_PATTERN
 from restconsumer.control.supervisor import Supervisor
 
 __all__ = ["JobControl"]

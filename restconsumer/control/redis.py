@@ -20,7 +20,11 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["RedisAddress", "RedisLink"]
+__all__ = ["RedisAddress", "RedisLink", "StoreUnavailable"]
+
+
+class StoreUnavailable(Exception):
+    """Redis cannot be reached right now (or refuses to work); the caller should answer 503."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The job store: jobs kept in Redis, and every change announced on the job channel.
 
-Layout (SPEC §3, §6): ``job:{id}`` holds the stored job as JSON, the set ``list_jobs``
-holds every id, and each change is published on ``msg/job:{id}``.
+Where things are kept and the scripts that change them are :mod:`.keys`; the connections,
+:mod:`.redis`; the secret key's check before the first answer, :mod:`.keycheck`.
 """
 
 from __future__ import annotations
@@ -18,46 +18,38 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from restconsumer.base.process import end_process
-from restconsumer.control.redis import RedisAddress, RedisLink
-from restconsumer.jobs.model import InvalidJob, Job, Policy, load
+from restconsumer.control.keycheck import KeyCheck, KeyRefused
+from restconsumer.control.keys import (
+    ADD_STATS,
+    BEGIN_MOVE,
+    CLAIM,
+    CREATE,
+    DELETE,
+    END_MOVE,
+    JOB_SET,
+    KEEP,
+    PUT,
+    PUT_STATES,
+    RELEASE,
+    REPLACE,
+    SET_STOPPED,
+    STOPPED_SET,
+    channel,
+    instances_key,
+    job_key,
+    offsets_key,
+    replay_key,
+    stats_key,
+)
+from restconsumer.control.redis import RedisAddress, RedisLink, StoreUnavailable
+from restconsumer.jobs.model import Job
 from restconsumer.jobs.secrets import (
-    FINGERPRINT_KEY,
     SecretKey,
-    check_key,
-    needs_sealing,
     open_definition,
     seal_definition,
-    sealed_fingerprints,
 )
 
-__all__ = ["JOB_SET", "STOPPED_SET", "JobRecord", "JobStore", "KeyRefused", "RedisAddress",
-           "StoreUnavailable", "channel", "job_key"]
-
-JOB_SET = "list_jobs"
-STOPPED_SET = "stopped_jobs"
-CHANNEL_PATTERN = "msg/job:*"
-
-
-def job_key(job_id: str) -> str:
-    """The Redis key of a job."""
-    return f"job:{job_id}"
-
-
-def _offsets_key(job_id: str) -> str:
-    return f"job:{job_id}:set_offset"
-
-
-def _replay_key(job_id: str) -> str:
-    return f"job:{job_id}:replay"
-
-
-def _stats_key(job_id: str) -> str:
-    return f"job:{job_id}:stats"
-
-
-def _instances_key(job_id: str) -> str:
-    return f"job:{job_id}:instances"
-
+__all__ = ["JobRecord", "JobStore", "KeyRefused", "RedisAddress", "StoreUnavailable"]
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -71,108 +63,6 @@ class JobRecord:
     def runnable(self) -> bool:
         """Whether the job should be consuming now."""
         return not self.stopped and not self.moving_offsets
-
-
-def channel(job_id: str) -> str:
-    """The pub/sub channel on which changes to a job are announced."""
-    return f"msg/job:{job_id}"
-
-
-# Each change is one script, so Redis applies it whole (store, index, announce) even if
-# the API request that made it is cut off half-way.
-_PUT = """
-if ARGV[4] == '1' then redis.call('DEL', KEYS[3], KEYS[4]) end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'update')
-return 1
-"""
-_REPLACE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[4] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'update')
-return 1
-"""
-_CREATE = """
-if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[3], KEYS[4])
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'update')
-return 1
-"""
-_DELETE = """
-local removed = redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
-if removed == 1 then redis.call('PUBLISH', ARGV[2], 'delete') end
-return removed
-"""
-_SET_STOPPED = """
-if ARGV[2] == '1' then redis.call('SADD', KEYS[1], ARGV[1]) else redis.call('SREM', KEYS[1], ARGV[1]) end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
-"""
-_BEGIN_MOVE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
-redis.call('PUBLISH', ARGV[3], 'set_offset')
-return 1
-"""
-_END_MOVE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('PUBLISH', ARGV[2], 'start')
-return 1
-"""
-
-#: A mark held by one owner (ARGV[1]) for ARGV[2] seconds: taken if free, kept and
-#: released only by its owner.
-_CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then return 1 end
-return 0
-"""
-_KEEP = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-  return 1
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
-
-#: Each instance report (ARGV[2..]) into its job's hash (KEYS) under the instance's name
-#: (ARGV[1]); the hash expires an hour after the last report.
-_PUT_STATES = """
-for i, key in ipairs(KEYS) do
-  redis.call('HSET', key, ARGV[1], ARGV[i + 1])
-  redis.call('EXPIRE', key, 3600)
-end
-return #KEYS
-"""
-
-# Checked before anything is added, so that the counters move all together or not at all
-# (a script that fails half-way keeps what it had already written).
-_ADD_STATS = """
-for i = 1, #ARGV, 2 do
-  local current = redis.call('HGET', KEYS[1], ARGV[i])
-  if current and not string.match(current, '^%-?%d+$') then
-    return redis.error_reply('counter ' .. ARGV[i] .. ' of ' .. KEYS[1] .. ' is not a number')
-  end
-end
-for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-"""
-
-
-class StoreUnavailable(Exception):
-    """Redis cannot be reached right now; the caller should answer 503."""
-
-
-class KeyRefused(Exception):
-    """The secret key (or its absence) does not fit what Redis holds: the instance must not run."""
 
 
 class JobStore(Service):
@@ -202,10 +92,7 @@ class JobStore(Service):
             clock = cast(IReactorTime, reactor)
         self._clock = clock
         self.secret_key = secret_key
-        self._on_refused = on_refused or self._end_process
-        self._checked = False
-        self._checking: list[Deferred[None]] | None = None
-        self._refused: str | None = None
+        self._key = KeyCheck(secret_key, self._raw, self._parse, on_refused or self._end_process)
         self.address = address
         self._link = RedisLink(
             clock, address, lambda: txredisapi.RedisFactory(
@@ -226,9 +113,9 @@ class JobStore(Service):
         self._link.start()
 
     def _check_key_soon(self) -> None:
-        if self.connected and not self._checked and self._checking is None:
+        if self.connected and not self._key.done and not self._key.running:
             # Checked as soon as Redis answers, even if nothing asks the store for anything.
-            Deferred.fromCoroutine(self._key_checked()).addErrback(lambda _: None)
+            Deferred.fromCoroutine(self._key.wait()).addErrback(lambda _: None)
 
     def stopService(self) -> Deferred[Any]:
         """Close every connection; fires when they are closed."""
@@ -241,13 +128,13 @@ class JobStore(Service):
         return self._link.connected
 
     async def _call(self, method: str, *args: Any) -> Any:
-        if not self._checked:
-            await self._key_checked()
+        if not self._key.done:
+            await self._key.wait()
         return await self._raw(method, *args)
 
     async def _raw(self, method: str, *args: Any) -> Any:
-        if self._refused is not None:
-            raise StoreUnavailable(f"not started: {self._refused}")
+        if self._key.refused is not None:
+            raise StoreUnavailable(f"not started: {self._key.refused}")
         if not self.connected:
             raise StoreUnavailable(f"Redis at {self.address} is not connected")
         try:
@@ -261,92 +148,6 @@ class JobStore(Service):
     def _end_process(self, reason: str) -> None:
         self.log.critical("{reason}; the process ends", reason=reason)
         end_process(self._clock)  # type: ignore[arg-type]
-
-    async def _key_checked(self) -> None:
-        """Wait for the key check (starting it if none runs); StoreUnavailable if it failed."""
-        if self._checked:
-            return
-        if self._refused is not None:
-            raise StoreUnavailable(f"not started: {self._refused}")
-        if self._checking is not None:
-            waiting: Deferred[None] = Deferred()
-            self._checking.append(waiting)
-            await waiting
-            return
-        self._checking = []
-        error: BaseException | None = None
-        try:
-            await self._check_key()
-            self._checked = True
-        except KeyRefused as e:
-            self._refused = str(e)
-            self._on_refused(str(e))
-            error = StoreUnavailable(f"not started: {e}")
-        except StoreUnavailable as e:
-            error = e
-        waiting_list, self._checking = self._checking, None
-        for d in waiting_list:
-            if error is None:
-                d.callback(None)
-            else:
-                d.errback(error)
-        if error is not None:
-            raise error
-
-    async def _stored_raw(self) -> dict[str, str]:
-        ids = sorted(str(i) for i in await self._raw("smembers", JOB_SET))
-        if not ids:
-            return {}
-        values = await self._raw("mget", [job_key(i) for i in ids])
-        return {i: v for i, v in zip(ids, values, strict=False) if v is not None}
-
-    async def _check_key(self) -> None:
-        """Compare the key with what Redis holds; encrypt what is in clear or under an old key."""
-        key = self.secret_key
-        stored_raw = await self._stored_raw()
-        jobs = {i: job for i, raw in stored_raw.items() if (job := self._parse(i, raw)) is not None}
-        found: set[str] = set()
-        for job in jobs.values():
-            found |= sealed_fingerprints(job)
-        plain = [i for i, job in jobs.items() if key is not None and needs_sealing(job, key)]
-        fingerprint = await self._raw("get", FINGERPRINT_KEY)
-        verdict = check_key(fingerprint, found, len(plain), key)
-        if verdict.error is not None:
-            raise KeyRefused(verdict.error)
-        if key is None:
-            return
-        if fingerprint is None:
-            if not await self._raw("setnx", FINGERPRINT_KEY, key.fingerprint):
-                # Another instance wrote one first: it must be one of ours too.
-                fingerprint = await self._raw("get", FINGERPRINT_KEY)
-                verdict = check_key(fingerprint, found, len(plain), key)
-                if verdict.error is not None:
-                    raise KeyRefused(verdict.error)
-        elif verdict.store is not None:
-            self.log.info("secret key rotation: the key with fingerprint {new} now encrypts "
-                          "(was {old})", new=verdict.store, old=fingerprint)
-            await self._raw("set", FINGERPRINT_KEY, verdict.store)
-        resealed = 0
-        for job_id in plain:
-            resealed += await self._reseal(job_id, stored_raw[job_id], jobs[job_id], key)
-        if resealed:
-            self.log.info("job secrets of {n} stored jobs encrypted under the key with fingerprint "
-                          "{fingerprint} (they were in clear or under an older key)", n=resealed,
-                          fingerprint=key.fingerprint)
-
-    async def _reseal(self, job_id: str, raw: str, job: dict[str, Any], key: SecretKey) -> int:
-        opened, unreadable = open_definition(job, key)
-        if unreadable:
-            return 0
-        try:
-            # Its hash covers the secrets through an HMAC under the key now.
-            renewed = load(opened, Policy(secret_digest=key.digest)).stored()
-        except InvalidJob:
-            renewed = opened
-        value = json.dumps(seal_definition(renewed, key), ensure_ascii=False)
-        done = await self._raw("eval", _REPLACE, [job_key(job_id), JOB_SET],
-                               [value, job_id, channel(job_id), raw])
-        return int(bool(done))
 
     def _seal(self, job: Job) -> str:
         stored = job.stored()
@@ -397,12 +198,12 @@ class JobStore(Service):
         if job is None:
             return None
         stopped = bool(await self._call("sismember", STOPPED_SET, job_id))
-        moving = await self._call("get", _offsets_key(job_id))
+        moving = await self._call("get", offsets_key(job_id))
         return JobRecord(job, stopped, moving is not None)
 
     async def set_stopped(self, job_id: str, stopped: bool) -> None:
         """Keep a job stopped (or not) across restarts, and announce it."""
-        await self._call("eval", _SET_STOPPED, [STOPPED_SET],
+        await self._call("eval", SET_STOPPED, [STOPPED_SET],
                          [job_id, "1" if stopped else "0", channel(job_id),
                           "stop" if stopped else "start"])
 
@@ -411,26 +212,26 @@ class JobStore(Service):
 
         The mark expires after ``ttl`` seconds, so a crashed mover never halts a job for good.
         """
-        taken = await self._call("eval", _BEGIN_MOVE, [_offsets_key(job_id)],
+        taken = await self._call("eval", BEGIN_MOVE, [offsets_key(job_id)],
                                  [token, str(ttl), channel(job_id)])
         return bool(taken)
 
     async def end_offset_move(self, job_id: str, token: str) -> None:
         """Let the job run again after its offsets moved (only the mover's own mark goes)."""
-        await self._call("eval", _END_MOVE, [_offsets_key(job_id)], [token, channel(job_id)])
+        await self._call("eval", END_MOVE, [offsets_key(job_id)], [token, channel(job_id)])
 
     async def claim_replay(self, job_id: str, owner: str, ttl: int) -> bool:
         """Mark a replay of the job's dead letters as ``owner``'s (for ``ttl`` seconds, kept
         with :meth:`keep_replay`); False if another one holds the mark."""
-        return bool(await self._call("eval", _CLAIM, [_replay_key(job_id)], [owner, str(ttl)]))
+        return bool(await self._call("eval", CLAIM, [replay_key(job_id)], [owner, str(ttl)]))
 
     async def keep_replay(self, job_id: str, owner: str, ttl: int) -> bool:
         """Extend ``owner``'s mark by ``ttl`` seconds; False if it is no longer theirs."""
-        return bool(await self._call("eval", _KEEP, [_replay_key(job_id)], [owner, str(ttl)]))
+        return bool(await self._call("eval", KEEP, [replay_key(job_id)], [owner, str(ttl)]))
 
     async def release_replay(self, job_id: str, owner: str) -> None:
         """Remove ``owner``'s mark (another's is left alone)."""
-        await self._call("eval", _RELEASE, [_replay_key(job_id)], [owner])
+        await self._call("eval", RELEASE, [replay_key(job_id)], [owner])
 
     async def add_stats(self, job_id: str, deltas: dict[str, int]) -> None:
         """Add to a job's counters (kept across instances and restarts, until it is deleted).
@@ -444,20 +245,20 @@ class JobStore(Service):
             if delta:
                 args += [name, str(int(delta))]
         if args:
-            await self._call("eval", _ADD_STATS, [_stats_key(job_id)], args)
+            await self._call("eval", ADD_STATS, [stats_key(job_id)], args)
 
     async def put_instance_states(self, instance: str, states: dict[str, dict[str, Any]]) -> None:
         """What one instance reports of several jobs, in one call per hundred jobs."""
         items = list(states.items())
         for start in range(0, len(items), 100):
             chunk = items[start:start + 100]
-            await self._call("eval", _PUT_STATES, [_instances_key(job_id) for job_id, _ in chunk],
+            await self._call("eval", PUT_STATES, [instances_key(job_id) for job_id, _ in chunk],
                              [instance, *(json.dumps(state) for _, state in chunk)])
 
     async def stats(self, job_id: str) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
         """A job's counters, and each instance's latest report."""
-        totals = await self._call("hgetall", _stats_key(job_id)) or {}
-        reports = await self._call("hgetall", _instances_key(job_id)) or {}
+        totals = await self._call("hgetall", stats_key(job_id)) or {}
+        reports = await self._call("hgetall", instances_key(job_id)) or {}
         instances = {}
         for name, raw in reports.items():
             try:
@@ -468,29 +269,29 @@ class JobStore(Service):
 
     async def put(self, job: Job, *, new: bool = False) -> None:
         """Store a job and announce the change; a ``new`` job starts with fresh counters."""
-        await self._call("eval", _PUT,
-                         [job_key(job.id), JOB_SET, _stats_key(job.id), _instances_key(job.id)],
+        await self._call("eval", PUT,
+                         [job_key(job.id), JOB_SET, stats_key(job.id), instances_key(job.id)],
                          [self._seal(job), job.id, channel(job.id), "1" if new else "0"])
 
     async def create(self, job: Job) -> bool:
         """Store a job only if none has its id; True if it was created (and announced)."""
         created = await self._call(
-            "eval", _CREATE, [job_key(job.id), JOB_SET, _stats_key(job.id), _instances_key(job.id)],
+            "eval", CREATE, [job_key(job.id), JOB_SET, stats_key(job.id), instances_key(job.id)],
             [self._seal(job), job.id, channel(job.id)])
         return bool(created)
 
     async def replace(self, job: Job, expected: str) -> bool:
         """Store a job only if its stored text is still ``expected`` (as :meth:`read` gave it);
         True if it was replaced (and announced), False if it changed or went meanwhile."""
-        replaced = await self._call("eval", _REPLACE, [job_key(job.id), JOB_SET],
+        replaced = await self._call("eval", REPLACE, [job_key(job.id), JOB_SET],
                                     [self._seal(job), job.id, channel(job.id), expected])
         return bool(replaced)
 
     async def delete(self, job_id: str) -> bool:
         """Remove a job, its run state and counters, and announce it; False if there was none."""
         removed = await self._call(
-            "eval", _DELETE, [job_key(job_id), JOB_SET, STOPPED_SET, _stats_key(job_id),
-                              _instances_key(job_id), _offsets_key(job_id)],
+            "eval", DELETE, [job_key(job_id), JOB_SET, STOPPED_SET, stats_key(job_id),
+                              instances_key(job_id), offsets_key(job_id)],
             [job_id, channel(job_id)])
         return bool(removed)
 
