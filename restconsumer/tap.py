@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,17 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Fill what was not given from the environment, then check it all."""
+        self._from_environment()
+        self._check_schema_registry()
+        self._check_places()
+        self._check_credentials()
+        self._check_numbers()
+        self._check_logs()
+        if self["embedded"] and EmbeddedRedis.binary() is None:
+            raise usage.UsageError("--embedded needs redis-server on the PATH "
+                                   "(apt-get install redis-server)")
+
+    def _from_environment(self) -> None:
         env = os.environ
         for name, (variable, default) in ENVIRONMENT.items():
             if self[name] is None:
@@ -236,8 +248,9 @@ class Options(usage.Options):
             text = env["RESTCONSUMER_SCHEMA_REGISTRY_OPTIONS"]
             self["schema-registry-options"] = dict(_parse_registry_option(i)
                                                    for i in _option_items(text, REGISTRY_OPTIONS))
-        self._check_schema_registry()
 
+    def _check_places(self) -> None:
+        """Folders, endpoints, Redis, hosts and CAs."""
         if self["jobs"] is None and Path("jobs").is_dir():
             self["jobs"] = "jobs"
         if self["jobs"] is not None and not Path(self["jobs"]).is_dir():
@@ -247,16 +260,29 @@ class Options(usage.Options):
             _endpoint(self["api"])
         except Exception as e:
             raise usage.UsageError(f"--api {self['api']!r} is not an endpoint string: {e}") from e
+        if self["metrics"]:
+            try:
+                _endpoint(self["metrics"])
+            except Exception as e:
+                raise usage.UsageError(f"--metrics {self['metrics']!r} is not an endpoint string: "
+                                       f"{e}") from e
         try:
             self["redis-address"] = RedisAddress.from_url(self["redis"])
         except ValueError as e:
             raise usage.UsageError(f"--redis: {e}") from e
+        hosts = [h.strip().lower() for h in (self["allow-hosts"] or "").split(",") if h.strip()]
+        self["allowed-hosts"] = frozenset(hosts) if hosts else None
 
+        if self["ca-file"]:
+            _check_ca_file(self["ca-file"])
+
+    def _check_credentials(self) -> None:
+        """The API's credentials, the tenants' tokens, the secret key."""
         if bool(self["api-user"]) != bool(self["api-password"]):
             raise usage.UsageError("--api-user and --api-password go together")
         for name, variable in SECRET_ENVIRONMENT.items():
             if self[name] is None:
-                self[name] = env.get(variable) or None
+                self[name] = os.environ.get(variable) or None
         self["scoped-tokens"] = {}
         self["topic-limits"] = {}
         if self["tokens"]:
@@ -274,12 +300,7 @@ class Options(usage.Options):
         if self["secrets-dir"] and not Path(self["secrets-dir"]).is_dir():
             raise usage.UsageError(f"--secrets-dir {self['secrets-dir']}: no such folder")
 
-        hosts = [h.strip().lower() for h in (self["allow-hosts"] or "").split(",") if h.strip()]
-        self["allowed-hosts"] = frozenset(hosts) if hosts else None
-
-        if self["ca-file"]:
-            _check_ca_file(self["ca-file"])
-
+    def _check_numbers(self) -> None:
         try:
             self["reconcile-seconds"] = float(self["reconcile-every"])
             if not 0.1 <= self["reconcile-seconds"] <= 86400:
@@ -314,6 +335,8 @@ class Options(usage.Options):
         if self["worker-count"] > 1 and self["embedded"]:
             raise usage.UsageError("--workers is for a real Kafka; --embedded runs one process")
 
+    def _check_logs(self) -> None:
+        """Log format and level (the logs are configured here, for what follows)."""
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
         self["log-level"] = self["log-level"].lower()
@@ -323,17 +346,6 @@ class Options(usage.Options):
         if self.parent is not None and not self.parent.get("logger"):
             # twistd reads its log observer (a dotted name) after our options are parsed.
             self.parent["logger"] = "restconsumer.ops.logs.observer"
-        if self["metrics"]:
-            try:
-                _endpoint(self["metrics"])
-            except Exception as e:
-                raise usage.UsageError(f"--metrics {self['metrics']!r} is not an endpoint string: "
-                                       f"{e}") from e
-
-        if self["embedded"] and EmbeddedRedis.binary() is None:
-            raise usage.UsageError("--embedded needs redis-server on the PATH "
-                                   "(apt-get install redis-server)")
-
 
     def _check_schema_registry(self) -> None:
         if not self["schema-registry"]:
@@ -414,32 +426,39 @@ def tune_interpreter() -> None:
     gc.freeze()  # what start-up made (modules, classes) is never garbage: not scanned again
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    """The whole service: embedded parts if asked, store, delivery, job control, API.
+def _embedded(options: Options, reactor: Any, top: OrderedServices) -> RedisAddress:
+    """``--embedded``: librdkafka's mock cluster and a private redis-server, the API on loopback."""
+    embedded_kafka = EmbeddedKafka()
+    embedded_kafka.setServiceParent(top)
+    embedded_redis = EmbeddedRedis(reactor)
+    embedded_redis.setServiceParent(top)
+    options["kafka"] = embedded_kafka.bootstrap
+    redis_address = RedisAddress.from_url(embedded_redis.url)
+    log.warn("*** EMBEDDED MODE: for trying restconsumer out only. Kafka is librdkafka's "
+             "in-memory mock cluster at {kafka}, Redis a private redis-server at {redis}; "
+             "everything is lost on exit. ***", kafka=options["kafka"], redis=str(redis_address))
+    options["api"], api_warning = loopback_endpoint(options["api"])
+    if api_warning:
+        log.warn(api_warning)
+    return redis_address
 
-    Children stop in the reverse order: the API first, then job control, the jobs (which
-    commit what they finished), the dead letters (flushed), the HTTP pool, the store.
-    """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
-    top = OrderedServices()
-    redis_address: RedisAddress = options["redis-address"]
-    if options["embedded"]:
-        embedded_kafka = EmbeddedKafka()
-        embedded_kafka.setServiceParent(top)
-        embedded_redis = EmbeddedRedis(reactor)
-        embedded_redis.setServiceParent(top)
-        options["kafka"] = embedded_kafka.bootstrap
-        redis_address = RedisAddress.from_url(embedded_redis.url)
-        log.warn("*** EMBEDDED MODE: for trying restconsumer out only. Kafka is librdkafka's "
-                 "in-memory mock cluster at {kafka}, Redis a private redis-server at {redis}; "
-                 "everything is lost on exit. ***", kafka=options["kafka"], redis=str(redis_address))
-        options["api"], api_warning = loopback_endpoint(options["api"])
-        if api_warning:
-            log.warn(api_warning)
+@dataclass
+class _Parts:
+    """What the API and job control are built on."""
 
+    store: JobStore
+    kafka: dict[str, Any]
+    shared: Shared
+    metrics: Metrics
+    registry: SchemaRegistry | None
+    supervisor: Supervisor
+    reporter: StatusReporter
+    mover: OffsetMover
+
+
+def _jobs(options: Options, reactor: Any, top: OrderedServices, redis_address: RedisAddress) -> _Parts:
+    """The store, what every job shares to deliver, and job control."""
     store = JobStore(redis_address, secret_key=options["secret-keys"])
     store.setServiceParent(top)
     kafka = kafka_config(options)
@@ -473,17 +492,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     mover.setServiceParent(top)
     JobControl(reactor, redis_address, supervisor,
                every=options["reconcile-seconds"]).setServiceParent(top)
+    return _Parts(store, kafka, shared, metrics, registry, supervisor, reporter, mover)
 
-    if options["worker"]:
-        # A worker of --workers: jobs only; the main process answers the API.
-        ParentWatch(reactor).setServiceParent(top)
-        return top
 
+def _api(options: Options, reactor: Any, top: OrderedServices, parts: _Parts,
+         redis_address: RedisAddress) -> None:
+    """The jobs folder, the health probes, the API (and its dashboard), the workers, /metrics."""
+    store, supervisor, reporter = parts.store, parts.supervisor, parts.reporter
     if options["jobs"]:
         JobsFolder(options["jobs"], store, reactor,
                    policy=policy(options)).setServiceParent(top)
 
-    probe = KafkaProbe(reactor, reactor, kafka)
+    probe = KafkaProbe(reactor, reactor, parts.kafka)
     probe.setServiceParent(top)
     DependencyWatch(store.ping, probe.check).setServiceParent(top)
 
@@ -498,20 +518,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options["embedded"]:
         demo_sink = DemoSink()
         DemoFeed(reactor, options["kafka"], demo_sink).setServiceParent(top)
-    reader = DeadLetterReader(reactor, kafka)
+    reader = DeadLetterReader(reactor, parts.kafka)
     reader.setServiceParent(top)
-    replays = Replays(reader, shared, runnable=supervisor.runnable, runner_of=supervisor.runners.get,
+    replays = Replays(reader, parts.shared, runnable=supervisor.runnable, runner_of=supervisor.runners.get,
                       store=store, owner=reporter.instance)
-    api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=mover,
-              metrics=metrics, reader=reader, replays=replays,
+    api = API(store, auth, probe.check, supervisor=supervisor, reporter=reporter, mover=parts.mover,
+              metrics=parts.metrics, reader=reader, replays=replays,
               clock=reactor, allow_hosts=options["allowed-hosts"], policy=policy(options),
-              demo_sink=demo_sink, registry=registry)
+              demo_sink=demo_sink, registry=parts.registry)
     if options["worker-count"] > 1:
         environment = {**worker_environment(options), **secret_environment(options)}
         WorkerPool(reactor, options["worker-count"] - 1, environment,
                    on_ended=Metrics.process_ended).setServiceParent(top)
     if options["metrics"]:
-        metrics_site = Site(MetricsResource(metrics))
+        metrics_site = Site(MetricsResource(parts.metrics))
         StreamServerEndpointService(endpoints.serverFromString(reactor, options["metrics"]),
                                     metrics_site).setServiceParent(top)
     endpoint = endpoints.serverFromString(reactor, options["api"])
@@ -523,4 +543,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options["embedded"]:
         EmbeddedGuide(reactor, store, server, auth, options["kafka"],
                       allow_hosts=options["allowed-hosts"]).setServiceParent(top)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """The whole service: embedded parts if asked, store, delivery, job control, API.
+
+    Children stop in the reverse order: the API first, then job control, the jobs (which
+    commit what they finished), the dead letters (flushed), the HTTP pool, the store.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = OrderedServices()
+    redis_address = _embedded(options, reactor, top) if options["embedded"] else options["redis-address"]
+    parts = _jobs(options, reactor, top, redis_address)
+    if options["worker"]:
+        # A worker of --workers: jobs only; the main process answers the API.
+        ParentWatch(reactor).setServiceParent(top)
+    else:
+        _api(options, reactor, top, parts, redis_address)
     return top
