@@ -16,12 +16,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from restconsumer.base.types import Answer, DestinationRefused, Outgoing
 from restconsumer.delivery.compose import compose
 from restconsumer.delivery.metrics import Metrics
 from restconsumer.delivery.oauth2 import TokenSource
-from restconsumer.delivery.sender import Answer, DestinationRefused, HTTPSender
+from restconsumer.delivery.sender import HTTPSender
 from restconsumer.delivery.settings import Current, Settings
-from restconsumer.jobs.mapping import Outgoing
 from restconsumer.jobs.signing import Signer
 
 __all__ = ["RESULT_BODY", "Attempts", "Pacer", "Sending"]

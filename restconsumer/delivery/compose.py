@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from restconsumer.jobs.mapping import Outgoing
+from restconsumer.base.types import Outgoing
 from restconsumer.jobs.model import REDACTED
 
 __all__ = ["RedactedSigner", "Signs", "compose"]

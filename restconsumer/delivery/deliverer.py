@@ -29,16 +29,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from restconsumer.base.types import TP
+from restconsumer.base.types import TP, Answer, Outgoing
 from restconsumer.delivery.attempt import Attempts
 from restconsumer.delivery.batching import batch_body
 from restconsumer.delivery.breaker import Breaker
 from restconsumer.delivery.metrics import Metrics
 from restconsumer.delivery.retry import Outcome, Verdict, deliver, judge
-from restconsumer.delivery.sender import Answer
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.delivery.units import Message, Unit
-from restconsumer.jobs.mapping import Outgoing
 from restconsumer.jobs.work import RecordWork
 
 __all__ = ["Deliverer", "Ends", "batch_request"]

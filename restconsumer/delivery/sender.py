@@ -42,7 +42,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPoli
 from zope.interface import implementer
 
 from restconsumer.base.pem import read_certificates, system_certificates
-from restconsumer.base.types import Outgoing
+from restconsumer.base.types import Answer, DestinationRefused, Outgoing
 from restconsumer.base.urls import host_of, origin
 from restconsumer.delivery.agent import OriginAgent
 from restconsumer.jobs.secrets import is_secret_header
@@ -72,15 +72,6 @@ class _Body:
 
     def stopProducing(self) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the endpoint answered: status, ``Retry-After`` seconds if any, start of the body."""
-
-    status: int
-    retry_after: float | None = None
-    body: bytes = b""
 
 
 def _retry_after(response: IResponse, clock: IReactorTime) -> float | None:
@@ -215,11 +206,6 @@ class _Deadlines:
                 self._timer = self._clock.callLater(max(0.0, earliest - now), self._expire)
             elif earliest < timer.getTime():
                 timer.reset(max(0.0, earliest - now))
-
-
-class DestinationRefused(Exception):
-    """The request may not go where it would go (a redirect outside the allowed hosts, a
-    CA that cannot be used); never retried."""
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)

@@ -10,8 +10,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from restconsumer.base.types import Outgoing
 from restconsumer.jobs.decode import SchemaLookup, SchemaNeeded, UndecodableMessage, decode
-from restconsumer.jobs.mapping import Outgoing, RequestBuilder, TemplateError
+from restconsumer.jobs.mapping import RequestBuilder, TemplateError
 
 __all__ = ["Incoming", "OrderKey", "Prepared", "RecordWork", "order_key", "prepare"]
 
