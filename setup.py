@@ -26,6 +26,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "confluent-kafka[schemaregistry]>=2.6",  # its serializers make the registry frames of tests
             "packaging>=23",  # tests/test_pinned.py reads setup.py's bounds
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.3",

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -766,11 +765,20 @@ def test_deadletters_and_replay_against_the_service(
     wait_for(lambda: sink.count() == before + 2, 30, "the two replayed")
     assert sorted(got.path for got in sink.snapshot()[before:]) == sorted(refused)
 
+    def replay() -> dict[str, Any]:
+        return service.request("GET", "/job/cli-dlq/status").json.get("replay", {})
+
+    wait_for(lambda: replay().get("state") == "done", 30, "the first replay done")
+    first = replay()
+
     def second_replay() -> bool:
         again = command("deadletters", "cli-dlq", "--replay", url=service.url)
-        return again.returncode == 0  # 409 (exit 1) while the first one still runs
+        return again.returncode == 0  # 409 (exit 1) while the first one's mark is held
 
     wait_for(second_replay, 30, "a second replay")
-    time.sleep(3)
+    second = wait_for(lambda: (now := replay()).get("started") != first["started"]
+                      and now.get("state") == "done" and now, 30, "the second replay done")
+    assert isinstance(second, dict)
+    assert (second["replayed"], second["delivered"], second["dead_lettered"]) == (0, 0, 0), second
     assert sink.count() == before + 2, "a second replay sent again"
     assert command("deadletters", "cli-ghost", url=service.url).returncode == 1

@@ -18,6 +18,7 @@ import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
+    ConnectingCancelledError,
     ConnectionLost,
     ConnectionRefusedError,
     DNSLookupError,
@@ -148,6 +149,21 @@ class FakeSend:
         return succeed(item)
 
 
+class Retries:
+    """deliver()'s ``on_retry``: keeps what it was told of each retry (attempt, reason, wait)."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[int, str, float]] = []
+
+    def __call__(self, attempt: int, reason: str, wait: float) -> None:
+        self.told.append((attempt, reason, wait))
+
+    @property
+    def waits(self) -> list[float]:
+        """The wait before each retry, in order."""
+        return [wait for _, _, wait in self.told]
+
+
 def start(send: FakeSend, policy: RetryPolicy, clock: Clock, **kwargs: Any) -> Deferred[Outcome]:
     """deliver() as a Deferred, on ``clock``."""
     send.clock = clock
@@ -177,7 +193,8 @@ def run(send: FakeSend, policy: RetryPolicy, clock: Clock | None = None, *, limi
 def test_2xx_is_delivered_after_one_attempt(status: int) -> None:
     send = FakeSend(status)
     clock = Clock()
-    d = start(send, RetryPolicy(), clock)
+    retries = Retries()
+    d = start(send, RetryPolicy(), clock, on_retry=retries)
     # No waiting at all: it is over before the clock moves.
     results: list[Outcome] = []
     d.addCallback(results.append)
@@ -187,7 +204,7 @@ def test_2xx_is_delivered_after_one_attempt(status: int) -> None:
     assert outcome.attempts == 1
     assert outcome.retried == 0
     assert outcome.status == status
-    assert outcome.waits == []
+    assert retries.told == []
     assert send.calls == 1
     assert not clock.getDelayedCalls()
 
@@ -210,17 +227,15 @@ def test_other_4xx_and_3xx_are_not_delivered_and_not_retried(status: int) -> Non
 @pytest.mark.parametrize("status", [503, 429, 408, 500, 502])
 def test_retryable_statuses_are_retried_with_growing_waits_until_success(status: int) -> None:
     send = FakeSend(status, status, status, 200)
-    retries: list[tuple[int, str, float]] = []
-    outcome = run(send, RetryPolicy(max_attempts=8, initial_wait=1.0, max_wait=30.0),
-                  on_retry=lambda *a: retries.append(a))
+    retries = Retries()
+    outcome = run(send, RetryPolicy(max_attempts=8, initial_wait=1.0, max_wait=30.0), on_retry=retries)
     assert outcome.delivered
     assert outcome.attempts == 4
     assert outcome.retried == 3
     assert outcome.status == 200
-    assert outcome.waits == [1.0, 2.0, 4.0]
     assert send.times == [0.0, 1.0, 3.0, 7.0]
-    assert [(a, w) for a, _, w in retries] == [(1, 1.0), (2, 2.0), (3, 4.0)]
-    assert all(f"HTTP {status}" in reason for _, reason, _ in retries)
+    assert [(a, w) for a, _, w in retries.told] == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    assert all(f"HTTP {status}" in reason for _, reason, _ in retries.told)
 
 
 @pytest.mark.parametrize("error", [
@@ -233,14 +248,15 @@ def test_retryable_statuses_are_retried_with_growing_waits_until_success(status:
 ], ids=lambda e: type(e).__name__)
 def test_connection_errors_are_retried_until_success(error: Exception) -> None:
     send = FakeSend(error, error, 204)
-    retries: list[tuple[int, str, float]] = []
-    outcome = run(send, RetryPolicy(initial_wait=0.5, max_wait=10.0), on_retry=lambda *a: retries.append(a))
+    retries = Retries()
+    outcome = run(send, RetryPolicy(initial_wait=0.5, max_wait=10.0), on_retry=retries)
     assert outcome.delivered
     assert outcome.attempts == 3
     assert outcome.status == 204
-    assert outcome.waits == [0.5, 1.0]
+    assert retries.waits == [0.5, 1.0]
     assert send.times == [0.0, 0.5, 1.5]
-    assert all(type(error).__name__ in reason for _, reason, _ in retries)
+    assert len(retries.told) == 2
+    assert all(type(error).__name__ in reason for _, reason, _ in retries.told)
 
 
 def test_no_resend_before_the_wait_is_over() -> None:
@@ -261,7 +277,8 @@ def test_no_resend_before_the_wait_is_over() -> None:
 
 def test_retries_exhausted_by_statuses() -> None:
     send = FakeSend(503)
-    outcome = run(send, RetryPolicy(max_attempts=5, initial_wait=1.0, max_wait=3.0))
+    retries = Retries()
+    outcome = run(send, RetryPolicy(max_attempts=5, initial_wait=1.0, max_wait=3.0), on_retry=retries)
     assert not outcome.delivered
     assert outcome.attempts == 5
     assert send.calls == 5
@@ -269,7 +286,8 @@ def test_retries_exhausted_by_statuses() -> None:
     assert outcome.status == 503
     assert "retries exhausted" in outcome.reason
     assert "HTTP 503" in outcome.reason
-    assert outcome.waits == [1.0, 2.0, 3.0, 3.0]
+    assert retries.waits == [1.0, 2.0, 3.0, 3.0]
+    assert send.times == [0.0, 1.0, 3.0, 6.0, 9.0]
 
 
 def test_retries_exhausted_by_connection_errors() -> None:
@@ -284,45 +302,51 @@ def test_retries_exhausted_by_connection_errors() -> None:
 
 def test_default_policy_gives_up_after_eight_attempts() -> None:
     send = FakeSend(500)
-    outcome = run(send, RetryPolicy(), rand=random.Random(3).random)
+    retries = Retries()
+    outcome = run(send, RetryPolicy(), rand=random.Random(3).random, on_retry=retries)
     assert outcome.attempts == 8
     assert "retries exhausted" in outcome.reason
-    assert len(outcome.waits) == 7
+    assert len(retries.waits) == 7
     # Ceilings 1, 2, 4, 8, 16, 30, 30 s; each wait is between 80 % of its ceiling and the ceiling.
     ceilings = [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
-    assert all(c * 0.8 <= w <= c for c, w in zip(ceilings, outcome.waits, strict=True))
-    assert 72.8 <= sum(outcome.waits) <= 91.0
+    assert all(c * 0.8 <= w <= c for c, w in zip(ceilings, retries.waits, strict=True))
+    assert 72.8 <= sum(retries.waits) <= 91.0
+    assert send.times[-1] == pytest.approx(sum(retries.waits))
 
 
 def test_one_attempt_policy_never_waits() -> None:
     send = FakeSend(503)
-    outcome = run(send, RetryPolicy(max_attempts=1))
-    assert (outcome.delivered, outcome.attempts, outcome.waits) == (False, 1, [])
+    retries = Retries()
+    outcome = run(send, RetryPolicy(max_attempts=1), on_retry=retries)
+    assert (outcome.delivered, outcome.attempts, retries.told) == (False, 1, [])
     assert "retries exhausted" in outcome.reason
 
 
 def test_max_attempts_zero_retries_until_it_succeeds() -> None:
     send = FakeSend(*([503] * 40), 200)
-    outcome = run(send, RetryPolicy(max_attempts=0, initial_wait=1.0, max_wait=5.0))
+    retries = Retries()
+    outcome = run(send, RetryPolicy(max_attempts=0, initial_wait=1.0, max_wait=5.0), on_retry=retries)
     assert outcome.delivered
     assert outcome.attempts == 41
-    assert max(outcome.waits) == 5.0
-    assert outcome.waits[:4] == [1.0, 2.0, 4.0, 5.0]
+    assert max(retries.waits) == 5.0
+    assert retries.waits[:4] == [1.0, 2.0, 4.0, 5.0]
 
 
 def test_retry_after_two_seconds_waits_at_least_two_seconds() -> None:
     send = FakeSend(Answer(503, 2.0, b"busy"), 200)
     clock = Clock()
-    outcome = run(send, RetryPolicy(initial_wait=0.1, max_wait=30.0), clock)
+    retries = Retries()
+    outcome = run(send, RetryPolicy(initial_wait=0.1, max_wait=30.0), clock, on_retry=retries)
     assert outcome.delivered
-    assert outcome.waits[0] >= 2.0
+    assert retries.waits[0] >= 2.0
     assert send.times[1] - send.times[0] >= 2.0
 
 
 def test_retry_after_on_429() -> None:
     send = FakeSend(Answer(429, 9.0, b"slow down"), 200)
-    outcome = run(send, RetryPolicy(initial_wait=0.1, max_wait=30.0), rand=lambda: 0.0)
-    assert outcome.waits[0] >= 9.0
+    retries = Retries()
+    run(send, RetryPolicy(initial_wait=0.1, max_wait=30.0), rand=lambda: 0.0, on_retry=retries)
+    assert retries.waits[0] >= 9.0
     assert send.times[1] >= 9.0
 
 
@@ -576,24 +600,25 @@ async def test_sender_keeps_only_the_start_of_a_long_body() -> None:
 async def test_sender_times_out_when_the_server_never_answers() -> None:
     async def test(server: Server) -> None:
         began = time.monotonic()
-        with pytest.raises(Exception) as caught:
+        # Before any header came: Twisted's agent fails the cancelled request with
+        # ResponseNeverReceived, yet the time limit was what ended it (SPEC §4 "every
+        # request has a timeout"), as Deferred.addTimeout would say.
+        with pytest.raises(DeferredTimeoutError) as caught:
             await server.sender.send(server.get("/hang"), timeout=0.3)
         elapsed = time.monotonic() - began
-        assert 0.25 <= elapsed < 5
+        assert elapsed >= 0.25, "given up before its time limit"
         assert len(server.endpoint.hanging) == 1
 
-        # deliver() treats that failure as a network error worth retrying.
+        # deliver() treats that failure as a timeout worth retrying.
         error = caught.value
-        # Twisted reports a request cancelled before any response as ResponseNeverReceived.
-        assert isinstance(error, (ResponseNeverReceived, CancelledError, TimeoutError))
         retried: list[str] = []
         outcome = await Deferred.fromCoroutine(deliver(
             lambda: fail(error), RetryPolicy(max_attempts=2, initial_wait=0.01, max_wait=0.01),
             server.reactor, on_retry=lambda a, reason, w: retried.append(reason)))
         assert not outcome.delivered
         assert outcome.status is None
-        assert "retries exhausted" in outcome.reason
-        assert len(retried) == 1
+        assert outcome.reason == "retries exhausted after 2 attempts; last: TimeoutError: timed out"
+        assert retried == ["TimeoutError: timed out"]
 
     await with_server(test)
 
@@ -623,11 +648,13 @@ async def test_deliver_through_the_sender_stops_on_404_and_retries_503() -> None
         assert (outcome.delivered, outcome.attempts, outcome.status) == (False, 1, 404)
         assert "nope" in outcome.reason
 
+        retries = Retries()
         outcome = await Deferred.fromCoroutine(deliver(
             lambda: server.sender.send(server.get("/flaky"), timeout=5),
-            RetryPolicy(initial_wait=0.02, max_wait=0.05), server.reactor))
+            RetryPolicy(initial_wait=0.02, max_wait=0.05), server.reactor, on_retry=retries))
         assert (outcome.delivered, outcome.attempts, outcome.status) == (True, 3, 200)
-        assert len(outcome.waits) == 2
+        assert [(attempt, reason) for attempt, reason, _ in retries.told] == \
+            [(1, "HTTP 503: flaky"), (2, "HTTP 503: flaky")]
 
     await with_server(test)
 
@@ -645,41 +672,43 @@ async def test_sender_timeout_during_the_body_closes_the_connection() -> None:
     await with_server(test)
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_senders_agent_sends_what_twisted_agent_sends() -> None:
-    """The sender's agent parses a URL's origin once (a fast path); what goes on the wire, and
-    the URI the response carries, are the same as Twisted's own ``Agent.request`` makes."""
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-    from twisted.web.http_headers import Headers
+def test_a_request_cancelled_at_its_deadline_fails_with_a_timeout_whatever_the_cancel_raised() -> None:
+    """Twisted's agent fails a request cancelled before its headers with ResponseNeverReceived
+    and one cancelled while connecting with ConnectingCancelledError; one waiting on another
+    Deferred (its body) fails as that one does. Cancelled at the deadline, each fails with
+    twisted's TimeoutError; cancelled by its owner, each keeps its own failure."""
+    from restconsumer.delivery.sender import _Deadlines
 
-    from restconsumer.delivery.sender import _Agent, _Endpoints, _read_body
+    def never_received(d: Deferred[Any]) -> None:
+        d.errback(ResponseNeverReceived([Failure(CancelledError())]))
 
-    async def test(server: Server) -> None:
-        pools = [HTTPConnectionPool(server.reactor), HTTPConnectionPool(server.reactor)]
-        plain = Agent(server.reactor, pool=pools[0])
-        fast = _Agent.over(server.reactor, _Endpoints(server.reactor, BrowserLikePolicyForHTTPS()),
-                           pools[1])
-        origin = server.url("").decode()
-        paths = ["/ok", "/people/p%C3%A9-1", "/ok?a=1&b=x%20y", "/ok?", "/ok?a=/b?c",
-                 "", "/ok;v=1?a", "/ok#part"]
-        try:
-            for path in paths:
-                seen = []
-                for agent in (plain, fast):
-                    response = await agent.request(b"POST", f"{origin}{path}".encode(),
-                                                   Headers({b"X-Id": [b"1"]}), None)
-                    await _read_body(response)
-                    seen.append((server.endpoint.seen.pop(), response.request.absoluteURI))
-                assert seen[0] == seen[1], path
-            # The plain form took the fast path: its origin is known.
-            assert list(fast._origins) == [origin.encode()]
-            with pytest.raises(ValueError):
-                await fast.request(b"GET", f"{origin}/a b".encode())
-        finally:
-            for pool in pools:
-                await pool.closeCachedConnections()
+    def connecting(d: Deferred[Any]) -> None:
+        d.errback(ConnectingCancelledError(("127.0.0.1", 1)))
 
-    await with_server(test)
+    def waiting_on_a_body() -> Deferred[Any]:
+        body: Deferred[Any] = Deferred(never_received)
+        d: Deferred[Any] = Deferred()
+        d.addCallback(lambda _: body)
+        return d
+
+    for owner_cancels in (False, True):
+        clock = Clock()
+        deadlines = _Deadlines(clock)
+        made = [Deferred(never_received), Deferred(connecting), waiting_on_a_body()]
+        failures: list[Failure] = []
+        for d in made:
+            deadlines.add(d, 5).addErrback(failures.append)
+        made[2].callback("headers")  # now it waits on its body
+        clock.advance(4.9)
+        assert failures == []
+        if owner_cancels:
+            for d in made:
+                d.cancel()
+        clock.advance(0.1)
+        expected = [ResponseNeverReceived, ConnectingCancelledError, ResponseNeverReceived] \
+            if owner_cancels else [DeferredTimeoutError] * 3
+        assert [type(f.value) for f in failures] == expected
+        assert clock.getDelayedCalls() == [] and deadlines._limits == {} and not deadlines._timed_out
 
 
 def test_request_time_limits_are_kept_by_one_timer() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -178,6 +179,28 @@ FIELD_PATHS = ["$.a", "$.a.b", "$.a.b.c", "$.b.a", "$.a.a.a.a", '$."a.b"', "$.ms
 #: Compiled once for the property test (compiling takes milliseconds); never changed.
 COMPILED_FIELD_PATHS = {expression: parse_uncached(expression) for expression in FIELD_PATHS}
 
+
+def fast_getter(expression: str) -> Callable[[Any], list[Any]]:
+    """compile_getter's function for ``expression``, on a path whose jsonpath-ng search fails:
+    it answers only if it took the fast path (a plain chain of names and indexes)."""
+    path = parse_uncached(expression)
+    get = compile_getter(path)
+
+    def refuse(_: Any) -> Any:
+        raise AssertionError(f"{expression}: the fast path called jsonpath-ng")
+
+    path.find = refuse  # type: ignore[method-assign]
+    return get
+
+
+def jsonpath_ng_finds(expression: str, doc: Any) -> list[Any]:
+    """The values jsonpath-ng itself finds, on a path parsed anew (not the one compiled)."""
+    return [match.value for match in parse_uncached(expression).find(doc)]
+
+
+#: The fast getters of the property test, made once.
+FAST_FIELD_GETTERS = {expression: fast_getter(expression) for expression in FIELD_PATHS}
+
 SPECIAL_PATHS = ["$.a[*]", "$.a[*].b", "$.a.*", "$..b", "$.a[?(@.b > 1)].c", "$.a[1:3]"]
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text("abc", max_size=3),
@@ -206,39 +229,34 @@ def fixed_documents() -> list[Any]:
 
 @pytest.mark.parametrize("expression", FIELD_PATHS)
 def test_fast_path_agrees_with_jsonpath_ng_on_fixed_documents(expression: str) -> None:
-    path = parse_uncached(expression)
-    get = compile_getter(path)
+    get = fast_getter(expression)
+    found = 0
     for doc in fixed_documents():
-        assert get(doc) == [m.value for m in path.find(doc)], (expression, doc)
+        expected = jsonpath_ng_finds(expression, doc)
+        assert get(doc) == expected, (expression, doc)
+        found += len(expected)
+    assert found > 0, "no document had a match: nothing was compared"
 
 
 @settings(max_examples=300, deadline=None)
 @given(doc=json_documents, expression=st.sampled_from(FIELD_PATHS))
 def test_fast_path_agrees_with_jsonpath_ng_on_any_document(doc: Any, expression: str) -> None:
-    path = COMPILED_FIELD_PATHS[expression]
-    assert compile_getter(path)(doc) == [m.value for m in path.find(doc)]
+    expected = [m.value for m in COMPILED_FIELD_PATHS[expression].find(doc)]
+    assert FAST_FIELD_GETTERS[expression](doc) == expected
 
 
 @pytest.mark.parametrize("expression", FIELD_PATHS)
 def test_plain_field_chains_do_not_go_through_jsonpath_ng(expression: str) -> None:
-    path = parse_uncached(expression)
-    get = compile_getter(path)
     doc = {"a": {"b": {"c": 1}, "a": {"a": {"a": 2}}}, "b": {"a": 3}, "a.b": 4,
            "msg": {"household": {"id": 5}}}
-    expected = [m.value for m in path.find(doc)]
-
-    def refuse(_: Any) -> Any:
-        raise AssertionError("the fast path called jsonpath-ng")
-
-    path.find = refuse  # type: ignore[method-assign]
-    assert get(doc) == expected
+    expected = jsonpath_ng_finds(expression, doc)
+    assert fast_getter(expression)(doc) == expected
     assert len(expected) == 1
 
 
 @pytest.mark.parametrize("expression", SPECIAL_PATHS)
 def test_special_paths_agree_with_jsonpath_ng(expression: str) -> None:
-    path = parse_uncached(expression)
-    get = compile_getter(path)
+    get = compile_getter(parse_uncached(expression))
     docs = [
         {"a": [{"b": 1, "c": "x"}, {"b": 2, "c": "y"}, {"b": 3, "c": "z"}, {"c": "w"}]},
         {"a": {"b": 5, "c": 6}},
@@ -247,7 +265,7 @@ def test_special_paths_agree_with_jsonpath_ng(expression: str) -> None:
         {},
     ]
     for doc in docs:
-        assert get(doc) == [m.value for m in path.find(doc)], (expression, doc)
+        assert get(doc) == jsonpath_ng_finds(expression, doc), (expression, doc)
 
 
 def test_filter_getter_selects_the_matching_items() -> None:
@@ -517,17 +535,30 @@ def test_any_value_stays_in_its_url_component(value: Any) -> None:
                     errors="strict") == expected
 
 
-@pytest.mark.parametrize(("expression", "document", "expected"), [
-    ("$.a.b[0].c", {"a": {"b": [{"c": 1}, {"c": 2}]}}, [1]),
-    ("$.a[-1]", {"a": [1, 2, 3]}, [3]),
-    ("$.a[0][1]", {"a": [[1, 2], [3]]}, [2]),
-    ("$.a[5]", {"a": [1]}, []),
-    ("$.a[0]", {"a": {"0": "dict"}}, []),
+@pytest.mark.parametrize(("expression", "document", "expected", "jsonpath_ng_raises"), [
+    ("$.a.b[0].c", {"a": {"b": [{"c": 1}, {"c": 2}]}}, [1], None),
+    ("$.a[-1]", {"a": [1, 2, 3]}, [3], None),
+    ("$.a[0][1]", {"a": [[1, 2], [3]]}, [2], None),
+    ("$.a[5]", {"a": [1]}, [], None),
+    ("$.a[0]", {"a": "xyz"}, ["x"], None),
+    ("$.a[1]", {"a": {"b": 1}}, [], None),
+    ("$.a[0]", {"a": None}, [], None),
+    # Where jsonpath-ng raises, the fast path finds nothing (the key is absent).
+    ("$.a[0]", {"a": {"0": "dict"}}, [], KeyError),
+    ("$.a[0]", {"a": 5}, [], TypeError),
+    ("$.a[-4]", {"a": [1, 2, 3]}, [], IndexError),
 ])
-def test_indexed_paths_take_the_fast_path(expression: str, document: Any, expected: list[Any]) -> None:
+def test_indexed_paths_take_the_fast_path(expression: str, document: Any, expected: list[Any],
+                                          jsonpath_ng_raises: type[Exception] | None) -> None:
     """Paths with [n] indexes are walked directly, and agree with jsonpath-ng where it answers."""
-    getter = compile_getter(parse_jsonpath(expression))
-    assert getter(document) == expected
+    assert fast_getter(expression)(document) == expected
+    if jsonpath_ng_raises is None:
+        assert jsonpath_ng_finds(expression, document) == expected
+    else:
+        with pytest.raises(jsonpath_ng_raises):
+            jsonpath_ng_finds(expression, document)
+    # The service's own (cached) parse of it compiles to the same walk.
+    assert compile_getter(parse_jsonpath(expression))(document) == expected
 
 
 def test_a_lone_surrogate_is_a_template_error_not_a_crash() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -105,12 +105,23 @@ def test_log_level_warn_leaves_out_info(services: Start) -> None:
 
 def test_redis_away_and_back_is_said_once_each(
         services: Start, own_redis: RedisServer) -> None:
-    """Redis stopped for ~12 s: one line that it is unreachable, one that it is back — not a
-    line per reconnect attempt, and no "Starting factory" noise."""
+    """Redis stopped while the service keeps trying it: one line that it is unreachable, one
+    that it is back — not a line per failed use or reconnect attempt, and no "Starting
+    factory" noise."""
     service = services(redis=own_redis.url)
     own_redis.stop()
     wait_for(lambda: "Redis is unreachable" in service.log(), 20, "the line saying Redis is away")
-    time.sleep(12)
+    # Each /health asks Redis: ten of them answered "Redis away" are ten failed uses, while
+    # the service's own watch and reconnects go on beside them.
+    failed: list[object] = []
+
+    def used_while_away() -> bool:
+        answer = service.request("GET", "/health")
+        if answer.status == 503 and answer.json["redis"]["ok"] is False:
+            failed.append(answer)
+        return len(failed) >= 10
+
+    wait_for(used_while_away, 60, "ten uses of Redis failing while it is away", every=1.0)
     own_redis.start()
     wait_for(lambda: "Redis is reachable again" in service.log(), 30, "the line saying it is back")
     text = service.log()
@@ -238,7 +249,14 @@ def test_dead_letters_listed_and_replayed_once(
         assert replay["delivered"] == 3 and replay["dead_lettered"] == 0
         again = service.request("POST", "/job/replayed/deadletters/replay")
         assert again.status == 202
-        time.sleep(3)
+
+        def second_done() -> dict[str, Any] | None:
+            now = service.request("GET", "/job/replayed/status").json.get("replay", {})
+            return now if now.get("started") != replay["started"] and now.get("state") == "done" else None
+
+        second = wait_for(second_done, 30, "the second replay done")
+        assert isinstance(second, dict)
+        assert (second["replayed"], second["delivered"], second["dead_lettered"]) == (0, 0, 0), second
         assert sink.count() == before + 3, "a second replay sent something again"
     finally:
         sink.stop()
@@ -248,11 +266,12 @@ def test_a_replay_under_way_on_one_instance_is_409_on_another(
         services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
     """Two instances on one Redis: the replay's mark is the service's, not one process's."""
     state = {"fixed": False}
+    answered = threading.Event()
 
     def answer(got: Received) -> tuple[int, dict[str, str], bytes]:
         if not state["fixed"]:
             return 400, {}, b"not yet"
-        time.sleep(1.0)  # the replay of three letters takes three seconds
+        answered.wait(30)  # the replay is held under way until the other instance was refused
         return 200, {}, b"ok"
 
     sink = Sink(answer).start()
@@ -269,9 +288,11 @@ def test_a_replay_under_way_on_one_instance_is_409_on_another(
         other = second.request("POST", "/job/marked/deadletters/replay")
         assert other.status == 409, other
         assert "another instance" in json.dumps(other.json)
+        answered.set()
         wait_for(lambda: first.request("GET", "/job/marked/status").json.get("replay", {})
                  .get("state") == "done", 30, "the replay done")
         assert wait_for(lambda: second.request("POST", "/job/marked/deadletters/replay").status == 202,
                         10, "the mark gone with the replay")
     finally:
+        answered.set()
         sink.stop()

@@ -5,7 +5,6 @@ the dry run, and a running job whose messages wait for their schema. No socket, 
 from __future__ import annotations
 
 import base64
-import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +38,7 @@ from restconsumer.jobs.decode import (
 )
 from restconsumer.jobs.model import validate
 from restconsumer.jobs.work import Incoming, prepare
+from tests.infra.confluent import avro_frame, json_frame
 from tests.test_runner import Harness, T, make_job
 
 PERSON = {"type": "record", "name": "Person", "namespace": "org.example",
@@ -49,10 +49,8 @@ SECRET = "s3cret-registry-pw"
 
 
 def framed(schema_id: int, schema: dict[str, Any], record: dict[str, Any]) -> bytes:
-    """A Confluent wire-format value: magic byte 0, the id (4 bytes, big-endian), the Avro datum."""
-    out = io.BytesIO()
-    fastavro.schemaless_writer(out, fastavro.parse_schema(schema), record)
-    return b"\x00" + schema_id.to_bytes(4, "big") + out.getvalue()
+    """``record`` as Confluent's AvroSerializer writes it under ``schema_id``."""
+    return avro_frame(schema_id, schema, record)
 
 
 def cache_with(*entries: tuple[int, WireSchema | UnknownSchema]) -> SchemaCache:
@@ -100,9 +98,10 @@ def test_a_corrupt_payload_is_undecodable() -> None:
 def test_a_json_schema_payload_is_json() -> None:
     schema = {"type": "object", "title": "Thing"}
     cache = cache_with((5, WireSchema("JSON", schema)))
-    assert decode(b"\x00\x00\x00\x00\x05" + b'{"id": "t1"}', cache) == [Record(schema, {"id": "t1"})]
+    value = json_frame(5, schema, {"id": "t1"})
+    assert decode(value, cache) == [Record(schema, {"id": "t1"})]
     with pytest.raises(UndecodableMessage, match="corrupt JSON payload for schema id 5"):
-        decode(b"\x00\x00\x00\x00\x05{nope", cache)
+        decode(value[:-1], cache)
 
 
 def test_without_a_registry_framing_is_named_and_json_and_text_are_unchanged() -> None:
@@ -264,22 +263,14 @@ def test_references_to_other_subjects_are_fetched_and_parsed_first() -> None:
     assert fake.calls[1][0] == "http://registry.test:8081/subjects/addr%2Fvalue/versions/2"
     fake.schema(address)
     assert isinstance(got[0], WireSchema)
-    value = b"\x00\x00\x00\x00\x0b" + _datum(person, {"id": "p", "home": {"city": "Oslo"}}, [address])
+    value = avro_frame(11, person, {"id": "p", "home": {"city": "Oslo"}},
+                       [("org.example.Address", "addr/value", 2, address)])
     assert decode(value, reg.cache)[0].msg == {"id": "p", "home": {"city": "Oslo"}}
     # A reference that is gone makes the id unusable (a bad message), not an outage.
     got = results([reg.fetch(12)])
     fake.schema(person, references=[{"name": "org.example.Address", "subject": "gone", "version": 1}])
     fake.answer(404, {"error_code": 40401, "message": "Subject 'gone' not found."})
     assert isinstance(got[0], UnknownSchema) and "'gone' version 1 not found" in got[0].reason
-
-
-def _datum(schema: dict[str, Any], record: dict[str, Any], named: list[dict[str, Any]]) -> bytes:
-    names: dict[str, Any] = {}
-    for one in named:
-        fastavro.parse_schema(one, named_schemas=names)
-    out = io.BytesIO()
-    fastavro.schemaless_writer(out, fastavro.parse_schema(schema, named_schemas=names), record)
-    return out.getvalue()
 
 
 def test_basic_and_bearer_auth_options() -> None:
@@ -562,7 +553,7 @@ def test_the_registry_answering_again_says_nothing_of_the_endpoint() -> None:
 
 def test_an_id_beyond_what_a_registry_gives_is_dead_lettered_without_asking() -> None:
     h = RegistryHarness()
-    h.arrive(h.value(b"\x00\xff\xff\xff\xffpayload"), h.value({"id": "b"}))
+    h.arrive(h.value(framed(2**32 - 1, PERSON, {"id": "a", "age": 1})), h.value({"id": "b"}))
     assert h.fake.calls == []
     assert h.dead_letters.reasons() == ["schema id 4294967295 is not a schema registry id (over 2^31 - 1)"]
     h.deliver_all(["p/b"])

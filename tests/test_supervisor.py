@@ -15,13 +15,14 @@ from restconsumer.control.channel import JobControl
 from restconsumer.control.offsets import OffsetError, OffsetRequest
 from restconsumer.control.store import JobRecord, RedisAddress, StoreUnavailable
 from restconsumer.control.supervisor import Supervisor
-from restconsumer.delivery.runner import Shared
+from restconsumer.delivery.runner import JobRunner, Shared
+from restconsumer.delivery.settings import Current
 from restconsumer.jobs.model import Job, validate
 
 
-def definition(job_id: str, topic: str = "t", url: str = "http://h/x/{id}") -> dict[str, Any]:
+def definition(job_id: str, topic: str = "t", url: str = "http://h/x/{id}", **more: Any) -> dict[str, Any]:
     job = validate({"id": job_id, "owner": "o", "type": "POST", "topic": topic,
-                    "datamap": {"id": "$.msg.id"}, "url": url})
+                    "datamap": {"id": "$.msg.id"}, "url": url, **more})
     return {**job.definition, "hash": job.hash, "modified": job.modified}
 
 
@@ -43,26 +44,38 @@ class MemoryStore:
         return self.records.get(job_id)
 
 
+class NoLimits:
+    """The part of Shared that a job's settings come from, with no owner limited."""
+
+    destinations: dict[str, Any] = {}
+    settings = Shared.settings
+
+
 class RecordingRunner:
-    """A runner that only records its lifecycle."""
+    """A runner that records its lifecycle; what it takes in place is decided by the real
+    JobRunner's own ``can_take`` on its settings, not by a rule of the test's."""
 
     made: list[RecordingRunner] = []
 
-    def __init__(self, job: Job, shared: Shared) -> None:
-        self.job = job
+    def __init__(self, job: Job, shared: Shared | None) -> None:
+        self._shared = shared if shared is not None else NoLimits()
+        self.current = Current(self._shared.settings(job))
         self.events: list[str] = []
         self.stop_result: Deferred[None] = succeed(None)
         RecordingRunner.made.append(self)
 
+    @property
+    def job(self) -> Job:
+        return self.current.settings.job
+
+    can_take = JobRunner.can_take
+
     def start(self) -> None:
         self.events.append("start")
 
-    def can_take(self, job: Job) -> bool:
-        return job.topics == self.job.topics
-
     def update(self, job: Job) -> None:
         self.events.append("update")
-        self.job = job
+        self.current.settings = self._shared.settings(job)
 
     def stop(self) -> Deferred[None]:
         self.events.append("stop")
@@ -114,6 +127,34 @@ async def test_new_topics_mean_a_new_runner(sup: Any) -> None:
     store.records["a"] = JobRecord(definition("a", topic="other"))
     await supervisor.sync("a")
     assert [r.events for r in RecordingRunner.made] == [["start", "stop"], ["start"]]
+
+
+IN_PLACE = {"url": {"url": "http://h/y/{id}"}, "headers": {"headers": {"X-New": "1"}},
+            "retry": {"retry": {"max_attempts": 2}}, "timeout": {"timeout": 5},
+            "success_status": {"success_status": [409]}, "max_in_flight": {"max_in_flight": 4}}
+REBUILT = {"topic": {"topic": "other"}, "ordering": {"ordering": "key"},
+           "start_from": {"start_from": "latest"},
+           "batch": {"url": "http://h/batch", "json_body": ["id"], "batch": {"max_messages": 5}}}
+
+
+@pytest.mark.parametrize("change", [*IN_PLACE, *REBUILT])
+@pytest_twisted.ensureDeferred
+async def test_what_a_running_job_takes_in_place_follows_the_runners_own_rule(sup: Any, change: str) -> None:
+    """Records already queued by their order group or gathered into batches, and a consumer
+    subscribed from where start_from says, cannot take a change of those: a new runner; any
+    other change is applied to the running one."""
+    supervisor, store = sup
+    store.records["a"] = JobRecord(definition("a"))
+    await supervisor.sync("a")
+    store.records["a"] = JobRecord(definition("a", **{**IN_PLACE, **REBUILT}[change]))
+    await supervisor.sync("a")
+    if change in IN_PLACE:
+        [runner] = RecordingRunner.made
+        assert runner.events == ["start", "update"]
+        assert runners(supervisor)["a"] is runner
+    else:
+        assert [r.events for r in RecordingRunner.made] == [["start", "stop"], ["start"]]
+    assert runners(supervisor)["a"].job.hash == store.records["a"].job["hash"]
 
 
 @pytest_twisted.ensureDeferred

@@ -37,7 +37,7 @@ from restconsumer.delivery.ledger import Ticket
 from restconsumer.delivery.outcomes import Producing, result_value
 from restconsumer.delivery.retry import Unavailable
 from restconsumer.delivery.runner import JobRunner, Shared
-from restconsumer.delivery.settings import Current, Settings
+from restconsumer.delivery.settings import Current
 from restconsumer.delivery.units import Message, Unit
 from restconsumer.jobs.model import Job
 from restconsumer.jobs.work import Incoming, Prepared, RecordWork, prepare
@@ -220,7 +220,7 @@ class Replays:
         if runner is not None and runner.job.hash == job.hash:
             current, attempts, breaker = runner.current, runner.attempts, runner.breaker
         else:
-            current = Current(Settings.of(job))
+            current = Current(shared.settings(job))
             attempts = Attempts(clock, shared.sender, shared.metrics, current, shared.token_fetch)
             breaker = Breaker(clock, lambda: current.settings.policy.max_wait, _seq,
                               opened=_nothing, closed=_nothing, start_one=_nothing)

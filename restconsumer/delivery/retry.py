@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseFailed
 
-from restconsumer.delivery.sender import Answer, DestinationRefused
+from restconsumer.base.types import Answer, DestinationRefused
 
 __all__ = ["Gate", "Outcome", "RetryPolicy", "Unavailable", "Verdict", "deliver", "is_retryable_status",
            "judge"]
@@ -91,7 +91,6 @@ class Outcome:
     status: int | None
     reason: str
     retried: int = 0
-    waits: list[float] = field(default_factory=list)
     #: The start of the last answer's body (as much as the sender kept).
     body: bytes = b""
     #: It ended because its attempts were used up (not because it was refused).
@@ -185,25 +184,28 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
     """
     attempts = 0
     tries = 0
-    waits: list[float] = []
     good_at_first_failure: int | None = None
     while True:
         if first is None:
             if gate is not None and gate.is_open():
                 await gate.park()
             counted = gate is None or not gate.is_open()
+            # Our own cancel passes through ``mine`` (and is noted); a CancelledError the
+            # request fails with otherwise is a lower layer giving up: judged, retried.
+            asked: list[bool] = []
             try:
-                answer: Answer | None = await send()
+                mine, asked = _ours(send())
+                answer: Answer | None = await mine
                 error: BaseException | None = None
             except Exception as e:
                 answer, error = None, e
         else:
             (answer, error), first = first, None
-            counted = True
+            counted, asked = True, []
         tries += 1
         body = b""
         if answer is None:
-            if cancelled() or isinstance(error, CancelledError):
+            if cancelled() or asked:
                 # Abandoned (a cancellation reaches the request under way first).
                 raise CancelledError("abandoned") from error
             verdict = judge(None, error)
@@ -215,9 +217,9 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
         if gate is not None:
             gate.verdict(verdict)
         if verdict.delivered:
-            return Outcome(True, attempts, verdict.status, "delivered", tries - 1, waits, body)
+            return Outcome(True, attempts, verdict.status, "delivered", tries - 1, body)
         if not verdict.retryable:
-            return Outcome(False, attempts, verdict.status, verdict.reason, tries - 1, waits, body)
+            return Outcome(False, attempts, verdict.status, verdict.reason, tries - 1, body)
         if cancelled():
             raise CancelledError("abandoned")
         if gate is not None and gate.is_open():
@@ -228,17 +230,29 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
             if gate is None or gate.good > good_at_first_failure:
                 return Outcome(False, attempts, verdict.status,
                                f"retries exhausted after {attempts} attempts; last: {verdict.reason}",
-                               tries - 1, waits, body, exhausted=True)
+                               tries - 1, body, exhausted=True)
             gate.open(f"retries of one record used up with no good answer since; "
                       f"last: {verdict.reason}")
             continue
         wait = policy.wait(attempts, verdict.retry_after, rand)
-        waits.append(wait)
         if on_retry is not None:
             on_retry(attempts, verdict.reason, wait)
             if cancelled():  # told, by being told of the retry, that it will not be wanted
                 raise CancelledError("abandoned")
         await deferLater(clock, wait, lambda: None)
+
+
+def _ours(sent: Deferred[Answer]) -> tuple[Deferred[Answer], list[bool]]:
+    """``sent`` behind a Deferred of our own, and a list that holds True once it is cancelled."""
+    asked: list[bool] = []
+
+    def cancel(_: Deferred[Answer]) -> None:
+        asked.append(True)
+        sent.cancel()
+
+    mine: Deferred[Answer] = Deferred(cancel)
+    sent.chainDeferred(mine)
+    return mine, asked
 
 
 def _tls_failure(error: BaseException) -> bool:

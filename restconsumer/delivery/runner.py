@@ -37,6 +37,7 @@ from restconsumer.delivery.registry import SchemaRegistry
 from restconsumer.delivery.sender import HTTPSender
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.delivery.units import Unit
+from restconsumer.jobs.destinations import Destinations
 from restconsumer.jobs.model import Job
 from restconsumer.jobs.work import Prepared, prepare
 from restconsumer.kafka.consumer import KafkaLoop, consumer_config
@@ -72,6 +73,13 @@ class Shared:
     token_fetch: Any = None
     #: The Schema Registry of ``--schema-registry`` (SPEC §12), if one is configured.
     registry: SchemaRegistry | None = None
+    #: Owner → what its jobs may reach besides public addresses: every owner of the tokens
+    #: file (SPEC §8); the jobs of an owner not in it are not limited.
+    destinations: dict[str, Destinations] = field(default_factory=dict)
+
+    def settings(self, job: Job) -> Settings:
+        """The delivery settings of ``job``, its owner's limits included."""
+        return Settings.of(job, self.destinations.get(job.owner))
 
 
 class JobRunner:
@@ -82,7 +90,7 @@ class JobRunner:
         clock: IReactorTime = shared.clock or shared.reactor
         self._clock = clock
         self._budget = shared.budget
-        self.current = current = Current(Settings.of(job))
+        self.current = current = Current(shared.settings(job))
         self.stats = stats = JobStats(started_at=clock.seconds())
         self.ledger = Ledger()
         #: Why the job broke on this instance (an exception taking a batch in), if it did.
@@ -154,12 +162,12 @@ class JobRunner:
     def can_take(self, job: Job) -> bool:
         """Whether ``job`` can replace the running definition in place (same consumer, the
         records under way kept); if not, the job must be rebuilt."""
-        return self.current.settings.takes_in_place(Settings.of(job))
+        return self.current.settings.takes_in_place(self._shared.settings(job))
 
     def update(self, job: Job) -> None:
         """Use a changed definition from now on (see :meth:`can_take`); raises, leaving the
         running one whole, if it cannot be used."""
-        settings = Settings.of(job)
+        settings = self._shared.settings(job)
         if not self.current.settings.takes_in_place(settings):
             raise ValueError("this change needs the job rebuilt")
         log.info("job {job_id}: definition changed (hash {old} -> {new})", job_id=job.id,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from restconsumer.delivery.retry import RetryPolicy
+from restconsumer.jobs.destinations import Destinations
 from restconsumer.jobs.mapping import RequestBuilder
 from restconsumer.jobs.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
 from restconsumer.jobs.work import OrderKey, order_key
@@ -62,10 +63,14 @@ class Settings:
     batch: BatchSettings | None
     #: The headers of a batch's request (a batch in NDJSON says so in its Content-Type).
     batch_headers: dict[bytes, list[bytes]]
+    #: What the job's owner may reach besides public addresses (SPEC §8); None: an owner
+    #: without a scoped token, not limited.
+    granted: Destinations | None = None
 
     @classmethod
-    def of(cls, job: Job) -> Settings:
-        """The settings of ``job``; raises what building its request builder raises."""
+    def of(cls, job: Job, granted: Destinations | None = None) -> Settings:
+        """The settings of ``job`` (its owner granted ``granted``); raises what building its
+        request builder raises."""
         d = job.definition
         builder = RequestBuilder(job)
         ordering = d.get("ordering", "partition")
@@ -83,7 +88,8 @@ class Settings:
             signing_secret=d["signing"]["secret"] if "signing" in d else None,
             result_topic=d.get("result_topic"), oauth2=d.get("oauth2"),
             max_in_flight=int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)),
-            ordering=ordering, order=order_key(ordering), batch=batch, batch_headers=headers)
+            ordering=ordering, order=order_key(ordering), batch=batch, batch_headers=headers,
+            granted=granted)
 
     @property
     def job_id(self) -> str:

@@ -1,18 +1,20 @@
-"""Last of the run: no secret the tests used appears in any log the service wrote.
+"""No secret the tests used appears in any log the service wrote.
 
-Runs after every other test module (by name), so it reads the logs of the whole run; it also
-drives a service of its own through every path that logs, so it never reads nothing. The
-secrets looked for are not a hand-kept list: :func:`tests.infra.used_secrets.collect` reads
-them from the test modules themselves (and those registered at run time), so a new test's
-secret is looked for without anyone adding it here.
+The test drives a service of its own through every path that logs and reads its log, so it
+never reads nothing, wherever it runs in the order. The logs of the whole run are read when
+the run ends, by the teardown of a session-wide fixture (a leak there is reported as an
+error at the teardown of the run's last test), so no module has to run last. The secrets
+looked for are not a hand-kept list: :func:`tests.infra.used_secrets.collect` reads them from
+the test modules themselves (and those registered at run time), so a new test's secret is
+looked for without anyone adding it here.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import time
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,16 +31,50 @@ PW, TOKEN, KEY, API_PW = "pw-logged-never-19ab", "tk-logged-never-7f30", "key-lo
 ENV_SECRET = "env-logged-never-0b7d"
 
 
+def leaked(logs: list[Path]) -> list[tuple[str, str]]:
+    """(log, secret) for every secret of the tests found in one of ``logs``."""
+    secrets = sorted(collect())
+    assert {PW, TOKEN, KEY, API_PW, ENV_SECRET} <= set(secrets)
+    return [(log.name, s) for log in logs for s in secrets if s in log.read_text(errors="replace")]
+
+
+@pytest.fixture(scope="session")
+def every_log_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the run, whatever ran after this module: no secret in any service log."""
+    yield
+    logs = sorted(Path(tmp_path_factory.getbasetemp()).rglob("service-*.log"))
+    assert logs
+    found = leaked(logs)
+    assert found == [], f"secrets in the service logs of the run: {found}"
+    print(f"{len(logs)} service logs checked for secrets")
+
+
 def test_no_secret_in_any_service_log(
         services: Callable[..., ServiceProcess], kafka: KafkaBroker, topic: Callable[..., str],
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+        every_log_of_the_run: None) -> None:
     """Retries, dead letters, refused logins, invalid jobs: none of it logs a secret."""
+    e1_tried_again = threading.Event()
+    slow_judged = threading.Event()
+    e1_seen = []
+    holder: list[ServiceProcess] = []
+
+    def slow_dead_lettered() -> bool:
+        return holder[0].request("GET", "/job/loud/status").json["counters"]["dead_lettered"] >= 1
+
     def respond(got: Received) -> tuple[int, dict[str, str], bytes]:
+        # A non-retryable answer while e1 is retried, so that e1's retries end in a dead
+        # letter rather than in an open circuit (SPEC §5): slow is answered once e1 failed
+        # and was tried again, and e1's last try once the service had slow's answer.
         if got.path == "/retry/slow":
-            # A non-retryable answer while e1 is retried, so that e1's retries end in a
-            # dead letter rather than in an open circuit (SPEC §5).
-            time.sleep(0.5)
+            e1_tried_again.wait(30)
             return 400, {}, b"bad"
+        if got.path == "/retry/e1":
+            e1_seen.append(got)
+            if len(e1_seen) == 2:
+                e1_tried_again.set()
+            elif len(e1_seen) == 3 and not slow_judged.is_set():
+                wait_for(slow_dead_lettered, 30, "slow's 400 dead-lettered")
+                slow_judged.set()
         return (503, {}, b"busy") if "retry" in got.path else (400, {}, b"bad")
 
     sink = Sink(respond).start()
@@ -46,6 +82,7 @@ def test_no_secret_in_any_service_log(
         name = topic(1)
         service = services("--api-user", "admin", "--api-password", API_PW,
                            env={"RESTCONSUMER_SECRET_LOGGED": ENV_SECRET})
+        holder.append(service)
         secret = {"id": "loud", "owner": "ops", "type": "POST", "topic": name,
                   "datamap": {"id": "$.msg.id"}, "url": f"{sink.url}/retry/{{id}}",
                   "basic_auth": {"user": "u", "pw": PW}, "headers": {"X-Api-Key": KEY},
@@ -76,12 +113,7 @@ def test_no_secret_in_any_service_log(
         assert service.request("GET", "/job/loud/status").status == 200
         service.stop()
     finally:
+        e1_tried_again.set()
         sink.stop()
-
-    logs = sorted(Path(tmp_path_factory.getbasetemp()).rglob("service-*.log"))
-    assert logs
-    secrets = sorted(collect())
-    assert {PW, TOKEN, KEY, API_PW, ENV_SECRET} <= set(secrets)
-    found = [(log.name, s) for log in logs for s in secrets if s in log.read_text(errors="replace")]
-    assert found == [], found
-    print(f"{len(logs)} service logs checked for {len(secrets)} secrets")
+    assert slow_judged.is_set(), "e1's last try came before slow's answer was judged"
+    assert leaked([service.log_path]) == []
