@@ -285,12 +285,14 @@ class Options(usage.Options):
                 self[name] = os.environ.get(variable) or None
         self["scoped-tokens"] = {}
         self["topic-limits"] = {}
+        self["destinations"] = {}
         if self["tokens"]:
             try:
                 tokens = load_token_file(self["tokens"])
             except ValueError as e:
                 raise usage.UsageError(f"--tokens: {e}") from e
             self["scoped-tokens"], self["topic-limits"] = tokens.owners, tokens.topic_limits
+            self["destinations"] = tokens.destinations
         self["secret-keys"] = None
         if self["secret-key"]:
             try:
@@ -478,7 +480,8 @@ def _jobs(options: Options, reactor: Any, top: OrderedServices, redis_address: R
         registry.setServiceParent(top)
         log.info("schema registry at {url}", url=registry.url)
     shared = Shared(reactor, kafka, sender, dead_letters, budget,
-                    revoke_grace=options["revoke-grace"], metrics=metrics, registry=registry)
+                    revoke_grace=options["revoke-grace"], metrics=metrics, registry=registry,
+                    destinations=options["destinations"])
     supervisor = Supervisor(store, shared, policy=policy(options, hosts=False),
                             secrets_dir=options["secrets-dir"])
     TimerService(2.0, lambda: metrics.refresh(supervisor.runners, budget.held)).setServiceParent(top)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from restconsumer.api.auth import Authenticator, Principal, load_token_file, load_tokens
+from restconsumer.jobs.destinations import Destinations
 
 
 def basic(user: str, password: str) -> bytes:
@@ -272,3 +273,36 @@ def test_every_problem_of_a_tokens_file_is_said(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as caught:
         load_token_file(path)
     assert "entry 1" in str(caught.value) and "entry 2" in str(caught.value)
+
+
+# --- destinations in the tokens file (SPEC §8) -------------------------------------------
+
+
+def test_every_owner_of_a_tokens_file_is_limited_to_what_it_is_granted(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({
+        "tok-a1": {"owner": "alice", "destinations": ["crm.internal", "*.corp.example", "10.20.0.0/16"]},
+        "tok-a2": {"owner": "alice", "destinations": ["crm.internal", "*.corp.example", "10.20.0.0/16"]},
+        "tok-c": {"owner": "carol", "topics": ["aether.*"]},
+        "tok-b": "bob",
+    }), encoding="utf-8")
+    tokens = load_token_file(path)
+    assert tokens.destinations["alice"].names == {"crm.internal"}
+    assert tokens.destinations["alice"].suffixes == (".corp.example",)
+    assert [str(n) for n in tokens.destinations["alice"].networks] == ["10.20.0.0/16"]
+    assert tokens.destinations["bob"] == tokens.destinations["carol"] == Destinations()  # public only
+    assert tokens.topic_limits == {"carol": ("aether.*",)}
+
+
+@pytest.mark.parametrize("entries, words", [
+    ({"t1": {"owner": "alice", "destinations": "crm.internal"}}, "must be a list"),
+    ({"t1": {"owner": "alice", "destinations": ["10.0.0.0/33", "bad host"]}}, "'bad host'"),
+    ({"t1": {"owner": "alice", "destinations": ["a.example"]}, "t2": "alice"}, "different destinations"),
+])
+def test_bad_destinations_are_refused_without_showing_a_token(
+        tmp_path: Path, entries: dict[str, object], words: str) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    with pytest.raises(ValueError) as caught:
+        load_token_file(path)
+    assert words in str(caught.value) and "t1" not in str(caught.value)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from restconsumer.jobs.destinations import Destinations
+
 __all__ = ["Authenticator", "Principal", "TokenFile", "load_token_file", "load_tokens"]
 
 
@@ -32,44 +34,70 @@ class Principal:
 
 @dataclass(frozen=True)
 class TokenFile:
-    """A tokens file: each token's owner, and the topics an owner's jobs may use."""
+    """A tokens file: each token's owner, the topics an owner's jobs may use, and what
+    they may reach besides public addresses."""
 
     owners: dict[str, str] = field(default_factory=dict)
     #: owner → shell-style globs (fnmatch) its jobs' topics must match; absent: any topic
     topic_limits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: owner → what its jobs may reach besides public addresses (SPEC §8); every owner of
+    #: the file has an entry (none granted: public addresses only)
+    destinations: dict[str, Destinations] = field(default_factory=dict)
 
 
-def _entry(number: int, token: Any, value: Any,
-           problems: list[str]) -> tuple[str, tuple[str, ...] | None] | None:
+_SHAPE = '{"owner": o, "topics": [globs], "destinations": [hosts, *.suffixes, networks]}'
+
+
+@dataclass(frozen=True)
+class _Entry:
+    owner: str
+    topics: tuple[str, ...] | None = None
+    destinations: Destinations = field(default_factory=Destinations)
+
+
+def _entry(number: int, token: Any, value: Any, problems: list[str]) -> _Entry | None:
     # Entries are named by their place in the file: an error message never shows a token.
     where = f"entry {number}"
     if not isinstance(token, str) or not token:
         problems.append("every token must be a non-empty string")
         return None
     if isinstance(value, str) and value:
-        return value, None
+        return _Entry(value)
     if not isinstance(value, dict):
-        problems.append(f"{where}: must map to an owner, or to {{\"owner\": o, \"topics\": [globs]}}")
+        problems.append(f"{where}: must map to an owner, or to {_SHAPE}")
         return None
-    unknown = sorted(set(value) - {"owner", "topics"})
+    unknown = sorted(set(value) - {"owner", "topics", "destinations"})
     if unknown:
         problems.append(f"{where}: unknown field(s) {', '.join(map(str, unknown))} "
-                        f"(only owner and topics)")
+                        f"(only owner, topics and destinations)")
     owner, topics = value.get("owner"), value.get("topics")
     if not isinstance(owner, str) or not owner:
         problems.append(f"{where}: owner must be a non-empty string")
         return None
-    if not isinstance(topics, list) or not topics or not all(
-            isinstance(t, str) and t.strip() for t in topics):
+    if (topics is not None or "destinations" not in value) and (
+            not isinstance(topics, list) or not topics
+            or not all(isinstance(t, str) and t.strip() for t in topics)):
         problems.append(f"{where}: topics must be a non-empty list of topic globs "
-                        f"(e.g. \"aether.*\")")
+                        f"(e.g. \"aether.*\"){'' if topics is not None else ', or destinations given'}")
         return None
-    return owner, tuple(topics)
+    granted = Destinations()
+    if "destinations" in value:
+        entries = value["destinations"]
+        try:
+            if not isinstance(entries, list):
+                raise ValueError("must be a list of host names, *.suffixes and IP networks")
+            granted = Destinations.parse(entries)
+        except ValueError as e:
+            problems.append(f"{where}: destinations: {e}")
+            return None
+    return _Entry(owner, tuple(topics) if topics is not None else None, granted)
 
 
 def load_token_file(path: str | Path) -> TokenFile:
     """Read a tokens file: a JSON object mapping each token to an owner, or to
-    ``{"owner": o, "topics": ["aether.*", ...]}`` to limit the topics that owner's jobs use.
+    ``{"owner": o, "topics": ["aether.*", ...], "destinations": ["crm.internal", ...]}`` to
+    limit the topics that owner's jobs use and grant what they may reach besides public
+    addresses.
 
     The limits belong to the owner: every token of one owner must give the same ones.
     Raises ValueError saying every problem (never a token in full).
@@ -80,23 +108,28 @@ def load_token_file(path: str | Path) -> TokenFile:
         raise ValueError(f"cannot read the tokens file {path}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"the tokens file {path} must be a JSON object of token: owner "
-                         f"(or token: {{\"owner\": o, \"topics\": [globs]}})")
+                         f"(or token: {_SHAPE})")
     problems: list[str] = []
     owners: dict[str, str] = {}
     limits: dict[str, tuple[str, ...] | None] = {}
+    granted: dict[str, Destinations] = {}
     for number, (token, value) in enumerate(data.items(), 1):
         entry = _entry(number, token, value, problems)
         if entry is None:
             continue
-        owner, topics = entry
+        owner = entry.owner
         owners[token] = owner
-        if owner in limits and limits[owner] != topics:
+        if owner in limits and limits[owner] != entry.topics:
             problems.append(f"owner {owner!r} is given different topic limits by different "
                             f"tokens: give every token of an owner the same")
-        limits.setdefault(owner, topics)
+        if owner in granted and granted[owner] != entry.destinations:
+            problems.append(f"owner {owner!r} is given different destinations by different "
+                            f"tokens: give every token of an owner the same")
+        limits.setdefault(owner, entry.topics)
+        granted.setdefault(owner, entry.destinations)
     if problems:
         raise ValueError(f"the tokens file {path}: " + "; ".join(dict.fromkeys(problems)))
-    return TokenFile(owners, {o: t for o, t in limits.items() if t is not None})
+    return TokenFile(owners, {o: t for o, t in limits.items() if t is not None}, granted)
 
 
 def load_tokens(path: str | Path) -> dict[str, str]:

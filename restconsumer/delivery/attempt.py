@@ -10,6 +10,7 @@ request's time limit, and the request metrics.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -19,7 +20,7 @@ from twisted.python.failure import Failure
 from restconsumer.base.types import Answer, DestinationRefused, Outgoing
 from restconsumer.delivery.compose import compose
 from restconsumer.delivery.metrics import Metrics
-from restconsumer.delivery.oauth2 import TokenSource
+from restconsumer.delivery.oauth2 import TokenSource, treq_fetch
 from restconsumer.delivery.sender import HTTPSender
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.jobs.signing import Signer
@@ -69,7 +70,11 @@ class Attempts:
                     before.settings.oauth2 == settings.oauth2:
                 tokens = before.tokens  # the same client: its token stays good
             else:
-                tokens = TokenSource(self._clock, settings.oauth2, self._token_fetch, settings.timeout)
+                fetch = self._token_fetch
+                if fetch is None and settings.granted is not None:
+                    # A limited owner's token endpoint is reached as its requests are (SPEC §8).
+                    fetch = partial(treq_fetch, agent=self._sender.agent(settings.granted))
+                tokens = TokenSource(self._clock, settings.oauth2, fetch, settings.timeout)
         return _Tools(settings, signer, tokens)
 
     def tools(self) -> _Tools:
@@ -119,7 +124,7 @@ class Attempts:
         # A result holds up to 64 KiB of the answer's body.
         keep = RESULT_BODY if settings.result_topic is not None else 500
         d = self._sender.send(request, settings.timeout, settings.follow_redirects, settings.ca_cert,
-                              keep=keep)
+                              keep=keep, granted=settings.granted)
         job_id = settings.job.id
 
         def sent(result: Answer | Failure) -> Answer | Failure:

@@ -15,8 +15,9 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
-from restconsumer.base.types import USER_AGENT
+from restconsumer.base.types import USER_AGENT, DestinationRefused
 from restconsumer.delivery.retry import Unavailable
 
 __all__ = ["EARLY", "Fetch", "TokenSource", "TokenUnavailable", "treq_fetch"]
@@ -32,12 +33,13 @@ class TokenUnavailable(Unavailable):
     """The token endpoint is down or gave no token: an outage, not a bad message."""
 
 
-async def treq_fetch(url: str, form: dict[str, str], timeout: float) -> tuple[int, bytes]:
-    """POST the form to the token endpoint with treq; its status and body."""
+async def treq_fetch(url: str, form: dict[str, str], timeout: float,
+                     agent: IAgent | None = None) -> tuple[int, bytes]:
+    """POST the form to the token endpoint with treq (through ``agent``, if given: a limited
+    owner's, SPEC §8); its status and body."""
     import treq
 
-
-    response = await treq.post(url, data=form, timeout=timeout,
+    response = await treq.post(url, data=form, timeout=timeout, agent=agent,
                                headers=Headers({b"Accept": [b"application/json"],
                                                 b"User-Agent": [USER_AGENT]}))
     return response.code, await response.content()
@@ -97,6 +99,8 @@ class TokenSource:
             self.fetched += 1
         except TokenUnavailable as e:
             error = e
+        except DestinationRefused as e:  # never retried: the record is dead-lettered, saying why
+            error = DestinationRefused(f"the OAuth2 token endpoint: {e}")
         except Exception as e:  # never the form in the reason: it holds the client secret
             error = TokenUnavailable(f"no OAuth2 token from the token endpoint: "
                                      f"{type(e).__name__}: {e}")

@@ -45,6 +45,8 @@ from restconsumer.base.pem import read_certificates, system_certificates
 from restconsumer.base.types import Answer, DestinationRefused, Outgoing
 from restconsumer.base.urls import host_of, origin
 from restconsumer.delivery.agent import OriginAgent
+from restconsumer.delivery.guard import CheckedEndpoint
+from restconsumer.jobs.destinations import Destinations
 from restconsumer.jobs.secrets import is_secret_header
 
 __all__ = ["Answer", "DestinationRefused", "HTTPSender"]
@@ -95,10 +97,12 @@ class _Endpoints:
     a tenth of the reactor's time when requests are small and the endpoint is near.
     """
 
-    def __init__(self, reactor: Any, tls: IPolicyForHTTPS, connect_timeout: float = 10.0) -> None:
+    def __init__(self, reactor: Any, tls: IPolicyForHTTPS, connect_timeout: float = 10.0,
+                 granted: Destinations | None = None) -> None:
         self._reactor = reactor
         self._tls = tls
         self._timeout = connect_timeout
+        self._granted = granted
         self._cache: dict[tuple[bytes, bytes, int], Any] = {}
 
     def endpointForURI(self, uri: Any) -> Any:
@@ -106,11 +110,17 @@ class _Endpoints:
         endpoint = self._cache.get(key)
         if endpoint is None:
             host = uri.host.decode("ascii")
-            endpoint = _connect_to(self._reactor, host, uri.port, self._timeout)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-            elif uri.scheme != b"http":
+            if uri.scheme not in (b"http", b"https"):
                 raise ValueError(f"unsupported scheme {uri.scheme!r}")
+            tls = self._tls.creatorForNetloc(uri.host, uri.port) if uri.scheme == b"https" else None
+            if self._granted is not None:
+                # A limited owner's job: connected to checked addresses only (SPEC §8).
+                endpoint = CheckedEndpoint(self._reactor, host, uri.port, self._granted,
+                                           timeout=self._timeout, tls=tls)
+            else:
+                endpoint = _connect_to(self._reactor, host, uri.port, self._timeout)
+                if tls is not None:
+                    endpoint = wrapClientTLS(tls, endpoint)
             if len(self._cache) > 1000:
                 self._cache.clear()
             self._cache[key] = endpoint
@@ -214,6 +224,10 @@ MAX_ROUTES = 64
 _MAX_HOPS = 10
 
 
+#: The route of requests with neither a job's ca_cert nor an owner's limits.
+_PLAIN: tuple[None, None] = (None, None)
+
+
 @dataclass
 class _Route:
     """The pool and agent of one trust setting."""
@@ -257,7 +271,9 @@ class HTTPSender(Service):
         #: Registry client checks its server so too).
         trust = ssl.platformTrust() if self._base is None else ssl.trustRootFromCertificates(self._base)
         self.tls_policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trust)
-        self._routes: dict[str | None, _Route] = {None: self._route(trust)}
+        self._trust = trust
+        #: A pool per trust setting and owner's destinations: (ca_cert, granted).
+        self._routes: dict[tuple[str | None, Destinations | None], _Route] = {_PLAIN: self._route(trust)}
         self._headers: dict[int, tuple[dict[bytes, list[bytes]], Headers]] = {}
         self._deadlines = _Deadlines(reactor)
 
@@ -282,13 +298,22 @@ class HTTPSender(Service):
         self._headers[id(raw)] = (raw, headers)
         return headers
 
-    def _route(self, trust: Any) -> _Route:
+    def _route(self, trust: Any, granted: Destinations | None = None) -> _Route:
         pool = HTTPConnectionPool(self._reactor, persistent=True)
         pool.maxPersistentPerHost = self._per_host
         pool.retryAutomatically = False
-        agent: IAgent = self._agent or OriginAgent.over(
-            self._reactor, _Endpoints(self._reactor, BrowserLikePolicyForHTTPS(trust)), pool)
+        endpoints = _Endpoints(self._reactor, BrowserLikePolicyForHTTPS(trust), granted=granted)
+        agent: IAgent = self._agent or OriginAgent.over(self._reactor, endpoints, pool)
         return _Route(pool, agent)
+
+    def agent(self, granted: Destinations | None = None) -> IAgent:
+        """The agent of the plain route, or of ``granted``'s (a limited owner's checked
+        connections), for requests made elsewhere (the OAuth2 token endpoint)."""
+        key = (None, granted)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = self._route(self._trust, granted)
+        return route.agent
 
     def stopService(self) -> Deferred[Any]:
         """Close the pooled connections."""
@@ -296,9 +321,11 @@ class HTTPSender(Service):
         return DeferredList([r.pool.closeCachedConnections() for r in self._routes.values()])
 
     def send(self, request: Outgoing, timeout: float, follow_redirects: bool = False,
-             ca_cert: str | None = None, keep: int = 500) -> Deferred[Answer]:
+             ca_cert: str | None = None, keep: int = 500,
+             granted: Destinations | None = None) -> Deferred[Answer]:
         """Send one request; fires with the :class:`Answer` (the first ``keep`` bytes of its
-        body), fails on network errors."""
+        body), fails on network errors. ``granted``: the request is a limited owner's,
+        sent to public addresses and those granted only (:class:`DestinationRefused`)."""
         if self._allow_hosts is not None:
             host = host_of(request.url)
             if host not in self._allow_hosts:
@@ -306,22 +333,25 @@ class HTTPSender(Service):
                 # instance, sends nothing outside it.
                 return fail(DestinationRefused(f"host {host!r} is not an allowed host (--allow-hosts)"))
         routes = self._routes
-        route = routes.get(ca_cert)
+        key = (ca_cert, granted)
+        route = routes.get(key)
         if route is None:
-            try:
-                # A job's CAs are trusted besides the system's (or --ca-file's), not instead.
-                trust = ssl.trustRootFromCertificates(
-                    self._trusted() + _certificates(ca_cert.encode("ascii")))  # type: ignore[union-attr]
-            except Exception as e:  # a PEM cryptography read but pyOpenSSL will not
-                return fail(DestinationRefused(f"the job's ca_cert cannot be used: {e}"))
-            route = routes[ca_cert] = self._route(trust)
+            trust = self._trust
+            if ca_cert is not None:
+                try:
+                    # A job's CAs are trusted besides the system's (or --ca-file's), not instead.
+                    trust = ssl.trustRootFromCertificates(
+                        self._trusted() + _certificates(ca_cert.encode("ascii")))
+                except Exception as e:  # a PEM cryptography read but pyOpenSSL will not
+                    return fail(DestinationRefused(f"the job's ca_cert cannot be used: {e}"))
+            route = routes[key] = self._route(trust, granted)
             if len(routes) > MAX_ROUTES:
-                # The trust least recently used goes (its idle connections closed; requests
+                # The route least recently used goes (its idle connections closed; requests
                 # under way end on theirs): edited ca_certs add no pool for ever.
-                stale = next(k for k in routes if k is not None)
+                stale = next(k for k in routes if k != _PLAIN)
                 routes.pop(stale).pool.closeCachedConnections()
-        elif ca_cert is not None:
-            routes[ca_cert] = routes.pop(ca_cert)  # the most recently used last
+        elif key != _PLAIN:
+            routes[key] = routes.pop(key)  # the most recently used last
         if follow_redirects:
             d = Deferred.fromCoroutine(self._follow(route.agent, request, keep))
         else:
