@@ -22,6 +22,7 @@ setup(
         "fastavro>=1.9",
         "cryptography>=42",
         "prometheus-client>=0.20",
+        "jsonschema>=4.18",  # the job model is checked against openapi.json's JobDefinition
     ],
     extras_require={
         "test": [
@@ -33,7 +34,6 @@ setup(
             "hypothesis>=6",
             "redis>=5",
             "ruff>=0.6",
-            "jsonschema>=4",
             "schemathesis>=4.0",
             "selenium>=4.20",
             "standardwebhooks>=1.0",

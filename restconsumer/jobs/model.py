@@ -2,25 +2,38 @@
 
 Plain functions and data, no Twisted: the API, the store and the supervisor all go
 through :func:`validate` and :func:`load`, so a job means the same thing everywhere.
+
+A definition is first normalised (keys read case-insensitively, ``password`` read as
+``pw``, nulls left out, ``post`` read as ``POST``), then checked against its schema,
+``JobDefinition`` in the API's ``openapi.json`` (:mod:`restconsumer.jobs.schema`): which
+fields there are, and their types, enums, ranges and patterns, are said there only. What
+a schema cannot say is checked here: the rules between fields (placeholders name datamap
+keys, a body only with POST, PUT or PATCH, one kind of credentials...), what must be
+parsed (URLs, JSONPaths, certificates, signing secrets), and the service's policy
+(allowed hosts, an owner's topics, which secrets may be read).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cryptography.x509 import load_pem_x509_certificates
 from jsonpath_ng import JSONPath
 from jsonpath_ng.ext import parse as _parse_jsonpath
 
+from restconsumer.base.pem import read_certificates
+from restconsumer.base.urls import origin
+from restconsumer.jobs import schema
+from restconsumer.jobs.destinations import Destinations, refusal
 from restconsumer.jobs.secrets import (
     REDACTED,
     hash_view,
@@ -34,8 +47,6 @@ from restconsumer.jobs.secrets import (
 from restconsumer.jobs.signing import SCHEMES, secret_problem
 
 __all__ = [
-    "ID_PATTERN",
-    "METHODS",
     "REDACTED",
     "InvalidJob",
     "Job",
@@ -49,27 +60,16 @@ __all__ = [
     "validate",
 ]
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 BODY_METHODS = ("POST", "PUT", "PATCH")
-
-#: Limits that keep compiling a job's JSONPaths (~20 ms each) short.
-MAX_DATAMAP = 100
-MAX_PATH = 1000
 
 DEFAULT_RETRY = {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0}
 DEFAULT_MAX_IN_FLIGHT = 64
-MAX_IN_FLIGHT = 10_000
-ORDERINGS = ("partition", "key", "none")
 DEFAULT_BATCH = {"max_messages": 100, "max_bytes": 1024 * 1024, "max_wait": 0.5,
                  "format": "json_array"}
-BATCH_FORMATS = ("json_array", "ndjson")
-START_FROM = ("earliest", "latest")
 DEFAULT_TIMEOUT = 30.0
 
-#: Definition fields, in the order they are shown.
+#: Definition fields, in the order they are shown (each one described by the schema).
 FIELDS = (
     "id", "owner", "type", "topic", "datamap", "url", "basic_auth", "token",
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
@@ -78,7 +78,13 @@ FIELDS = (
     "idempotency_key", "filter", "signing", "result_topic", "oauth2",
 )
 GENERATED = ("modified", "hash")
-REQUIRED = ("id", "owner", "type", "topic", "datamap", "url")
+#: Other names read for a field of these objects (after folding the case).
+ALIASES = {"basic_auth": {"password": "pw", "username": "user"}}
+#: Values read case-insensitively, and the case they are kept in.
+VALUE_CASE: dict[str, Callable[[str], str]] = {"type": str.upper, "start_from": str.lower,
+                                                "ordering": str.lower}
+#: Seconds, kept as floats (the hash sees 5 and 5.0 alike).
+SECONDS = ("ratelimit", "timeout", "retry.initial_wait", "retry.max_wait", "batch.max_wait")
 #: Headers of the connection itself: set by the HTTP client, never by a job (a job setting
 #: them could smuggle a second request, or reach another virtual host behind an allowed name).
 CONNECTION_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
@@ -94,13 +100,17 @@ class Policy:
     ``allow_hosts`` limits the URL's host; ``topic_limits`` maps an owner to the shell-style
     globs its jobs' topics must match (an owner not in it has no limit); ``files_allowed``
     says whether ``${file:NAME}`` references may be used (a ``--secrets-dir`` is set);
-    ``secret_digest`` (an HMAC under ``--secret-key``) is what the hash sees of a secret.
+    ``secret_digest`` (an HMAC under ``--secret-key``) is what the hash sees of a secret;
+    ``destinations`` says what each owner of the tokens file may reach (SPEC §8).
     """
 
     allow_hosts: frozenset[str] | None = None
     topic_limits: Mapping[str, Sequence[str]] = field(default_factory=dict)
     files_allowed: bool = False
     secret_digest: Callable[[str], str] | None = None
+    #: owner → what its jobs may reach besides public addresses (every owner of the tokens
+    #: file); a literal address it may not reach is refused at validation
+    destinations: Mapping[str, Destinations] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -221,76 +231,66 @@ def _canonical_hash(definition: Mapping[str, Any],
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _fold_keys(raw: Mapping[str, Any], known: Iterable[str], aliases: Mapping[str, str],
-               where: str, problems: list[Problem]) -> dict[str, Any]:
-    """Read ``raw``'s keys case-insensitively onto the ``known`` names."""
-    known = tuple(known)
+# -- normalising ---------------------------------------------------------------------------
+
+
+def _normalise(raw: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    """``raw`` read the way the schema is checked against: a copy, its keys folded.
+
+    Keys are read case-insensitively onto the schema's names (an unknown one is kept as it
+    was given, for the schema to name it), an explicit null for a field means it is not set,
+    ``topic`` may be one name, and some values are read case-insensitively too.
+    """
+    shape = schema.shape()
+    definition = _fold(raw, shape.schema, "", problems, GENERATED)
+    for generated in GENERATED:
+        definition.pop(generated, None)
+    for name, case in VALUE_CASE.items():
+        if isinstance(definition.get(name), str):
+            definition[name] = case(definition[name])
+    if isinstance(definition.get("topic"), str):
+        definition["topic"] = [definition["topic"]]
+    return definition
+
+
+def _fold(raw: Mapping[Any, Any], node: Mapping[str, Any], where: str, problems: list[Problem],
+          extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Read ``raw``'s keys case-insensitively onto the field names of schema ``node``.
+
+    Objects of named fields (``retry``, ``basic_auth``...) are folded in turn; the values of
+    other objects (``datamap``, ``headers``) are copied, keys as they are, so that restoring
+    secrets never changes the caller's objects.
+    """
+    known = node["properties"]
+    aliases = ALIASES.get(where, {})
+    objects = schema.shape().objects if not where else {}
     folded: dict[str, Any] = {}
     for key, value in raw.items():
+        at = f"{where}.{key}" if where else f"{key}"
         if not isinstance(key, str):
-            problems.append(Problem(f"{where}{key}", "keys must be strings"))
+            problems.append(Problem(at, "keys must be strings"))
             continue
-        name = key.lower()
-        name = aliases.get(name, name)
-        if name not in known:
-            problems.append(Problem(f"{where}{key}", "unknown field"))
+        name = aliases.get(key.lower(), key.lower())
+        if name not in known and name not in extra:
+            folded[key] = value
         elif name in folded:
-            problems.append(Problem(f"{where}{key}", f"given twice (as '{name}' in another case)"))
+            problems.append(Problem(at, f"given twice (as '{name}' in another case)"))
         else:
+            if name in objects and isinstance(value, Mapping):
+                value = _fold(value, objects[name], name, problems)
+            elif isinstance(value, Mapping):
+                value = dict(value)
             folded[name] = value
-    return folded
+    return {k: v for k, v in folded.items() if v is not None or k not in known}
 
 
-def _latin1(text: str) -> bool:
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_topic(value: Any, where: str, problems: list[Problem]) -> None:
-    if not isinstance(value, str) or not TOPIC_PATTERN.match(value):
-        problems.append(Problem(where, "must be a Kafka topic name: [A-Za-z0-9._-], 1 to 249 characters"))
-
-
-def _check_headers(value: Any, datamap_keys: set[str] | None, problems: list[Problem]) -> None:
-    if not isinstance(value, Mapping):
-        problems.append(Problem("headers", "must be an object of name: value"))
-        return
-    for key, item in value.items():
-        where = f"headers.{key}"
-        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", str(key)):
-            problems.append(Problem(where, "is not a valid header name"))
-        elif str(key).lower() in CONNECTION_HEADERS or str(key).lower().startswith("proxy-"):
-            problems.append(Problem(where, "is a header of the connection, which the service "
-                                           "sets itself; a job may not set it (nor any Proxy-* "
-                                           "header)"))
-        if not isinstance(item, str):
-            problems.append(Problem(where, "must be a string"))
-        elif "\n" in item or "\r" in item:
-            problems.append(Problem(where, "must not contain line breaks"))
-        elif not _latin1(item):
-            problems.append(Problem(where, "must be Latin-1 text (HTTP header values are)"))
-        elif is_secret_header(str(key)) or parse_reference(item) is not None:
-            continue  # a credential is never a template
-        else:
-            for name in PLACEHOLDER.findall(item):
-                if not name:
-                    problems.append(Problem(where, "'{}' names no datamap key"))
-                elif datamap_keys is not None and name not in datamap_keys:
-                    problems.append(Problem(where, f"'{{{name}}}' is not a key of the datamap"))
+# -- the rules between fields ----------------------------------------------------------------
 
 
 def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[str] | None,
-               problems: list[Problem]) -> None:
+               problems: list[Problem], granted: Destinations | None = None) -> None:
     if not isinstance(url, str) or not url:
-        problems.append(Problem("url", "must be a non-empty string"))
-        return
+        return  # the schema's to say
     names = url_placeholders(url)
     for name in names:
         if not name:
@@ -323,60 +323,117 @@ def _check_url(url: Any, datamap_keys: set[str] | None, allow_hosts: frozenset[s
         problems.append(Problem("url", "must not have a #fragment"))
     if allow_hosts is not None and parts.hostname.lower() not in allow_hosts:
         problems.append(Problem("url", f"host '{parts.hostname}' is not in the allowed hosts"))
+    if granted is not None:
+        try:
+            address = ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            return  # a name: checked on the addresses it resolves to, when sent
+        reason = refusal(parts.hostname, address, granted)
+        if reason is not None:
+            problems.append(Problem("url", reason))
 
 
-def _check_throughput(definition: dict[str, Any], datamap_keys: set[str] | None,
-                      problems: list[Problem]) -> None:
-    """``ordering``, ``max_in_flight`` and ``batch`` (SPEC §11)."""
-    ordering = definition.get("ordering")
-    if ordering is not None:
-        if isinstance(ordering, Mapping):
-            by = _fold_keys(ordering, ("by",), {}, "ordering.", problems).get("by")
-            if not isinstance(by, str) or not by:
-                problems.append(Problem("ordering.by", "must name a datamap key"))
-            elif datamap_keys is not None and by not in datamap_keys:
-                problems.append(Problem("ordering.by", f"'{by}' is not a key of the datamap"))
-            else:
-                definition["ordering"] = {"by": by}
-        elif not isinstance(ordering, str) or ordering.lower() not in ORDERINGS:
-            problems.append(Problem("ordering", "must be \"partition\", \"key\", \"none\" or "
-                                                "{\"by\": datamap key}"))
-        else:
-            definition["ordering"] = ordering.lower()
-    limit = definition.get("max_in_flight")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                              or not 1 <= limit <= MAX_IN_FLIGHT):
-        problems.append(Problem("max_in_flight", f"must be a whole number from 1 to {MAX_IN_FLIGHT}"))
-    batch = definition.get("batch")
-    if batch is None:
+def _check_datamap(datamap: Any, unsound: frozenset[str], problems: list[Problem]) -> dict[str, JSONPath]:
+    """Compile the datamap's JSONPaths; none when the schema found too many (compiling is slow)."""
+    paths: dict[str, JSONPath] = {}
+    if not isinstance(datamap, Mapping) or "datamap" in unsound:
+        return paths
+    for key, expr in datamap.items():
+        where = f"datamap.{key}"
+        if where in unsound:
+            continue
+        if not expr.strip():
+            problems.append(Problem(where, "must be a JSONPath string"))
+            continue
+        try:
+            paths[key] = parse_jsonpath(expr)
+        except Exception as e:  # jsonpath-ng raises several unrelated types
+            problems.append(Problem(where, f"is not a valid JSONPath: {e}"))
+    return paths
+
+
+def _check_filter(flt: str, problems: list[Problem]) -> None:
+    if not flt.strip():
+        problems.append(Problem("filter", "must be a JSONPath filter, e.g. "
+                                          "$[?(@.msg.status == 'approved')]"))
         return
-    if not isinstance(batch, Mapping):
-        problems.append(Problem("batch", "must be an object {max_messages, max_bytes, max_wait, format}"))
-        return
-    batch = _fold_keys(batch, DEFAULT_BATCH, {}, "batch.", problems)
-    count = batch.get("max_messages")
-    if count is not None and (not isinstance(count, int) or isinstance(count, bool)
-                              or not 1 <= count <= 10_000):
-        problems.append(Problem("batch.max_messages", "must be a whole number from 1 to 10000"))
-    size = batch.get("max_bytes")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool)
-                             or not 1024 <= size <= 64 * 1024 * 1024):
-        problems.append(Problem("batch.max_bytes", "must be a whole number of bytes from 1024 to 64 MiB"))
-    wait = batch.get("max_wait")
-    if wait is not None:
-        if not _number(wait) or not 0 <= wait <= 3600:
-            problems.append(Problem("batch.max_wait", "must be a number of seconds from 0 to 3600"))
+    try:
+        parse_jsonpath(flt)
+    except Exception as e:  # jsonpath-ng raises several unrelated types
+        problems.append(Problem("filter", f"is not a valid JSONPath: {e}"))
+
+
+def _check_headers(headers: Mapping[str, Any], datamap_keys: set[str] | None,
+                   problems: list[Problem]) -> None:
+    for key, item in headers.items():
+        where = f"headers.{key}"
+        if str(key).lower() in CONNECTION_HEADERS or str(key).lower().startswith("proxy-"):
+            problems.append(Problem(where, "is a header of the connection, which the service "
+                                           "sets itself; a job may not set it (nor any Proxy-* "
+                                           "header)"))
+        if not isinstance(item, str):
+            continue  # the schema's to say
+        if "\n" in item or "\r" in item:
+            problems.append(Problem(where, "must not contain line breaks"))
+        elif not _latin1(item):
+            problems.append(Problem(where, "must be Latin-1 text (HTTP header values are)"))
+        elif is_secret_header(str(key)) or parse_reference(item) is not None:
+            continue  # a credential is never a template
         else:
-            batch["max_wait"] = float(wait)
-    form = batch.get("format")
-    if form is not None and form not in BATCH_FORMATS:
-        problems.append(Problem("batch.format", f"must be one of {', '.join(BATCH_FORMATS)}"))
-    definition["batch"] = batch
+            for name in PLACEHOLDER.findall(item):
+                if not name:
+                    problems.append(Problem(where, "'{}' names no datamap key"))
+                elif datamap_keys is not None and name not in datamap_keys:
+                    problems.append(Problem(where, f"'{{{name}}}' is not a key of the datamap"))
+
+
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_ca_cert(value: str, problems: list[Problem]) -> None:
+    if "BEGIN CERTIFICATE" not in value:
+        problems.append(Problem("ca_cert", "must be PEM text with at least one certificate"))
+        return
+    try:
+        read_certificates(value.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as e:
+        problems.append(Problem("ca_cert", f"is not a valid PEM certificate: {e}"))
+
+
+def _check_key_list(value: list[str], name: str, datamap_keys: set[str] | None,
+                    problems: list[Problem]) -> None:
+    for i, key in enumerate(value):
+        if datamap_keys is not None and key not in datamap_keys:
+            problems.append(Problem(f"{name}[{i}]", f"'{key}' is not a key of the datamap"))
+
+
+def _check_retry(retry: Any, problems: list[Problem]) -> None:
+    if not isinstance(retry, Mapping):
+        return
+    merged = {**DEFAULT_RETRY, **retry}
+    if (_number(merged["initial_wait"]) and _number(merged["max_wait"])
+            and merged["max_wait"] < merged["initial_wait"]):
+        problems.append(Problem("retry.max_wait", "must not be less than initial_wait"))
+
+
+def _check_batch(definition: Mapping[str, Any], problems: list[Problem]) -> None:
+    """What a batched job (SPEC §11) cannot have: one request carries many records."""
+    if not isinstance(definition.get("batch"), Mapping):
+        return
     if "json_body" not in definition:
         problems.append(Problem("json_body", "is required with batch: the body is the list of "
                                              "each record's json_body"))
     method = definition.get("type")
-    if isinstance(method, str) and method.upper() not in BODY_METHODS:
+    if isinstance(method, str) and method not in BODY_METHODS:
         problems.append(Problem("batch", f"batches are sent only with {', '.join(BODY_METHODS)}"))
     url = definition.get("url")
     if isinstance(url, str) and url_placeholders(url):
@@ -392,79 +449,30 @@ def _check_throughput(definition: dict[str, Any], datamap_keys: set[str] | None,
                 problems.append(Problem(f"headers.{key}", "a batched job's headers hold no "
                                                           "placeholders (one request carries "
                                                           "many records)"))
-    if ordering is not None and definition.get("ordering") != "partition":
+    if "ordering" in definition and definition["ordering"] != "partition":
         problems.append(Problem("ordering", "a batched job keeps partition order "
                                             "(batches of one partition go in order)"))
 
 
-def _check_requests(definition: dict[str, Any], problems: list[Problem]) -> None:
-    """``start_from`` and ``success_status`` (SPEC §12)."""
-    start = definition.get("start_from")
-    if start is not None:
-        if not isinstance(start, str) or start.lower() not in START_FROM:
-            problems.append(Problem("start_from", "must be \"earliest\" or \"latest\""))
-        else:
-            definition["start_from"] = start.lower()
-    if "idempotency_key" in definition and not isinstance(definition["idempotency_key"], bool):
-        problems.append(Problem("idempotency_key", "must be true or false"))
-    codes = definition.get("success_status")
-    if codes is not None:
-        if not isinstance(codes, list):
-            problems.append(Problem("success_status", "must be a list of HTTP status codes"))
-            return
-        for i, code in enumerate(codes):
-            if not isinstance(code, int) or isinstance(code, bool) or not 100 <= code <= 599:
-                problems.append(Problem(f"success_status[{i}]",
-                                        "must be an HTTP status code from 100 to 599"))
-            elif code in codes[:i]:
-                problems.append(Problem(f"success_status[{i}]", f"{code} is given twice"))
-
-
-def _check_signing(definition: dict[str, Any], problems: list[Problem]) -> None:
+def _check_signing(signing: Any, problems: list[Problem]) -> None:
     """``signing`` (SPEC §12): a Standard Webhooks secret, ``whsec_<base64>``."""
-    signing = definition.get("signing")
-    if signing is None:
-        return
-    if not isinstance(signing, Mapping):
-        problems.append(Problem("signing", "must be an object {secret, scheme}"))
-        return
-    signing = _fold_keys(signing, ("secret", "scheme"), {}, "signing.", problems)
-    scheme = signing.setdefault("scheme", SCHEMES[0])
-    if scheme not in SCHEMES:
-        problems.append(Problem("signing.scheme", f"must be one of {', '.join(SCHEMES)}"))
-    secret = signing.get("secret")
-    if not isinstance(secret, str):
-        problems.append(Problem("signing.secret", "is required: whsec_<base64>"))
-    elif secret and secret != REDACTED and parse_reference(secret) is None:
+    secret = signing.get("secret") if isinstance(signing, Mapping) else None
+    if isinstance(secret, str) and secret and secret != REDACTED and parse_reference(secret) is None:
         reason = secret_problem(secret)
         if reason is not None:
             problems.append(Problem("signing.secret", reason))
-    definition["signing"] = signing
 
 
-def _check_oauth2(definition: dict[str, Any], allow_hosts: frozenset[str] | None,
-                  problems: list[Problem]) -> None:
-    """``oauth2`` (SPEC §12): the client-credentials grant."""
+def _check_oauth2(definition: Mapping[str, Any], allow_hosts: frozenset[str] | None,
+                  unsound: frozenset[str], problems: list[Problem],
+                  granted: Destinations | None = None) -> None:
+    """``oauth2`` (SPEC §12): the client-credentials grant, alone with its Authorization."""
     oauth = definition.get("oauth2")
-    if oauth is None:
-        return
     if not isinstance(oauth, Mapping):
-        problems.append(Problem("oauth2", "must be an object {token_url, client_id, client_secret, "
-                                          "scope?, audience?}"))
         return
-    oauth = _fold_keys(oauth, ("token_url", "client_id", "client_secret", "scope", "audience"),
-                       {}, "oauth2.", problems)
-    oauth = {k: v for k, v in oauth.items() if v is not None}
-    for name in ("token_url", "client_id", "client_secret"):
-        if not isinstance(oauth.get(name), str):
-            problems.append(Problem(f"oauth2.{name}", "is required and must be a string"))
-    for name in ("scope", "audience"):
-        if name in oauth and (not isinstance(oauth[name], str) or not oauth[name]):
-            problems.append(Problem(f"oauth2.{name}", "must be a non-empty string"))
-    url = oauth.get("token_url")
-    if isinstance(url, str):
+    if "token_url" in oauth and "oauth2.token_url" not in unsound:
         inner: list[Problem] = []
-        _check_url(url, set(), allow_hosts, inner)
+        _check_url(oauth["token_url"], set(), allow_hosts, inner, granted)
         problems.extend(Problem("oauth2.token_url", p.reason) for p in inner)
     for other in ("basic_auth", "token"):
         if other in definition:
@@ -473,35 +481,13 @@ def _check_oauth2(definition: dict[str, Any], allow_hosts: frozenset[str] | None
     if isinstance(headers, Mapping) and any(str(k).lower() == "authorization" for k in headers):
         problems.append(Problem("oauth2", "sets the Authorization header: a job with oauth2 may "
                                           "not set it in headers"))
-    definition["oauth2"] = oauth
-
-
-def _check_ca_cert(value: Any, problems: list[Problem]) -> None:
-    if not isinstance(value, str) or "BEGIN CERTIFICATE" not in value:
-        problems.append(Problem("ca_cert", "must be PEM text with at least one certificate"))
-        return
-    try:
-        load_pem_x509_certificates(value.encode("ascii"))
-    except (ValueError, UnicodeEncodeError) as e:
-        problems.append(Problem("ca_cert", f"is not a valid PEM certificate: {e}"))
-
-
-def _check_key_list(value: Any, name: str, datamap_keys: set[str] | None,
-                    problems: list[Problem]) -> None:
-    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
-        problems.append(Problem(name, "must be a list of datamap keys"))
-        return
-    for i, key in enumerate(value):
-        if datamap_keys is not None and key not in datamap_keys:
-            problems.append(Problem(f"{name}[{i}]", f"'{key}' is not a key of the datamap"))
 
 
 def _origin(url: Any) -> tuple[str, str, int | None] | None:
     if not isinstance(url, str):
         return None
     try:
-        parts = urlsplit(PLACEHOLDER.sub("x", url))
-        return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+        return origin(PLACEHOLDER.sub("x", url))
     except ValueError:
         return None
 
@@ -568,6 +554,67 @@ def _check_topics_allowed(definition: Mapping[str, Any], limits: Mapping[str, Se
                                           f"may use ({allowed})"))
 
 
+def _check_rules(definition: dict[str, Any], job_id: str | None, policy: Policy,
+                 unsound: frozenset[str], problems: list[Problem]) -> dict[str, JSONPath]:
+    """What the schema cannot say; each rule reads only values the schema found sound."""
+
+    def sound(name: str) -> bool:
+        return name in definition and name not in unsound
+
+    owner = definition.get("owner")
+    granted = policy.destinations.get(owner) if isinstance(owner, str) else None
+    jid = definition.get("id")
+    if job_id is not None and sound("id") and jid != job_id:
+        problems.append(Problem("id", f"'{jid}' differs from the id in the path, '{job_id}'"))
+    datamap = definition.get("datamap")
+    keys = set(datamap) if isinstance(datamap, Mapping) else None
+    paths = _check_datamap(datamap, unsound, problems)
+    if sound("url"):
+        _check_url(definition["url"], keys, policy.allow_hosts, problems, granted)
+    if sound("filter"):
+        _check_filter(definition["filter"], problems)
+    if "token_type" in definition and "token" not in definition:
+        problems.append(Problem("token_type", "has no token to go with"))
+    if "token" in definition and "basic_auth" in definition:
+        problems.append(Problem("token", "a job takes basic_auth or token, not both"))
+    for name in ("query_params", "json_body"):
+        if sound(name):
+            _check_key_list(definition[name], name, keys, problems)
+    if "json_body" in definition and sound("type") and definition["type"] not in BODY_METHODS:
+        problems.append(Problem("json_body", f"is sent only with {', '.join(BODY_METHODS)}"))
+    if sound("ca_cert"):
+        _check_ca_cert(definition["ca_cert"], problems)
+    if isinstance(definition.get("headers"), Mapping):
+        _check_headers(definition["headers"], keys, problems)
+    _check_retry(definition.get("retry"), problems)
+    ordering = definition.get("ordering")
+    if isinstance(ordering, Mapping) and sound("ordering") and "ordering.by" not in unsound \
+            and keys is not None and ordering["by"] not in keys:
+        problems.append(Problem("ordering.by", f"'{ordering['by']}' is not a key of the datamap"))
+    _check_batch(definition, problems)
+    _check_signing(definition.get("signing"), problems)
+    _check_oauth2(definition, policy.allow_hosts, unsound, problems, granted)
+    _check_topics_allowed(definition, policy.topic_limits, problems)
+    for path, reason in reference_problems(definition, policy.files_allowed):
+        problems.append(Problem(path, reason))
+    for slot in slots(definition):
+        if slot.value == "" and slot.path != "token":  # token has its own rule
+            problems.append(Problem(slot.path, "is empty: an empty secret is never sent"))
+    return paths
+
+
+def _canonical(definition: dict[str, Any]) -> dict[str, Any]:
+    """A valid definition as it is kept: fields in order, seconds as floats, defaults named."""
+    for name in SECONDS:
+        outer, _, inner = name.rpartition(".")
+        container = definition.get(outer) if outer else definition
+        if isinstance(container, dict) and inner in container:
+            container[inner] = float(container[inner])
+    if "signing" in definition:
+        definition["signing"].setdefault("scheme", SCHEMES[0])
+    return {name: definition[name] for name in FIELDS if name in definition}
+
+
 def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any] | None = None,
              allow_hosts: frozenset[str] | None = None, policy: Policy | None = None,
              modified: str | None = None) -> Job:
@@ -582,189 +629,20 @@ def validate(raw: Any, job_id: str | None = None, *, previous: Mapping[str, Any]
     if policy is None:
         policy = Policy(allow_hosts=allow_hosts)
     elif allow_hosts is not None:
-        policy = Policy(allow_hosts, policy.topic_limits, policy.files_allowed, policy.secret_digest)
-    allow_hosts = policy.allow_hosts
-    problems: list[Problem] = []
+        policy = replace(policy, allow_hosts=allow_hosts)
     if not isinstance(raw, Mapping):
         raise InvalidJob([Problem("", "a job must be a JSON object")])
-    folded = _fold_keys(raw, FIELDS + GENERATED, {}, "", problems)
-    for generated in GENERATED:
-        folded.pop(generated, None)
-    # Copies, so that restoring secrets never changes the caller's objects.
-    folded = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in folded.items()}
-    _restore_secrets(folded, previous)
-    _refuse_hidden(folded, problems)
-
-    for name in REQUIRED:
-        if folded.get(name) is None:
-            problems.append(Problem(name, "is required"))
-    # An explicit null for an optional field means "not set".
-    definition = {k: v for k, v in folded.items() if v is not None}
-
-    jid = definition.get("id")
-    if jid is not None:
-        if not isinstance(jid, str) or not ID_PATTERN.match(jid):
-            problems.append(Problem("id", "must match [A-Za-z0-9._-]{1,128}"))
-        elif job_id is not None and jid != job_id:
-            problems.append(Problem("id", f"'{jid}' differs from the id in the path, '{job_id}'"))
-
-    owner = definition.get("owner")
-    if owner is not None and (not isinstance(owner, str) or not ID_PATTERN.match(owner)):
-        problems.append(Problem("owner", "must match [A-Za-z0-9._-]{1,128}"))
-
-    method = definition.get("type")
-    if method is not None:
-        if isinstance(method, str) and method.upper() in METHODS:
-            definition["type"] = method = method.upper()
-        else:
-            problems.append(Problem("type", f"must be one of {', '.join(METHODS)}"))
-            method = None
-
-    topics = definition.get("topic")
-    if topics is not None:
-        if isinstance(topics, str):
-            definition["topic"] = topics = [topics]
-        if not isinstance(topics, list) or not topics:
-            problems.append(Problem("topic", "must be a topic name or a non-empty list of them"))
-        else:
-            for i, topic in enumerate(topics):
-                _check_topic(topic, f"topic[{i}]", problems)
-            if len(set(map(str, topics))) != len(topics):
-                problems.append(Problem("topic", "names a topic twice"))
-
-    paths: dict[str, JSONPath] = {}
-    datamap = definition.get("datamap")
-    datamap_keys: set[str] | None = None
-    if datamap is not None:
-        if not isinstance(datamap, Mapping):
-            problems.append(Problem("datamap", "must be an object of key: JSONPath"))
-        else:
-            datamap_keys = set(datamap)
-            if len(datamap) > MAX_DATAMAP:
-                problems.append(Problem("datamap", f"has {len(datamap)} keys; at most {MAX_DATAMAP}"))
-                datamap = {}
-            for key, expr in datamap.items():
-                where = f"datamap.{key}"
-                if not key or "{" in key or "}" in key:
-                    problems.append(Problem(where, "keys must be non-empty and have no braces"))
-                if not isinstance(expr, str) or not expr.strip():
-                    problems.append(Problem(where, "must be a JSONPath string"))
-                    continue
-                if len(expr) > MAX_PATH:
-                    problems.append(Problem(where, f"is longer than {MAX_PATH} characters"))
-                    continue
-                try:
-                    paths[key] = parse_jsonpath(expr)
-                except Exception as e:  # jsonpath-ng raises several unrelated types
-                    problems.append(Problem(where, f"is not a valid JSONPath: {e}"))
-
-    if "url" in definition:
-        _check_url(definition["url"], datamap_keys, allow_hosts, problems)
-
-    flt = definition.get("filter")
-    if flt is not None:
-        if not isinstance(flt, str) or not flt.strip():
-            problems.append(Problem("filter", "must be a JSONPath filter, e.g. "
-                                              "$[?(@.msg.status == 'approved')]"))
-        elif len(flt) > MAX_PATH:
-            problems.append(Problem("filter", f"is longer than {MAX_PATH} characters"))
-        else:
-            try:
-                parse_jsonpath(flt)
-            except Exception as e:  # jsonpath-ng raises several unrelated types
-                problems.append(Problem("filter", f"is not a valid JSONPath: {e}"))
-
-    auth = definition.get("basic_auth")
-    if auth is not None:
-        if not isinstance(auth, Mapping):
-            problems.append(Problem("basic_auth", "must be an object {user, pw}"))
-        else:
-            auth = _fold_keys(auth, ("user", "pw"), {"password": "pw", "username": "user"},
-                              "basic_auth.", problems)
-            for key in ("user", "pw"):
-                if not isinstance(auth.get(key), str):
-                    problems.append(Problem(f"basic_auth.{key}", "is required and must be a string"))
-            definition["basic_auth"] = auth
-
-    for name in ("token", "token_type"):
-        if name in definition and (not isinstance(definition[name], str) or not definition[name]):
-            problems.append(Problem(name, "must be a non-empty string"))
-    if "token_type" in definition and "token" not in definition:
-        problems.append(Problem("token_type", "has no token to go with"))
-    if "token" in definition and "basic_auth" in definition:
-        problems.append(Problem("token", "a job takes basic_auth or token, not both"))
-
-    if "query_params" in definition:
-        _check_key_list(definition["query_params"], "query_params", datamap_keys, problems)
-    if "json_body" in definition:
-        _check_key_list(definition["json_body"], "json_body", datamap_keys, problems)
-        if method is not None and method not in BODY_METHODS:
-            problems.append(Problem("json_body", f"is sent only with {', '.join(BODY_METHODS)}"))
-
-    if "constant" in definition and not isinstance(definition["constant"], Mapping):
-        problems.append(Problem("constant", "must be an object"))
-
-    for name in ("ratelimit", "timeout"):
-        value = definition.get(name)
-        if value is not None and (not _number(value) or value < 0 or value > 86400):
-            problems.append(Problem(name, "must be a number of seconds from 0 to 86400"))
-        elif value is not None:
-            definition[name] = float(value)
-    if definition.get("timeout") == 0:
-        problems.append(Problem("timeout", "must be more than 0 seconds"))
-
-    if "follow_redirects" in definition and not isinstance(definition["follow_redirects"], bool):
-        problems.append(Problem("follow_redirects", "must be true or false"))
-
-    if "ca_cert" in definition:
-        _check_ca_cert(definition["ca_cert"], problems)
-
-    if "headers" in definition:
-        _check_headers(definition["headers"], datamap_keys, problems)
-
-    retry = definition.get("retry")
-    if retry is not None:
-        if not isinstance(retry, Mapping):
-            problems.append(Problem("retry", "must be an object {max_attempts, initial_wait, max_wait}"))
-        else:
-            retry = _fold_keys(retry, DEFAULT_RETRY, {}, "retry.", problems)
-            attempts = retry.get("max_attempts")
-            if attempts is not None and (not isinstance(attempts, int) or isinstance(attempts, bool)
-                                         or attempts < 0):
-                problems.append(Problem("retry.max_attempts",
-                                        "must be a whole number, 0 for retrying until it succeeds"))
-            for name in ("initial_wait", "max_wait"):
-                value = retry.get(name)
-                if value is not None and (not _number(value) or value <= 0 or value > 86400):
-                    problems.append(Problem(f"retry.{name}", "must be a number of seconds above 0"))
-                elif value is not None:
-                    retry[name] = float(value)
-            merged = {**DEFAULT_RETRY, **retry}
-            if (_number(merged["initial_wait"]) and _number(merged["max_wait"])
-                    and merged["max_wait"] < merged["initial_wait"]):
-                problems.append(Problem("retry.max_wait", "must not be less than initial_wait"))
-            definition["retry"] = retry
-
-    if "dead_letter_topic" in definition:
-        _check_topic(definition["dead_letter_topic"], "dead_letter_topic", problems)
-    if "result_topic" in definition:
-        _check_topic(definition["result_topic"], "result_topic", problems)
-
-    _check_throughput(definition, datamap_keys, problems)
-    _check_requests(definition, problems)
-    _check_signing(definition, problems)
-    _check_oauth2(definition, allow_hosts, problems)
-    _check_topics_allowed(definition, policy.topic_limits, problems)
-    for path, reason in reference_problems(definition, policy.files_allowed):
-        problems.append(Problem(path, reason))
-    for slot in slots(definition):
-        if slot.value == "" and slot.path != "token":  # token has its own rule
-            problems.append(Problem(slot.path, "is empty: an empty secret is never sent"))
-
+    problems: list[Problem] = []
+    definition = _normalise(raw, problems)
+    _restore_secrets(definition, previous)
+    _refuse_hidden(definition, problems)
+    report = schema.problems(definition)
+    problems.extend(Problem(path, reason) for path, reason in report.problems)
+    paths = _check_rules(definition, job_id, policy, report.unsound, problems)
     if problems:
         raise InvalidJob(problems)
 
-    definition = {name: definition[name] for name in FIELDS if name in definition}
+    definition = _canonical(definition)
     digest = _canonical_hash(definition, policy.secret_digest)
     if modified is None:
         kept = previous.get("modified") if previous is not None and previous.get("hash") == digest \
