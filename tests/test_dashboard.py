@@ -461,7 +461,8 @@ def test_dead_letters_listed_and_replayed_from_the_page(
 def test_an_owner_token_sees_only_its_own_jobs(
         services: Start, topic: Callable[..., str], sink: Sink, tmp_path: Path, browser: Browser) -> None:
     tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({"tok-team-a-51c": "team-a"}))
+    # team-a's jobs send to loopback, which its entry must grant (SPEC §8)
+    tokens.write_text(json.dumps({"tok-team-a-51c": {"owner": "team-a", "destinations": ["127.0.0.1"]}}))
     s = services("--tokens", str(tokens))
     name = topic()
     for job_id, owner in (("a1", "team-a"), ("a2", "team-a"), ("b1", "team-b")):

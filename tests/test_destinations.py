@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from restconsumer.jobs.destinations import Destinations, refusal, why_refused
+from restconsumer.jobs.model import InvalidJob, Policy, validate
 
 
 @pytest.mark.parametrize(("address", "kind"), [
@@ -78,3 +79,31 @@ def test_every_bad_entry_is_named() -> None:
     with pytest.raises(ValueError) as caught:
         Destinations.parse(["bad host", "ok.example", "300.1.1.1/8"])
     assert "'bad host'" in str(caught.value) and "'300.1.1.1/8'" in str(caught.value)
+
+
+def _job(url: str, owner: str = "tenant", **more: object) -> dict[str, object]:
+    return {"id": "j", "owner": owner, "type": "POST", "topic": "t", "datamap": {"id": "$.id"},
+            "url": url, **more}
+
+
+def test_a_literal_refused_address_is_a_400_for_a_limited_owner_only() -> None:
+    policy = Policy(destinations={"tenant": Destinations(), "lab": Destinations.parse(["10.0.0.0/8"])})
+    with pytest.raises(InvalidJob) as caught:
+        validate(_job("http://169.254.169.254/latest/{id}"), policy=policy)
+    [problem] = caught.value.problems
+    assert problem.field == "url" and "169.254.169.254 is a link-local address" in problem.reason
+    with pytest.raises(InvalidJob) as caught:
+        validate(_job("http://[::1]:8080/{id}"), policy=policy)
+    assert [p.field for p in caught.value.problems] == ["url"]
+    validate(_job("http://10.1.2.3/{id}", owner="lab"), policy=policy)  # granted
+    validate(_job("http://127.0.0.1/{id}", owner="ops"), policy=policy)  # not a tokens-file owner
+    validate(_job("http://localhost/{id}"), policy=policy)  # a name: checked when sent
+    validate(_job("https://93.184.216.34/{id}"), policy=policy)  # public
+
+
+def test_the_token_endpoint_of_a_limited_owner_is_checked_too() -> None:
+    policy = Policy(destinations={"tenant": Destinations()})
+    oauth2 = {"token_url": "http://10.0.0.5/token", "client_id": "c", "client_secret": "s"}
+    with pytest.raises(InvalidJob) as caught:
+        validate(_job("https://api.example/{id}", oauth2=oauth2), policy=policy)
+    assert [p.field for p in caught.value.problems] == ["oauth2.token_url"]

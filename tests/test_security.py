@@ -25,6 +25,10 @@ from tests.infra.sink import Received, Sink
 
 Start = Callable[..., ServiceProcess]
 ALICE, BOB = "tok-alice-6d1e0b", "tok-bob-77c2a9"
+#: The jobs of these tests send to a closed port on loopback, which an owner's token must grant.
+LOOPBACK = ["127.0.0.1"]
+SCOPED = {ALICE: {"owner": "alice", "destinations": LOOPBACK},
+          BOB: {"owner": "bob", "destinations": LOOPBACK}}
 SECRET_PW, SECRET_TOKEN, SECRET_KEY = "pw-never-shown-3a9f", "tk-never-shown-81c2", "key-never-shown-5e07"
 
 
@@ -38,7 +42,7 @@ def job(job_id: str, owner: str, url: str = "http://127.0.0.1:9/{id}", **more: A
 def scoped(tmp_path: Path, services: Start) -> ServiceProcess:
     """A service with owner-scoped tokens for alice and bob, besides the admin token."""
     tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({ALICE: "alice", BOB: "bob"}))
+    tokens.write_text(json.dumps(SCOPED))
     return services("--tokens", str(tokens))
 
 
@@ -393,7 +397,7 @@ def test_two_creations_of_one_id_at_once_never_overwrite_silently(
     """Same owner: one 201 and one 200. Two owners: one 201, one 403, and the job stays the
     creator's. On one instance and on two; 30 rounds each."""
     tokens = tmp_path / "tokens.json"
-    tokens.write_text(json.dumps({ALICE: "alice", BOB: "bob"}))
+    tokens.write_text(json.dumps(SCOPED))
     first = services("--tokens", str(tokens))
     second = services("--tokens", str(tokens))
     client = redis_db.client()
@@ -421,8 +425,9 @@ def test_two_creations_of_one_id_at_once_never_overwrite_silently(
 def limited_tokens(tmp_path: Path) -> Path:
     """alice's token limited to aether.* and one shared topic; bob's unlimited."""
     tokens = tmp_path / "limited-tokens.json"
-    tokens.write_text(json.dumps({LIMITED: {"owner": "alice", "topics": ["aether.*", "shared.people"]},
-                                  BOB: "bob"}))
+    tokens.write_text(json.dumps({LIMITED: {"owner": "alice", "topics": ["aether.*", "shared.people"],
+                                            "destinations": LOOPBACK},
+                                  BOB: {"owner": "bob", "destinations": LOOPBACK}}))
     return tokens
 
 

@@ -17,14 +17,17 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from restconsumer.api.auth import Authenticator, Principal
 from restconsumer.api.preview import BadEnvelope, envelopes, preview, schema_ids
+from restconsumer.base.urls import origin
 from restconsumer.control.offsets import OffsetError, OffsetMover, OffsetRequest
 from restconsumer.control.status import StatusReporter, job_status
 from restconsumer.control.store import JobStore, StoreUnavailable
 from restconsumer.control.supervisor import Supervisor
 from restconsumer.delivery.deadletters import DeadLetterReader
+from restconsumer.delivery.guard import refusal_of
 from restconsumer.delivery.metrics import CONTENT_TYPE, Metrics
 from restconsumer.delivery.registry import SchemaRegistry
 from restconsumer.delivery.replay import ReplayRunning, Replays
+from restconsumer.jobs.destinations import Destinations
 from restconsumer.jobs.model import InvalidJob, Policy, load, redact, validate
 from restconsumer.jobs.secrets import UnresolvedSecrets
 
@@ -294,7 +297,23 @@ class API:
                     unavailable[ident] = result.getErrorMessage()
         results = preview(job, messages, now_ms, registry.cache if registry is not None else None,
                           unavailable)
+        granted = self.policy.destinations.get(job.owner)
+        if granted is not None:
+            await self._say_refused(results, granted)
         return _json(request, 200, {"results": results})
+
+    async def _say_refused(self, results: list[dict[str, Any]], granted: Destinations) -> None:
+        """Mark the requests a limited owner's job could not send (SPEC §8): each record's
+        ``refused`` says why, as delivery would dead-letter it; nothing is connected to."""
+        said: dict[tuple[str, int | None], str | None] = {}
+        for result in results:
+            if "request" not in result:
+                continue
+            _, host, port = origin(result["request"]["url"])
+            if (host, port) not in said:
+                said[host, port] = await refusal_of(self.clock, host, port or 0, granted)
+            if said[host, port] is not None:
+                result["refused"] = said[host, port]
 
     @app.route("/job/<job_id>/deadletters", methods=["GET"])
     async def dead_letters(self, request: IRequest, job_id: str) -> bytes:
