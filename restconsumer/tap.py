@@ -389,7 +389,8 @@ def policy(options: Options, *, hosts: bool = True) -> Policy:
     return Policy(allow_hosts=options["allowed-hosts"] if hosts else None,
                   topic_limits=options["topic-limits"],
                   files_allowed=options["secrets-dir"] is not None,
-                  secret_digest=key.digest if key is not None else None)
+                  secret_digest=key.digest if key is not None else None,
+                  destinations=options["destinations"])
 
 
 def secret_environment(options: Options) -> dict[str, str]:
