@@ -65,7 +65,7 @@ class Member:
 
     def _assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         assert all(p.offset == OFFSET_INVALID for p in partitions)
-        self.held = self._note("assign", partitions)
+        self.held |= self._note("assign", partitions)  # eager: everything was revoked first
 
     def _revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.held -= self._note("revoke", partitions)
@@ -521,6 +521,41 @@ def test_a_second_member_splits_the_partitions_and_nothing_is_returned_twice(bac
         assert {what[:2] for kind, what in member.events[last:] if kind == "message"} <= member.held
     for p in range(4):
         assert backend.committed(group, topic, p) == 15
+
+
+COOPERATIVE = {"partition.assignment.strategy": "cooperative-sticky"}
+
+
+def test_a_cooperative_rebalance_revokes_only_what_moves(backend: Backend) -> None:
+    """cooperative-sticky: when a second member joins, the first is revoked only the two
+    partitions that go to it, and goes on fetching the two it keeps; nothing twice."""
+    topic, group = backend.topic(4), backend.group()
+    backend.produce(topic, 20, partitions=4)
+    first = backend.member(group, [topic], COOPERATIVE, commit=True)
+    until([first], lambda: len(first.messages) >= 20, "the first 20")
+    second = backend.member(group, [topic], COOPERATIVE, commit=True)
+    until([first, second], lambda: len(second.held) == 2 and len(first.held) == 2, "the rebalance")
+    backend.produce(topic, 20, partitions=4, start=20)
+    until([first, second], lambda: len(first.messages) + len(second.messages) >= 40, "all 40")
+
+    assert first.events[0] == ("assign", _all(topic, 4))
+    revoked = [what for kind, what in first.events if kind == "revoke"]
+    assert revoked == [second.held]  # only what moved, once
+    assert not [e for e in second.events if e[0] == "revoke"]
+    assert first.held | second.held == _all(topic, 4) and not first.held & second.held
+    returned = [(m.partition(), m.offset()) for m in first.messages + second.messages]
+    assert len(returned) == len(set(returned)) == 40
+
+
+def test_a_cooperative_member_leaving_moves_only_its_own(backend: Backend) -> None:
+    topic, group = backend.topic(4), backend.group()
+    first = backend.member(group, [topic], COOPERATIVE)
+    second = backend.member(group, [topic], COOPERATIVE)
+    until([first, second], lambda: len(first.held) == 2 and len(second.held) == 2, "two shares")
+    kept = set(first.held)
+    second.consumer.close()
+    until([first], lambda: len(first.held) == 4, "the first takes the rest")
+    assert not [e for e in first.events if e[0] == "revoke" and e[1] & kept]
 
 
 def test_a_paused_partition_stays_paused_across_a_rebalance(backend: Backend) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
@@ -116,6 +116,11 @@ class Recorder:
         """Recorded."""
         self._on_reactor("arrived")
         self.batches.append(batch)
+
+    def cannot_start(self, reason: str) -> None:
+        """Recorded."""
+        self._on_reactor("cannot_start")
+        self.events.append(("cannot_start", reason))
 
     def assignments(self) -> list[list[TP]]:
         """Every assignment so far, oldest first."""
@@ -253,9 +258,10 @@ async def test_pause_stops_a_partition_and_resume_continues_with_nothing_lost_or
 @pytest_twisted.ensureDeferred
 async def test_a_member_joining_revokes_on_the_reactor_and_the_answer_is_committed_before_handing_over(
         stops: Stops) -> None:
-    """A second consumer of the group joins: the job is asked on the reactor to let go; until it
-    answers nothing is committed nor handed over; its offsets are committed before the
-    partitions go, so that each new owner starts exactly there."""
+    """A second consumer of the group joins: the job is asked on the reactor to let go of the
+    one partition that moves (cooperative-sticky: the other is never revoked and goes on);
+    until it answers nothing is committed nor handed over; the offset is committed before the
+    partition goes, so that its new owner starts exactly there."""
     cluster = FakeCluster()
     cluster.create_topic("events", 2)
     for i in range(6):
@@ -275,13 +281,16 @@ async def test_a_member_joining_revokes_on_the_reactor_and_the_answer_is_committ
     try:
         second.subscribe(["events"])
         await until(lambda: h.held, "the job to be asked to let go")
-        assert h.revocations() == [([("events", 0), ("events", 1)], False)]
+        # Cooperative: only the partition that moves is revoked; the other stays the loop's.
+        [(moving, lost)] = h.revocations()
+        assert len(moving) == 1 and not lost
+        [kept] = [tp for tp in (("events", 0), ("events", 1)) if tp not in moving]
         await let_run(0.2)
         assert second.consume(10, timeout=0) == []
         assert second.assignment() == [], "handed over before the job let go"
         assert cluster.commits(group) == []
         answered = {("events", 0): 4, ("events", 1): 1}
-        h.held[0].callback(answered)
+        h.held[0].callback({moving[0]: answered[moving[0]], kept: answered[kept]})
         h.hold = False
         got: list[Message] = []
         deadline = time.monotonic() + 5
@@ -289,19 +298,20 @@ async def test_a_member_joining_revokes_on_the_reactor_and_the_answer_is_committ
             assert time.monotonic() < deadline, "the second consumer got nothing"
             got.extend(second.consume(10, timeout=0))
             await let_run(0.01)
-        await until(lambda: len(h.assignments()) == 2, "the loop's new assignment")
-        # Both owners start where the job said: the commit came before the hand-over.
-        [(t, theirs)] = [(tp.topic, tp.partition) for tp in second.assignment()]
-        assert got[0].partition() == theirs
-        assert got[0].offset() == answered[(t, theirs)]
-        [ours] = h.assignments()[1]
-        assert ours != (t, theirs)
-        await until(lambda: len(h.offsets(*ours)) > (6 if ours[1] == 0 else 4), "the loop to go on")
-        assert h.offsets(*ours)[6 if ours[1] == 0 else 4] == answered[ours]
+        # The new owner starts where the job said: the commit came before the hand-over.
+        [theirs] = [(tp.topic, tp.partition) for tp in second.assignment()]
+        assert theirs == moving[0]
+        assert got[0].partition() == theirs[1] and got[0].offset() == answered[theirs]
+        # The kept partition was never revoked nor assigned again: it goes on where it was.
+        before = len(h.offsets(*kept))
+        cluster.produce("events", "more", partition=kept[1])
+        await until(lambda: len(h.offsets(*kept)) == before + 1, "the kept partition to go on")
+        assert [tp for tps in h.assignments()[1:] for tp in tps] == []
         member = made[0].memberid()
-        assert sorted((c.member, c.partition, c.offset, c.error) for c in cluster.commits(group)) == [
-            (member, 0, 4, None), (member, 1, 1, None)]
-        assert loop.assignment == [ours]
+        # Only the revoked partition's offset is committed at the revocation.
+        assert [(c.member, c.partition, c.offset, c.error) for c in cluster.commits(group)
+                if c.partition == theirs[1]][:1] == [(member, theirs[1], answered[theirs], None)]
+        assert loop.assignment == [kept]
         assert h.wrong_thread == []
     finally:
         await loop.stop()
@@ -617,7 +627,10 @@ async def test_a_partition_moves_to_a_new_instance_only_after_its_request_under_
     witness = Witness()
 
     def checked(who: str) -> Callable[[dict[str, Any]], FakeConsumer]:
-        return lambda config: CheckedConsumer(cluster, config, who, witness)
+        # Eager on purpose: both partitions are revoked at once, one request ending within the
+        # grace and one outliving it (the cooperative way is tested above).
+        return lambda config: CheckedConsumer(
+            cluster, {**config, "partition.assignment.strategy": "roundrobin"}, who, witness)
 
     agent_a = WitnessAgent("A", witness)
     a = job_runner(cluster, agent_a, grace=0.2, factory=checked("A"))
@@ -699,3 +712,26 @@ async def test_a_long_quiet_loop_polls_less_often_and_wakes_at_once_for_a_messag
     count = len(timeouts)
     await until(lambda: len(timeouts) > count + 2, "more polls")
     assert timeouts[count] != 0.5, "a message makes the loop short-polling again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_consumer_librdkafka_refuses_to_create_ends_the_loop_saying_why(stops: Stops) -> None:
+    """group.protocol=consumer with a classic setting (as librdkafka 2.x refuses it): the job is
+    told once, on the reactor, with librdkafka's reason — no retrying for ever."""
+    made: list[int] = []
+
+    def refusing(config: dict[str, Any]) -> Any:
+        made.append(1)
+        return Consumer({**config, "bootstrap.servers": "127.0.0.1:1", "group.protocol": "consumer",
+                         "session.timeout.ms": 10000})
+
+    h = Recorder()
+    loop = make_loop(FakeCluster(), "refused", ["events"], h, factory=refusing)
+    stops(loop.stop)
+    loop.start()
+    await until(lambda: any(e[0] == "cannot_start" for e in h.events), "the job to be told")
+    await let_run(0.3)
+    [(_, reason)] = [e for e in h.events if e[0] == "cannot_start"]
+    assert "session.timeout.ms" in reason and made == [1]
+    assert h.wrong_thread == []
+

@@ -273,6 +273,10 @@ class JobRunner:
             log.failure("job {job_id}: taking a batch in failed", job_id=self.job.id)
             self._broken(f"internal error taking messages in: {type(e).__name__}: {e}")
 
+    def cannot_start(self, reason: str) -> None:
+        """The job's Kafka consumer cannot be created: the job is in error, saying why."""
+        self._broken(f"the Kafka consumer cannot be created: {reason}")
+
     def revoked(self, partitions: list[TP], lost: bool) -> Deferred[dict[TP, int]]:
         """Let go of ``partitions``: queued records are dropped, requests under way may end
         within the revocation grace (lost: none), then are cancelled; the offsets to commit."""

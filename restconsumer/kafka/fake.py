@@ -10,6 +10,10 @@ The consumer group follows the classic eager protocol: when a member joins or le
 every member, at its next ``consume()``/``poll()`` and on that calling thread, gets
 ``on_revoke`` with everything it holds; once every member has done so the partitions are
 dealt out round-robin and each member gets ``on_assign`` with its share at its next call.
+A group whose members all set ``partition.assignment.strategy: cooperative-sticky``
+rebalances incrementally instead: each member keeps what it holds up to its fair share,
+gets ``on_revoke`` with only what goes to others (and goes on fetching the rest), and,
+once every member has let go of those, ``on_assign`` with only what is new to it.
 A member that does not call in (see ``max.poll.interval.ms``) holds the rebalance up, as
 with a real broker.
 
@@ -23,7 +27,8 @@ Where the fake knowingly differs from librdkafka:
 - a member whose ``max.poll.interval.ms`` ran out is treated like :meth:`FakeCluster.expire`
   (``on_lost`` at its next call); no ``_MAX_POLL_EXCEEDED`` error message is returned;
 - subscriptions to topics created later take effect at once, not at a metadata refresh;
-- the assignor is always round-robin, whatever ``partition.assignment.strategy`` says;
+- the assignor is round-robin, or cooperative-sticky when every member asks for it (its
+  plan is simpler than librdkafka's: fair shares by member order, sticky where it can be);
 - ``auto.offset.reset: error`` behaves like ``latest``.
 """
 
@@ -102,6 +107,13 @@ class _Group:
     generation: int = 0
     members: list[FakeConsumer] = field(default_factory=list)
     assignment: dict[FakeConsumer, list[_TP]] | None = None
+    #: Cooperative groups: the shares of this generation, planned from what members held.
+    plan: dict[FakeConsumer, list[_TP]] | None = None
+
+
+def _cooperative(group: _Group) -> bool:
+    """Whether the group rebalances incrementally: every member asked for cooperative-sticky."""
+    return bool(group.members) and all(m._cooperative for m in group.members)
 
 
 class _Failure(NamedTuple):
@@ -347,6 +359,7 @@ class FakeCluster:
     def _rebalance_locked(self, group: _Group) -> None:
         group.generation += 1
         group.assignment = None
+        group.plan = None
         self._complete_locked(group)
         self._cond.notify_all()
 
@@ -361,6 +374,11 @@ class FakeCluster:
                 return
         if any(m._joined < group.generation for m in group.members):
             return
+        group.assignment = self._plan_locked(group) if _cooperative(group) else self._deal_locked(group)
+        self._cond.notify_all()
+
+    def _deal_locked(self, group: _Group) -> dict[FakeConsumer, list[_TP]]:
+        """Round-robin over every partition (the eager assignor)."""
         topics = {m: m._topics_locked() for m in group.members}
         partitions = sorted((t, p) for t in set().union(*topics.values()) if t in self._logs
                             for p in range(len(self._logs[t])))
@@ -372,8 +390,35 @@ class FakeCluster:
                 if tp[0] in topics[member]:
                     shares[member].append(tp)
                     break
-        group.assignment = shares
-        self._cond.notify_all()
+        return shares
+
+    def _plan_locked(self, group: _Group) -> dict[FakeConsumer, list[_TP]]:
+        """The cooperative-sticky shares of this generation: each member keeps what it holds
+        up to its fair share, the rest is dealt to those below it (planned once)."""
+        if group.plan is not None:
+            return group.plan
+        topics = {m: m._topics_locked() for m in group.members}
+        partitions = sorted((t, p) for t in set().union(*topics.values()) if t in self._logs
+                            for p in range(len(self._logs[t])))
+        quota, extra = divmod(len(partitions), max(1, len(group.members)))
+        shares: dict[FakeConsumer, list[_TP]] = {}
+        taken: set[_TP] = set()
+        for i, member in enumerate(group.members):
+            fair = quota + (1 if i < extra else 0)
+            kept = [tp for tp in sorted(member._assignment) if tp in partitions and tp[0] in topics[member]
+                    and tp not in taken][:fair] if member._group_owned else []
+            shares[member] = kept
+            taken.update(kept)
+        for tp in partitions:
+            if tp in taken:
+                continue
+            wanting = [m for i, m in enumerate(group.members) if tp[0] in topics[m]]
+            if wanting:
+                member = min(wanting, key=lambda m: len(shares[m]))
+                shares[member].append(tp)
+                taken.add(tp)
+        group.plan = shares
+        return shares
 
     def _start_locked(self, group: str, tp: _TP, shown: int, reset: str) -> int:
         """Where fetching of ``tp`` starts for an assignment with offset ``shown``."""
@@ -407,6 +452,8 @@ class FakeConsumer:
         self._reset = str(config.get("auto.offset.reset", "largest")).lower()
         self._auto_store = str(config.get("enable.auto.offset.store", True)).lower() not in ("false", "0")
         self._max_poll = float(config.get("max.poll.interval.ms", 300000)) / 1000
+        self._cooperative = str(config.get("partition.assignment.strategy", "")).strip().lower() \
+            == "cooperative-sticky"
         self._on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = \
             config.get("on_commit")
         self._member_id = ""
@@ -730,6 +777,8 @@ class FakeConsumer:
         if group is None or self not in group.members:
             return None
         if self._joined < group.generation:
+            if _cooperative(group) and self._group_owned:
+                return self._revoke_some_locked(group)
             if self._group_owned:
                 return self._revoke_locked(group)
             self._joined = group.generation
@@ -773,9 +822,41 @@ class FakeConsumer:
 
         return revoke
 
+    def _revoke_some_locked(self, group: _Group) -> Callable[[], None] | None:
+        """Cooperative: revoke only what this generation's plan gives to others."""
+        keep = set(self._cluster._plan_locked(group).get(self, []))
+        gone = [tp for tp in self._assignment if tp not in keep]
+        if not gone:
+            self._joined = group.generation
+            return None
+        callback = self._on_revoke
+
+        def revoke() -> None:
+            try:
+                if callback is not None:
+                    callback(self, [TopicPartition(t, p) for t, p in gone])
+            finally:
+                with self._cond:
+                    for tp in gone:
+                        self._assignment.pop(tp, None)
+                    self._joined = group.generation
+                    self._cluster._complete_locked(group)
+
+        return revoke
+
     def _assign_locked(self, group: _Group) -> Callable[[], None]:
         assert group.assignment is not None
         share = group.assignment[self]
+        if _cooperative(group) and self._group_owned:
+            # Incremental: what it keeps goes on fetching; on_assign names only what is new.
+            self._assigned = group.generation
+            added = [tp for tp in share if tp not in self._assignment]
+            for tp in added:
+                self._assignment[tp] = _Fetch(shown=OFFSET_STORED, next=self._cluster._start_locked(
+                    self._group_id, tp, OFFSET_INVALID, self._reset), paused=tp in self._paused)
+            on_assign = self._on_assign
+            added_tps = [TopicPartition(t, p) for t, p in added]
+            return (lambda: on_assign(self, added_tps)) if on_assign is not None else (lambda: None)
         self._assigned = group.generation
         self._group_owned = True
         self._fenced = False
