@@ -16,6 +16,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, Service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -364,6 +365,29 @@ class Options(usage.Options):
             raise usage.UsageError(f"--schema-registry-option: {e}") from None
 
 
+class Drain(Service):
+    """What SIGTERM does first (SPEC §6): ``/health/ready`` answers 503 at once (``/health/live``
+    stays 200), then every job drains — nothing new taken, half-full batches sent, requests
+    under way finish within ``--revoke-grace`` or are cancelled, what waits is released
+    uncommitted, finished offsets committed, consumers leave — while the API still answers;
+    only then does the API stop."""
+
+    def __init__(self, api: API, supervisor: Supervisor, workers: IService | None = None) -> None:
+        self._api = api
+        self._supervisor = supervisor
+        self._workers = workers
+
+    def stopService(self) -> Deferred[Any]:
+        """Say not ready, and drain the jobs — the workers' too, at the same time."""
+        super().stopService()
+        self._api.draining = True
+        log.info("draining: /health/ready answers 503; the jobs finish what is under way")
+        draining = [self._supervisor.stopService()]
+        if self._workers is not None:
+            draining.append(self._workers.stopService())  # SIGTERM: each drains as this one
+        return gatherResults(draining, consumeErrors=True)
+
+
 class _RemoveOnStop(Service):
     """Removes a folder of the process's when the service stops."""
 
@@ -530,10 +554,12 @@ def _api(options: Options, reactor: Any, top: OrderedServices, parts: _Parts,
               metrics=parts.metrics, reader=reader, replays=replays,
               clock=reactor, allow_hosts=options["allowed-hosts"], policy=policy(options),
               demo_sink=demo_sink, registry=parts.registry)
+    workers: IService | None = None
     if options["worker-count"] > 1:
         environment = {**worker_environment(options), **secret_environment(options)}
-        WorkerPool(reactor, options["worker-count"] - 1, environment,
-                   on_ended=Metrics.process_ended).setServiceParent(top)
+        workers = WorkerPool(reactor, options["worker-count"] - 1, environment,
+                             on_ended=Metrics.process_ended)
+        workers.setServiceParent(top)
     if options["metrics"]:
         metrics_site = Site(MetricsResource(parts.metrics))
         StreamServerEndpointService(endpoints.serverFromString(reactor, options["metrics"]),
@@ -544,6 +570,8 @@ def _api(options: Options, reactor: Any, top: OrderedServices, parts: _Parts,
                        endpoint_name=options["api"], token_note=token_note,
                        description=f"Kafka {options['kafka']}, Redis {redis_address}")
     server.setServiceParent(top)
+    # Stopped first: readiness says 503 at once, and the jobs drain while the API answers.
+    Drain(api, supervisor, workers).setServiceParent(top)
     if options["embedded"]:
         EmbeddedGuide(reactor, store, server, auth, options["kafka"],
                       allow_hosts=options["allowed-hosts"]).setServiceParent(top)

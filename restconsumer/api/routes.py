@@ -97,6 +97,8 @@ class API:
         self.replays = replays
         #: The Schema Registry the dry run fetches wire-format schemas from, if configured.
         self.registry = registry
+        #: The process is draining (SIGTERM): ``/health/ready`` answers 503.
+        self.draining = False
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -215,7 +217,10 @@ class API:
 
     @app.route("/health/ready", methods=["GET"])
     async def ready(self, request: IRequest) -> bytes:
-        """Readiness: Redis and Kafka reachable (as ``/health``); no auth."""
+        """Readiness: Redis and Kafka reachable (as ``/health``), and not draining; no auth."""
+        if self.draining:
+            # SIGTERM: a load balancer stops sending here while the jobs drain (SPEC §6).
+            return _json(request, 503, {"status": "draining"})
         return await self.health(request)
 
     @app.route("/metrics", methods=["GET"])
