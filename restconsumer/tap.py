@@ -83,6 +83,7 @@ ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "revoke-grace": ("RESTCONSUMER_REVOKE_GRACE", "10"),
     "workers": ("RESTCONSUMER_WORKERS", "1"),
     "schema-registry": ("RESTCONSUMER_SCHEMA_REGISTRY", None),
+    "instance-id": ("RESTCONSUMER_INSTANCE_ID", None),
 }
 
 #: the secret options (SPEC §8): option name → environment variable; no defaults
@@ -171,6 +172,9 @@ class Options(usage.Options):
         ["api-password", None, None, "Password of --api-user [RESTCONSUMER_API_PASSWORD]"],
         ["tokens", None, None, "JSON file of owner-scoped API tokens, {token: owner} "
                                "[RESTCONSUMER_TOKENS]"],
+        ["instance-id", None, None, "A stable name of this instance: static group membership "
+                                    "(group.instance.id), a restart within the session timeout "
+                                    "moves nothing [RESTCONSUMER_INSTANCE_ID]"],
         ["allow-hosts", None, None, "Comma-separated hosts that job URLs may name "
                                     "[RESTCONSUMER_ALLOW_HOSTS, default any host]"],
         ["ca-file", None, None, "PEM bundle of CAs for HTTPS endpoints "
@@ -232,6 +236,7 @@ class Options(usage.Options):
         self._check_places()
         self._check_credentials()
         self._check_numbers()
+        self._check_instance_id()
         self._check_logs()
         if self["embedded"] and EmbeddedRedis.binary() is None:
             raise usage.UsageError("--embedded needs redis-server on the PATH "
@@ -337,6 +342,12 @@ class Options(usage.Options):
                                    f"not {self['workers']!r}") from None
         if self["worker-count"] > 1 and self["embedded"]:
             raise usage.UsageError("--workers is for a real Kafka; --embedded runs one process")
+
+    def _check_instance_id(self) -> None:
+        """A stable name for static membership: Kafka's group.instance.id of every job."""
+        name = self["instance-id"]
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", name):
+            raise usage.UsageError("--instance-id takes 1 to 200 letters, digits, '.', '_' or '-'")
 
     def _check_logs(self) -> None:
         """Log format and level (the logs are configured here, for what follows)."""
@@ -504,7 +515,11 @@ def _jobs(options: Options, reactor: Any, top: OrderedServices, redis_address: R
                                   tls=sender.tls_policy)
         registry.setServiceParent(top)
         log.info("schema registry at {url}", url=registry.url)
-    shared = Shared(reactor, kafka, sender, dead_letters, budget,
+    jobs_kafka = kafka
+    if options["instance-id"]:
+        # Static membership (SPEC §6): one id per process; each job is its own group.
+        jobs_kafka = {**kafka, "group.instance.id": options["instance-id"]}
+    shared = Shared(reactor, jobs_kafka, sender, dead_letters, budget,
                     revoke_grace=options["revoke-grace"], metrics=metrics, registry=registry,
                     destinations=options["destinations"])
     supervisor = Supervisor(store, shared, policy=policy(options, hosts=False),

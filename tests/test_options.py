@@ -84,6 +84,7 @@ VALUES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "log-level": lambda _: ("debug", "warn"),
     "metrics": lambda _: ("tcp:9100", "tcp:0:interface=127.0.0.1"),
     "schema-registry": lambda _: ("http://registry.example:8081", "https://sr.example/api"),
+    "instance-id": lambda _: ("node-env", "node-cli"),
 }
 
 # options kept in another form than their text
@@ -117,6 +118,7 @@ def test_environment_variable_names() -> None:
         "log-level": "RESTCONSUMER_LOG_LEVEL",
         "metrics": "RESTCONSUMER_METRICS",
         "schema-registry": "RESTCONSUMER_SCHEMA_REGISTRY",
+        "instance-id": "RESTCONSUMER_INSTANCE_ID",
     }
 
 
@@ -534,3 +536,17 @@ def test_option_errors_end_twistd_with_status_1(tmp_path: Path) -> None:
         timeout=60)
     assert done.returncode == 1
     assert "--max-buffer-mb takes a whole number of MiB, at least 16, not '8'" in done.stdout
+
+
+@pytest.mark.parametrize("value", ["", "a b", "x" * 201, "é"])
+def test_an_instance_id_must_be_a_plain_name(value: str) -> None:
+    with pytest.raises(usage.UsageError, match="instance-id"):
+        parse("--instance-id", value)
+
+
+def test_an_instance_id_makes_every_jobs_membership_static() -> None:
+    from twisted.internet import reactor
+
+    service = makeService(parse("--instance-id", "node-a", "--api-token", "t"), reactor)
+    [supervisor] = [kid for kid in children(service) if type(kid).__name__ == "Supervisor"]
+    assert supervisor._shared.kafka["group.instance.id"] == "node-a"  # type: ignore[attr-defined]

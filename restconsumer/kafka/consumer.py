@@ -29,6 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from restconsumer.base.process import end_process
 from restconsumer.base.types import TP
 
 __all__ = ["KafkaLoop", "LoopHandler", "consumer_config"]
@@ -101,6 +102,11 @@ def consumer_config(base: dict[str, Any], job_id: str) -> dict[str, Any]:
         "enable.auto.offset.store": False,
         "enable.partition.eof": False,
     }
+
+
+def _fatal(error: KafkaError) -> bool:
+    # A fatal error reaches consume() as a message whose code is _FATAL (its fatal() may say no).
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
 
 
 class _Mailbox:
@@ -267,6 +273,17 @@ class KafkaLoop:
         try:
             while not self._stop.is_set():
                 self._turn(consumer)
+        except KafkaException as e:
+            error = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+            if error is not None and _fatal(error):
+                # e.g. fenced: another live member has this group.instance.id (static
+                # membership); the older one must go, saying why (SPEC §6).
+                log.critical("job {name}: Kafka ended this consumer: {error}; the process ends",
+                             name=self.name, error=error.str())
+                self._reactor.callFromThread(end_process, self._reactor, 1)
+                return
+            log.failure("job {name}: the Kafka loop failed", name=self.name)
+            raise
         except Exception:
             log.failure("job {name}: the Kafka loop failed", name=self.name)
             raise
@@ -318,6 +335,8 @@ class KafkaLoop:
             error = message.error()
             if error is None:
                 batch.append(self._handler.prepare(message))
+            elif _fatal(error):
+                raise KafkaException(error)  # the consumer is done for (fenced...): see _run
             else:
                 self._warn("Kafka reports: {error}", error=error.str())
         if batch:

@@ -55,6 +55,8 @@ def worker_environment(options: Any) -> dict[str, str]:
                 f"{k}={v}" for k, v in options["schema-registry-options"].items()) + "\n"
     if options["ca-file"]:
         env["RESTCONSUMER_CA_FILE"] = options["ca-file"]
+    if options.get("instance-id"):
+        env["RESTCONSUMER_INSTANCE_ID"] = options["instance-id"]
     if options["allow-hosts"]:
         env["RESTCONSUMER_ALLOW_HOSTS"] = options["allow-hosts"]
     for name in ("log-level",):
@@ -106,7 +108,11 @@ class WorkerPool(Service):
         worker = _Worker(self, number)
         self._workers[number] = worker
         # Standard input is a pipe the worker watches; its output is ours.
-        self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=self._env,
+        env = dict(self._env)
+        if "RESTCONSUMER_INSTANCE_ID" in env:
+            # Static membership: each process is a member of its own (``{ID}-{n}``).
+            env["RESTCONSUMER_INSTANCE_ID"] = f"{env['RESTCONSUMER_INSTANCE_ID']}-{number}"
+        self._reactor.spawnProcess(worker, self._argv[0], self._argv, env=env,
                                    childFDs={0: "w", 1: 1, 2: 2})
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
