@@ -26,10 +26,15 @@ def ids(received: list[Received]) -> Counter[str]:
 
 
 def last_assignment(service: ServiceProcess, job_id: str) -> set[str]:
-    """The partitions the service's last assignment of the job gave it."""
-    lines = re.findall(rf"job {job_id}: assigned (.*)", service.log())
-    assert lines, f"job {job_id} was never assigned partitions"
-    return set() if lines[-1].strip() == "nothing" else set(lines[-1].strip().split(", "))
+    """The partitions the service holds of the job, by its log: assignments add, revocations
+    and losses take away (rebalances are cooperative: each line names only what moved)."""
+    events = re.findall(rf"job {job_id}: (assigned|revoked|lost) (.*)", service.log())
+    assert events, f"job {job_id} was never assigned partitions"
+    held: set[str] = set()
+    for how, what in events:
+        named = set() if what.strip() == "nothing" else set(what.strip().split(", "))
+        held = held | named if how == "assigned" else held - named
+    return held
 
 
 def test_two_instances_split_the_partitions(

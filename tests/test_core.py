@@ -178,12 +178,15 @@ def hand_over(services: Start, sink: SlowSink, name: str, x_id: str,
     test below); return B and each hand-over as (a moment X was under way, when the
     revocation was surely asked for: B's API up, or A sent SIGTERM)."""
     tp = f"{name}[0]"
-    first = services("--revoke-grace", REVOKE_GRACE)
+    # Eager on purpose: B's join revokes A's partition with X in flight (cooperative-sticky
+    # would leave it with A; the SIGTERM branch below is the hand-over it makes then).
+    eager = ("--kafka-option", "partition.assignment.strategy=roundrobin")
+    first = services("--revoke-grace", REVOKE_GRACE, *eager)
     assert first.request("POST", "/job/handover",
                          job("handover", name, sink.url, timeout=60)).status == 201
     wait_for(lambda: any(c.entity == x_id for c in sink.snapshot()), 30, "X under way")
     before = time.monotonic()
-    second = services("--revoke-grace", REVOKE_GRACE)
+    second = services("--revoke-grace", REVOKE_GRACE, *eager)
     handovers = [(before, time.monotonic())]
 
     def settled() -> bool:
@@ -223,7 +226,7 @@ def test_a_revoked_partition_is_sent_again_only_after_its_request_under_way_ende
     fixed 10 s. The job's own ``timeout`` (60 s) is longer than the 40 s, so only the
     revocation can end A's request early.
 
-    The eager round-robin assignor gives the one partition to whichever member sorts
+    The eager round-robin assignor (set for this test) gives the one partition to whichever member sorts
     first, so after B joins the partition may stay with A. The test makes the move
     happen either way: if A got it back, A sends X again (held again), and the test stops
     A gracefully (SIGTERM) with that request under way — a second revocation with a

@@ -104,6 +104,12 @@ def consumer_config(base: dict[str, Any], job_id: str) -> dict[str, Any]:
     }
 
 
+def _refused_settings(e: Exception) -> bool:
+    error = e.args[0] if isinstance(e, KafkaException) and e.args and isinstance(e.args[0], KafkaError) \
+        else None
+    return error is not None and error.code() == KafkaError._INVALID_ARG
+
+
 def _fatal(error: KafkaError) -> bool:
     # A fatal error reaches consume() as a message whose code is _FATAL (its fatal() may say no).
     return bool(error.fatal()) or error.code() == KafkaError._FATAL
@@ -252,11 +258,16 @@ class KafkaLoop:
         while consumer is None and not self._stop.is_set():
             try:
                 consumer = self._factory({**self._config, "on_commit": self._on_commit})
-            except Exception as e:  # refused settings: the same on every try
-                log.error("job {name}: librdkafka cannot create its consumer: {error}",
-                          name=self.name, error=str(e))
-                self._reactor.callFromThread(self._handler.cannot_start, str(e))
-                return
+            except Exception as e:
+                if _refused_settings(e):  # the same on every try: say so, once
+                    log.error("job {name}: librdkafka cannot create its consumer: {error}",
+                              name=self.name, error=str(e))
+                    self._reactor.callFromThread(self._handler.cannot_start, str(e))
+                    return
+                log.warn("job {name}: cannot create its consumer: {error}; trying again in 2 s",
+                         name=self.name, error=str(e))
+                self._stop.wait(2.0)
+                continue
             try:
                 consumer.subscribe(self.topics, on_assign=self._on_assign,
                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
