@@ -44,14 +44,22 @@ async def until(check: Any, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+async def serving(drop_first: int) -> tuple[Any, Any, RedisAddress]:
+    """The loopback server (dropping its first ``drop_first`` connections), its port, its address."""
+    factory = Factory.forProtocol(_Server)
+    factory.connections, factory.drop_first = 0, drop_first  # type: ignore[attr-defined]
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    return factory, port, RedisAddress("127.0.0.1", port.getHost().port, 0, None, "secret", False)
+
+
+def pool() -> txredisapi.RedisFactory:
+    return txredisapi.RedisFactory("x", None, 1, isLazy=True, password="secret")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_pool_that_gave_up_is_made_anew() -> None:
-    factory = Factory.forProtocol(_Server)
-    factory.connections, factory.drop_first = 0, 1  # type: ignore[attr-defined]
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    address = RedisAddress("127.0.0.1", port.getHost().port, 0, None, "secret", False)
-    link = RedisLink(reactor, address, lambda: txredisapi.RedisFactory(
-        "x", None, 1, isLazy=True, password="secret"), what="the test's pool", every=0.1)
+    factory, port, address = await serving(drop_first=1)
+    link = RedisLink(reactor, address, pool, what="the test's pool", every=0.1)
     try:
         link.start()
         first = link.factory
@@ -68,14 +76,10 @@ async def test_a_pool_that_gave_up_is_made_anew() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_link_keeps_a_pool_that_did_not_give_up() -> None:
-    factory = Factory.forProtocol(_Server)
-    factory.connections, factory.drop_first = 0, 0  # type: ignore[attr-defined]
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    address = RedisAddress("127.0.0.1", port.getHost().port, 0, None, "secret", False)
+    _, port, address = await serving(drop_first=0)
     ticks: list[int] = []
-    link = RedisLink(reactor, address, lambda: txredisapi.RedisFactory(
-        "x", None, 1, isLazy=True, password="secret"), what="the test's pool", every=0.05,
-        on_tick=lambda: ticks.append(1))
+    link = RedisLink(reactor, address, pool, what="the test's pool", every=0.05,
+                     on_tick=lambda: ticks.append(1))
     try:
         link.start()
         first = link.factory

@@ -847,25 +847,19 @@ class FakeConsumer:
     def _assign_locked(self, group: _Group) -> Callable[[], None]:
         assert group.assignment is not None
         share = group.assignment[self]
-        if _cooperative(group) and self._group_owned:
-            # Incremental: what it keeps goes on fetching; on_assign names only what is new.
-            self._assigned = group.generation
-            added = [tp for tp in share if tp not in self._assignment]
-            for tp in added:
-                self._assignment[tp] = _Fetch(shown=OFFSET_STORED, next=self._cluster._start_locked(
-                    self._group_id, tp, OFFSET_INVALID, self._reset), paused=tp in self._paused)
-            on_assign = self._on_assign
-            added_tps = [TopicPartition(t, p) for t, p in added]
-            return (lambda: on_assign(self, added_tps)) if on_assign is not None else (lambda: None)
         self._assigned = group.generation
-        self._group_owned = True
-        self._fenced = False
-        self._assignment = {}
-        for tp in share:
+        if not (_cooperative(group) and self._group_owned):
+            # Eager, or a first share: it holds nothing, everything it is given is new.
+            self._group_owned = True
+            self._fenced = False
+            self._assignment = {}
+        # Cooperative: what it keeps goes on fetching; on_assign names only what is new.
+        added = [tp for tp in share if tp not in self._assignment]
+        for tp in added:
             self._assignment[tp] = _Fetch(shown=OFFSET_STORED, next=self._cluster._start_locked(
                 self._group_id, tp, OFFSET_INVALID, self._reset), paused=tp in self._paused)
         callback = self._on_assign
-        given = [TopicPartition(t, p) for t, p in share]
+        given = [TopicPartition(t, p) for t, p in added]
         return (lambda: callback(self, given)) if callback is not None else (lambda: None)
 
     def _fetch_locked(self, limit: int) -> list[Message]:
