@@ -162,7 +162,9 @@ class Options(usage.Options):
                             "[RESTCONSUMER_API, default tcp:9013]"],
         ["kafka", None, None, "Kafka bootstrap servers "
                               "[KAFKA_BOOTSTRAP_SERVERS, default localhost:9092]"],
-        ["redis", None, None, "Redis URL, redis[s]://[:password@]host[:port][/db] "
+        ["redis", None, None, "Redis URL, redis[s]://[:password@]host[:port][/db] or, behind Sentinel, "
+                              "redis[s]+sentinel://[:password@]HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
+                              "[?sentinel_password=...] "
                               "[REDIS_URL, default redis://localhost:6379/0]"],
         ["jobs", None, None, "Folder of *.json job files loaded at start-up "
                              "[RESTCONSUMER_JOBS, default ./jobs when it exists]"],

@@ -77,6 +77,10 @@ class JobStore(Service):
     under the first key what is in clear or under an older key). A key that does not fit
     calls ``on_refused`` with the reason (by default: log it and end the process), and
     every call fails from then on.
+
+    Behind Sentinel (SPEC §6), a job write is answered only once a replica has it, while the
+    master has any (``WAIT 1``, ``replica_timeout``): if none confirms it in time, the write
+    stays on the master but the call fails with :class:`StoreUnavailable` saying so.
     """
 
     log = Logger()
@@ -84,7 +88,7 @@ class JobStore(Service):
     def __init__(self, address: RedisAddress, *, clock: IReactorTime | None = None,
                  poolsize: int = 4, reply_timeout: float = 5.0, connect_timeout: float = 2.0,
                  watch_every: float = 2.0, secret_key: SecretKey | None = None,
-                 on_refused: Callable[[str], object] | None = None) -> None:
+                 on_refused: Callable[[str], object] | None = None, replica_timeout: float = 1.0) -> None:
         if clock is None:
             from twisted.internet import reactor
 
@@ -94,6 +98,7 @@ class JobStore(Service):
         self.secret_key = secret_key
         self._key = KeyCheck(secret_key, self._raw, self._parse, on_refused or self._end_process)
         self.address = address
+        self.replica_timeout = replica_timeout
         self._link = RedisLink(
             clock, address, lambda: txredisapi.RedisFactory(
                 f"{address.host}:{address.port}", address.db or None, poolsize, isLazy=True,
@@ -136,12 +141,28 @@ class JobStore(Service):
         if self._key.refused is not None:
             raise StoreUnavailable(f"not started: {self._key.refused}")
         if not self.connected:
-            raise StoreUnavailable(f"Redis at {self.address} is not connected")
+            raise StoreUnavailable(f"Redis at {self.address}: {self._link.problem or 'not connected'}")
         try:
             return await getattr(self._link.commands, method)(*args)
         except (txredisapi.ConnectionError, txredisapi.TimeoutError, txredisapi.ResponseError) as e:
             # A ResponseError here is Redis refusing to work (READONLY, OOM, LOADING...).
             raise StoreUnavailable(f"Redis at {self.address}: {e}") from e
+
+    async def _replicated(self) -> None:
+        """Behind Sentinel, wait until a replica has this connection's writes (if any replica)."""
+        if not self.address.sentinels:
+            return
+        role = await self._raw("role")
+        if not (isinstance(role, list) and len(role) >= 3 and role[2]):
+            return  # no replica connected: nothing to wait for
+        # txredisapi sends every command that does not block on one connection, so this
+        # WAIT follows the write it is about.
+        acknowledged = await self._raw("execute_command", "WAIT", 1, int(self.replica_timeout * 1000))
+        if not acknowledged:
+            raise StoreUnavailable(
+                f"Redis at {self.address}: the change is on the master, but no replica confirmed "
+                f"it within {self.replica_timeout:g} s, so a failover now could lose it; "
+                f"send it again when a replica answers")
 
     # -- the secret key --------------------------------------------------------------------
 
@@ -206,6 +227,7 @@ class JobStore(Service):
         await self._call("eval", SET_STOPPED, [STOPPED_SET],
                          [job_id, "1" if stopped else "0", channel(job_id),
                           "stop" if stopped else "start"])
+        await self._replicated()
 
     async def begin_offset_move(self, job_id: str, token: str, ttl: int) -> bool:
         """Halt the job everywhere while its offsets move; False if a move is under way.
@@ -272,12 +294,15 @@ class JobStore(Service):
         await self._call("eval", PUT,
                          [job_key(job.id), JOB_SET, stats_key(job.id), instances_key(job.id)],
                          [self._seal(job), job.id, channel(job.id), "1" if new else "0"])
+        await self._replicated()
 
     async def create(self, job: Job) -> bool:
         """Store a job only if none has its id; True if it was created (and announced)."""
         created = await self._call(
             "eval", CREATE, [job_key(job.id), JOB_SET, stats_key(job.id), instances_key(job.id)],
             [self._seal(job), job.id, channel(job.id)])
+        if created:
+            await self._replicated()
         return bool(created)
 
     async def replace(self, job: Job, expected: str) -> bool:
@@ -285,6 +310,8 @@ class JobStore(Service):
         True if it was replaced (and announced), False if it changed or went meanwhile."""
         replaced = await self._call("eval", REPLACE, [job_key(job.id), JOB_SET],
                                     [self._seal(job), job.id, channel(job.id), expected])
+        if replaced:
+            await self._replicated()
         return bool(replaced)
 
     async def delete(self, job_id: str) -> bool:
@@ -293,6 +320,8 @@ class JobStore(Service):
             "eval", DELETE, [job_key(job_id), JOB_SET, STOPPED_SET, stats_key(job_id),
                               instances_key(job_id), offsets_key(job_id)],
             [job_id, channel(job_id)])
+        if removed:
+            await self._replicated()
         return bool(removed)
 
     async def announce(self, job_id: str, action: str) -> None:
