@@ -62,3 +62,51 @@ def test_sigterm_says_not_ready_at_once_and_lets_the_requests_under_way_finish(
     finally:
         release.set()
         sink.stop()
+
+
+def test_sigterm_sends_the_half_full_batch_and_releases_a_retry_wait_uncommitted(
+        services: Start, kafka: KafkaBroker, topic: Callable[..., str]) -> None:
+    """The other steps of the drain: a batch waiting to fill goes at once, a record waiting to
+    retry is let go uncommitted (the next instance sends it), and the process ends within
+    ``--revoke-grace`` + 15 s though the retry would wait 10 minutes."""
+    answers: dict[str, int] = {"/r/wait": 503}
+
+    def respond(got: Received) -> tuple[int, dict[str, str], bytes]:
+        status = answers.get(got.path, 200)
+        return status, {"Retry-After": "600"} if status == 503 else {}, b"ok"
+
+    sink = Sink(respond).start()
+    try:
+        batched, retried = topic(), topic()
+        first = services("--revoke-grace", "5")
+        jobs = [
+            {"id": "b", "owner": "ops", "type": "POST", "topic": batched, "datamap": {"id": "$.msg.id"},
+             "url": f"{sink.url}/b", "json_body": ["id"], "batch": {"max_messages": 100, "max_wait": 600}},
+            {"id": "r", "owner": "ops", "type": "POST", "topic": retried, "datamap": {"id": "$.msg.id"},
+             "url": f"{sink.url}/r/{{id}}", "json_body": ["id"],
+             "retry": {"max_attempts": 10, "initial_wait": 600, "max_wait": 600}},
+        ]
+        for job in jobs:
+            assert first.request("POST", f"/job/{job['id']}", job).status == 201
+        produce(kafka.bootstrap, batched, [json.dumps({"id": f"m{i}"}).encode() for i in range(5)])
+        produce(kafka.bootstrap, retried, [json.dumps({"id": "wait"}).encode()])
+        wait_for(lambda: first.request("GET", "/job/b/status").json["counters"]["consumed"] == 5, 60,
+                 "the batch filling")
+        wait_for(lambda: any(r.path == "/r/wait" for r in sink.snapshot()), 60, "the first attempt")
+        assert not any(r.path == "/b" for r in sink.snapshot())  # the batch waits to fill
+
+        assert first.process is not None
+        first.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert first.process.wait(5 + 15) in (0, -15)
+        took = time.monotonic() - signalled
+        print(f"drained in {took:.1f} s")
+        batches = [json.loads(r.body) for r in sink.snapshot() if r.path == "/b"]
+        assert batches == [[{"id": f"m{i}"} for i in range(5)]]  # sent at SIGTERM, not after 600 s
+
+        answers["/r/wait"] = 200
+        services()
+        wait_for(lambda: [r.path for r in sink.snapshot()].count("/r/wait") == 2, 60,
+                 "the released record sent again by the next instance")
+    finally:
+        sink.stop()

@@ -74,10 +74,11 @@ class Batches:
         self._cancel(tp)
         self._batcher.take(tp)
 
-    def drop_all(self) -> None:
-        """Forget every pending batch (the job stops)."""
+    def flush_all(self) -> None:
+        """Every pending batch is ready now, full or not (the job stops: SPEC §6's drain)."""
         for tp in list(self._timers):
-            self.drop(tp)
+            self._cancel(tp)
+            self._flush(tp)
 
 
 class Dispatcher:
@@ -202,10 +203,11 @@ class Dispatcher:
             unit.task.cancel()
 
     def stop(self) -> None:
-        """Start nothing more; forget the pending batches."""
-        self.stopping = True
+        """Send the half-full batches (those that may start now: one per partition), then
+        start nothing more; what is left waiting is released with its partition."""
         if self.batches is not None:
-            self.batches.drop_all()
+            self.batches.flush_all()
+        self.stopping = True
 
     def cancel_all(self) -> None:
         """Abandon every unit under way (a consumer that would not close left them)."""
