@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 
 from restconsumer.control.keys import job_key
 from restconsumer.control.redis import MASTER_NOT_FOUND
+from tests.infra.certs import make_pki
 from tests.infra.kafka import KafkaBroker
 from tests.infra.ports import wait_for
 from tests.infra.sentinel import PASSWORD, SENTINEL_PASSWORD, SentinelRedis
@@ -151,3 +152,32 @@ def test_a_failover_is_followed_without_a_restart(services: Start, kafka: KafkaB
     stored = service.request("GET", "/job/after").json
     assert stored["headers"] == {"X-Again": "1"}
     print(f"stream: {sent} messages, all delivered; {len(sink.snapshot())} requests in all")
+
+
+def test_tls_to_the_sentinels_and_the_master_is_verified(services: Start, tmp_path: Path) -> None:
+    """``rediss+sentinel://``: TLS to the sentinels and the master, their certificates checked
+    (here against ``tls_server_name=localhost``, with the test CA as the system's bundle):
+    trusted, the API works on the master; a CA that is not trusted, no connection at all."""
+    pki = make_pki(tmp_path / "pki")
+    setup = SentinelRedis(tmp_path / "sentinel-tls", tls=pki)
+    try:
+        setup.start()
+        url = f"{setup.url}&tls_server_name=localhost"
+        trusted = services(redis=url, env={"SSL_CERT_FILE": str(pki.ca_file)})
+        wait_for(lambda: trusted.request("GET", "/health/ready").status == 200, 30, "ready over TLS")
+        body = {"id": "tls", "owner": "ops", "type": "POST", "topic": "t", "url": "http://127.0.0.1:1/",
+                "datamap": {}}
+        assert post(trusted, body) == 201
+        assert setup.client(setup.master).get(job_key("tls")) is not None
+        trusted.stop()
+
+        other = make_pki(tmp_path / "other-pki")
+        untrusted = services(redis=url, env={"SSL_CERT_FILE": str(other.ca_file)})
+        # Not "not connected yet": the sentinels were tried and none would do.
+        answer = wait_for(lambda: (a := untrusted.request("GET", "/health")).status == 503 and
+                          "no sentinel answers" in a.json["redis"]["error"] and a, 30, "not ready")
+        print("with a CA not trusted:", answer.json)  # type: ignore[attr-defined]
+        assert post(untrusted, {**body, "id": "no"}) == 503
+        assert setup.client(setup.master).get(job_key("no")) is None
+    finally:
+        setup.stop()

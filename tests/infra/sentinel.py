@@ -14,6 +14,7 @@ from pathlib import Path
 
 import redis
 
+from tests.infra.certs import PKI
 from tests.infra.ports import free_port, wait_for
 
 MASTER_NAME = "main"
@@ -31,11 +32,13 @@ def _binary() -> str:
 class _Node:
     """One redis-server process (a data node or a sentinel) with its own directory."""
 
-    def __init__(self, workdir: Path, args: list[str], config: str | None = None) -> None:
+    def __init__(self, workdir: Path, args: list[str], config: str | None = None, *,
+                 tls: bool = False) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.args = args
         self.config = config
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -47,6 +50,8 @@ class _Node:
             if not path.exists():
                 path.write_text(self.config.format(port=self.port))
             command += [str(path), "--sentinel"]
+        elif self.tls:
+            command += ["--port", "0", "--tls-port", str(self.port)]
         else:
             command += ["--port", str(self.port)]
         self.process = subprocess.Popen(
@@ -73,14 +78,24 @@ class _Node:
 
 
 class SentinelRedis:
-    """A master, one replica and three sentinels (quorum 2, a master down after 1 s)."""
+    """A master, one replica and three sentinels (quorum 2, a master down after 1 s); with
+    ``tls``, every one of them speaks TLS only (a certificate for localhost and 127.0.0.1)."""
 
-    def __init__(self, workdir: Path) -> None:
-        data = ["--save", "", "--appendonly", "no", "--requirepass", PASSWORD, "--masterauth", PASSWORD]
-        self.master = _Node(workdir / "master", data)
-        self.replica = _Node(workdir / "replica", [*data, "--replicaof", "127.0.0.1", str(self.master.port)])
+    def __init__(self, workdir: Path, tls: PKI | None = None) -> None:
+        self.pki = tls
+        files = [] if tls is None else [
+            "--tls-cert-file", str(tls.cert_file), "--tls-key-file", str(tls.key_file),
+            "--tls-ca-cert-file", str(tls.ca_file), "--tls-auth-clients", "no", "--tls-replication", "yes"]
+        data = ["--save", "", "--appendonly", "no", "--requirepass", PASSWORD, "--masterauth", PASSWORD,
+                *files]
+        self.master = _Node(workdir / "master", data, tls=tls is not None)
+        self.replica = _Node(workdir / "replica", [*data, "--replicaof", "127.0.0.1", str(self.master.port)],
+                             tls=tls is not None)
+        listen = ["port {port}"] if tls is None else [
+            "port 0", "tls-port {port}", f"tls-cert-file {tls.cert_file}", f"tls-key-file {tls.key_file}",
+            f"tls-ca-cert-file {tls.ca_file}", "tls-auth-clients no", "tls-replication yes"]
         config = "\n".join([
-            "port {port}",
+            *listen,
             f"requirepass {SENTINEL_PASSWORD}",
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 2",
             f"sentinel auth-pass {MASTER_NAME} {PASSWORD}",
@@ -96,7 +111,8 @@ class SentinelRedis:
     def url(self) -> str:
         """The service's ``--redis``: master credentials, the sentinels, their password."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://:{PASSWORD}@{hosts}/{MASTER_NAME}/0?sentinel_password={SENTINEL_PASSWORD}"
+        scheme = "redis" if self.pki is None else "rediss"
+        return f"{scheme}+sentinel://:{PASSWORD}@{hosts}/{MASTER_NAME}/0?sentinel_password={SENTINEL_PASSWORD}"
 
     def start(self) -> None:
         """Start everything; return once the sentinels agree on the master and see the replica."""
@@ -119,12 +135,15 @@ class SentinelRedis:
     def client(self, node: _Node) -> redis.Redis:
         """A plain client of one data node."""
         return redis.Redis(host="127.0.0.1", port=node.port, password=PASSWORD, decode_responses=True,
-                           socket_timeout=5)
+                           socket_timeout=5, **self._tls())
 
     def sentinel_client(self, sentinel: _Node) -> redis.Redis:
         """A plain client of one sentinel."""
         return redis.Redis(host="127.0.0.1", port=sentinel.port, password=SENTINEL_PASSWORD,
-                           decode_responses=True, socket_timeout=5)
+                           decode_responses=True, socket_timeout=5, **self._tls())
+
+    def _tls(self) -> dict[str, object]:
+        return {} if self.pki is None else {"ssl": True, "ssl_ca_certs": str(self.pki.ca_file)}
 
     def master_port(self) -> int | None:
         """The master's port as every sentinel names it (None while they disagree)."""
