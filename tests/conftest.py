@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.kafka import KafkaBroker
+from tests.infra.kafka import KafkaBroker, KafkaCluster
 from tests.infra.redis import RedisServer
 from tests.infra.service import ServiceProcess
 from tests.infra.sink import Sink
@@ -90,3 +90,16 @@ def sink() -> Iterator[Sink]:
     server = Sink().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """Three Kafka nodes (broker and controller each; replication 3, min.insync.replicas 2),
+    started only for the tests that ask for it, once for all of them. A test that kills a
+    node starts it again and waits until its replicas are back in sync."""
+    cluster = KafkaCluster(tmp_path_factory.mktemp("kafka-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

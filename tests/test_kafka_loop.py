@@ -735,3 +735,89 @@ async def test_a_consumer_librdkafka_refuses_to_create_ends_the_loop_saying_why(
     assert "session.timeout.ms" in reason and made == [1]
     assert h.wrong_thread == []
 
+
+
+# --- commits while a group's coordinator moves (a replicated Kafka losing a broker) -----------
+
+
+@pytest_twisted.ensureDeferred
+async def test_commits_refused_while_the_coordinator_moves_are_made_again_never_skipped(
+        stops: Stops) -> None:
+    """NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS, REQUEST_TIMED_OUT in a row (a broker lost,
+    its __consumer_offsets partitions getting new leaders): the commit is made again each turn
+    while the partition is assigned, with the latest offset, until it is accepted."""
+    cluster = FakeCluster()
+    cluster.create_topic("events", 1)
+    for i in range(8):
+        cluster.produce("events", f"m{i}")
+    h = Recorder()
+    loop = make_loop(cluster, "moving", ["events"], h)
+    stops(loop.stop)
+    loop.start()
+    await until(lambda: len(h.offsets("events", 0)) == 8, "the messages")
+    group = "restconsumer.moving"
+    for code in (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                 KafkaError.REQUEST_TIMED_OUT):
+        cluster.fail_next_commit(f"coordinator moving ({code})", code=code)
+    loop.commit({("events", 0): 5})
+    await until(lambda: len(cluster.commits(group)) >= 2, "the commit to be made again")
+    loop.commit({("events", 0): 8})  # the partition moved on meanwhile
+    await until(lambda: cluster.committed(group, "events", 0) == 8, "the commit of offset 8")
+    await let_run(0.1)
+    commits = cluster.commits(group)
+    assert [c.error.code() for c in commits if c.error is not None] == [
+        KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.REQUEST_TIMED_OUT]
+    assert commits[-1].offset == 8 and commits[-1].error is None
+    # Made again, never skipped: each refused commit is followed by another one, none lower.
+    offsets = [c.offset for c in commits]
+    assert offsets == sorted(offsets) and offsets[0] == 5
+    assert cluster.committed(group, "events", 0) == 8
+    assert h.wrong_thread == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revoked_partitions_commit_refused_while_the_coordinator_moves_is_made_again(
+        stops: Stops) -> None:
+    """stop() while the coordinator moves: the revocation's commit, refused twice, is made again
+    before the partition goes, and the group ends at the job's offset."""
+    cluster = FakeCluster()
+    cluster.create_topic("events", 1)
+    for i in range(4):
+        cluster.produce("events", f"m{i}")
+    h = Recorder()
+    loop = make_loop(cluster, "revoking", ["events"], h)
+    stops(loop.stop)
+    loop.start()
+    await until(lambda: len(h.offsets("events", 0)) == 4, "the messages")
+    h.answer = {("events", 0): 4}
+    cluster.fail_next_commit("Broker: Not coordinator", code=KafkaError.NOT_COORDINATOR)
+    cluster.fail_next_commit("Broker: Coordinator load in progress",
+                             code=KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    await loop.stop()
+    group = "restconsumer.revoking"
+    assert [(c.offset, c.error.code() if c.error else None) for c in cluster.commits(group)] == [
+        (4, KafkaError.NOT_COORDINATOR), (4, KafkaError.COORDINATOR_LOAD_IN_PROGRESS), (4, None)]
+    assert cluster.committed(group, "events", 0) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revoked_partitions_commit_the_group_refuses_for_good_is_not_made_again(
+        stops: Stops) -> None:
+    """A revocation's commit refused with ILLEGAL_GENERATION (the group moved on: it cannot
+    succeed) is tried once, and the partition goes at once."""
+    cluster = FakeCluster()
+    cluster.create_topic("events", 1)
+    cluster.produce("events", "m0")
+    h = Recorder()
+    loop = make_loop(cluster, "refused", ["events"], h)
+    stops(loop.stop)
+    loop.start()
+    await until(lambda: len(h.offsets("events", 0)) == 1, "the message")
+    h.answer = {("events", 0): 1}
+    cluster.fail_next_commit("Broker: Specified group generation id is not valid",
+                             code=KafkaError.ILLEGAL_GENERATION)
+    started = time.monotonic()
+    await loop.stop()
+    assert time.monotonic() - started < 1.0
+    assert [c.error.code() if c.error else None for c in cluster.commits("restconsumer.refused")] == [
+        KafkaError.ILLEGAL_GENERATION]

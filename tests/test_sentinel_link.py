@@ -181,7 +181,7 @@ async def test_a_job_write_waits_for_a_replica_while_the_master_has_one() -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_a_write_no_replica_confirms_is_not_answered_as_done() -> None:
-    store, master, ports = await store_behind(["master", 10, [["127.0.0.1", "7001", "10"]]], 0)
+    store, _master, ports = await store_behind(["master", 10, [["127.0.0.1", "7001", "10"]]], 0)
     try:
         with pytest.raises(StoreUnavailable, match="no replica confirmed it"):
             await store.put(JOB)

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from restconsumer.base.threads import ThreadService
 from restconsumer.jobs.work import Incoming
+from restconsumer.kafka.topics import OutputTopics
 
 __all__ = ["DeadLetterReader", "DeadLetters", "dead_letter_headers", "describe_letter", "original"]
 
@@ -44,13 +45,17 @@ def dead_letter_headers(job_id: str, incoming: Incoming, reason: str, *, record:
 
 
 class DeadLetters(ThreadService):
-    """Produces dead letters to Kafka; each send fires once Kafka has acknowledged it.
+    """Produces dead letters (and results) to Kafka; each send fires once Kafka has
+    acknowledged it (``acks=all``, idempotent: a leader change loses or repeats nothing).
 
-    The producer's delivery reports are served by a thread of its own.
+    The producer's delivery reports are served by a thread of its own. A topic's first send
+    waits until the topic is made sure of (:class:`~restconsumer.kafka.topics.OutputTopics`:
+    created with replication min(3, brokers) unless it exists), on another thread.
     """
 
-    def __init__(self, reactor: Any, config: dict[str, Any]) -> None:
+    def __init__(self, reactor: Any, config: dict[str, Any], *, topics: OutputTopics | None = None) -> None:
         super().__init__(reactor, "dead-letters")
+        self._topics = topics if topics is not None else OutputTopics(reactor, config)
         # A dead letter carries the source message whole, plus its headers: allow more than
         # Kafka's 1 MB default (the broker may still refuse; see send()). Letters wait for a
         # 20 ms linger: a refused stream then goes in batches (the partition does not wait).
@@ -63,6 +68,7 @@ class DeadLetters(ThreadService):
     def startService(self) -> None:
         """Create the producer and start serving its delivery reports."""
         super().startService()
+        self._topics.startService()
         self._producer = Producer(self._config)
         self._polling = True
         self._loop = self.in_thread(self._serve)
@@ -78,6 +84,7 @@ class DeadLetters(ThreadService):
         Service.stopService(self)  # the thread stops below, once its loop has flushed
         self._polling = False
         d = self._loop if self._loop is not None else succeed(None)
+        d.addBoth(lambda _: self._topics.stopService())
         return d.addBoth(lambda _: self._stop_thread())
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
@@ -85,20 +92,33 @@ class DeadLetters(ThreadService):
         """Produce one dead letter; fires when Kafka has it, fails with the Kafka error.
 
         One the broker refuses as too large goes again without its value, a header saying why.
+        The topic's first send waits for it to be made sure of (it fails if that cannot be done
+        yet: its caller tries again).
         """
+        if self._producer is None:
+            return fail(RuntimeError("dead letters are not running"))
+        ready = self._topics.ensure(topic)
+        return ready.addCallback(lambda _: self._produce(topic, key, value, headers))
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None,
+                 headers: list[tuple[str, bytes]]) -> Deferred[None]:
         done: Deferred[None] = Deferred()
+
+        def fire(result: Failure | None) -> None:
+            if not done.called:  # cancelled meanwhile: its partition let go of it
+                done.callback(result)
 
         def report(err: KafkaError | None, _msg: Any) -> None:
             # Runs on the delivery-report thread.
             if err is None:
-                self._reactor.callFromThread(done.callback, None)
+                self._reactor.callFromThread(fire, None)
             elif value is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
                 slim = [*headers, ("restconsumer.value_dropped",
                                    f"the broker refused the original value: {err.str()}".encode())]
                 self._reactor.callFromThread(
-                    lambda: self.send(topic, key, None, slim).chainDeferred(done))
+                    lambda: self.send(topic, key, None, slim).addBoth(fire))
             else:
-                self._reactor.callFromThread(done.errback, Failure(RuntimeError(err.str())))
+                self._reactor.callFromThread(fire, Failure(RuntimeError(err.str())))
 
         if self._producer is None:
             return fail(RuntimeError("dead letters are not running"))

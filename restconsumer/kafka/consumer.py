@@ -14,6 +14,11 @@ Rebalance callbacks run on this thread, inside ``consume()``. A revocation asks 
 reactor to let go of the partitions (requests under way end or are cancelled) and to
 tell the offsets to commit, then commits them here before the partitions go; a lost
 assignment commits nothing.
+
+A commit never gets skipped while its partition is assigned: one refused (the group's
+coordinator moving to another broker, ``NOT_COORDINATOR``, ``COORDINATOR_LOAD_IN_PROGRESS``,
+``REQUEST_TIMED_OUT``…) is made again at the next turn, with the partition's latest offset;
+a revoked partition's commit is made again for a while before the partition goes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from twisted.python.threadpool import ThreadPool
 from restconsumer.base.process import end_process
 from restconsumer.base.types import TP
 
-__all__ = ["KafkaLoop", "LoopHandler", "consumer_config"]
+__all__ = ["PASSING_COMMIT_ERRORS", "KafkaLoop", "LoopHandler", "consumer_config", "passing_commit_error"]
 
 log = Logger()
 
@@ -110,6 +115,22 @@ def _refused_settings(e: Exception) -> bool:
     return error is not None and error.code() == KafkaError._INVALID_ARG
 
 
+#: Commit errors that last only while a group's coordinator moves (its broker lost, a leader
+#: being elected for its ``__consumer_offsets`` partition): asking again succeeds once it is back.
+PASSING_COMMIT_ERRORS = frozenset({
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION,
+    KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+    KafkaError._WAIT_COORD, KafkaError._ALL_BROKERS_DOWN,
+})
+
+
+def passing_commit_error(error: KafkaError) -> bool:
+    """Whether a commit refused with ``error`` may succeed if made again by this member."""
+    return error.code() in PASSING_COMMIT_ERRORS
+
+
 def _fatal(error: KafkaError) -> bool:
     # A fatal error reaches consume() as a message whose code is _FATAL (its fatal() may say no).
     return bool(error.fatal()) or error.code() == KafkaError._FATAL
@@ -145,7 +166,8 @@ class KafkaLoop:
                  handler: LoopHandler, *, consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
                  batch: int = 500, idle_poll: float = 1.0, busy_poll: float = 0.02,
                  commit_every: float = 0.1, quiet_poll: float = 5.0, quiet_after: float = 30.0,
-                 answer_timeout: float = 120.0, close_timeout: float = 15.0) -> None:
+                 answer_timeout: float = 120.0, close_timeout: float = 15.0,
+                 revoke_commit_for: float = 10.0) -> None:
         self._reactor = reactor
         self.name = name
         self._config = config
@@ -160,6 +182,7 @@ class KafkaLoop:
         self._commit_every = commit_every
         self._answer_timeout = answer_timeout
         self._close_timeout = close_timeout
+        self._revoke_commit_for = revoke_commit_for
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"kafka-{name}")
         # A daemon thread: one stuck in librdkafka's close never keeps the process alive.
         self._pool.threadFactory = _DaemonThread
@@ -430,12 +453,7 @@ class KafkaLoop:
         if not lost:
             due = {tp: o for tp, o in answer.items() if o is not None and tp in self._assigned}
             if due:
-                try:
-                    consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in due.items()],
-                                    asynchronous=False)
-                except KafkaException as e:
-                    log.warn("job {name}: committing revoked partitions failed: {error}",
-                             name=self.name, error=str(e))
+                self._commit_revoked(consumer, due)
         for tp in tps:
             self._assigned.discard(tp)
             self._paused.discard(tp)
@@ -446,6 +464,41 @@ class KafkaLoop:
         self.lag = {tp: n for tp, n in self.lag.items() if tp in self._assigned}
         log.info("job {name}: {how} {partitions}", name=self.name,
                  how="lost" if lost else "revoked", partitions=", ".join(f"{t}[{p}]" for t, p in tps))
+
+    def _commit_revoked(self, consumer: Any, due: dict[TP, int]) -> None:
+        """Commit the revoked partitions' offsets before they go (still ours until the callback
+        returns): a commit refused while a coordinator moves (a broker lost, a new leader
+        elected) is made again, for up to ``revoke_commit_for`` seconds; one the group refuses
+        (a new generation, a partition gone) is not, since it cannot succeed."""
+        deadline = time.monotonic() + self._revoke_commit_for
+        wait = 0.1
+        while True:
+            error: KafkaError | None = None
+            try:
+                done = consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in due.items()],
+                                       asynchronous=False)
+            except KafkaException as e:
+                error = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+                if error is None:
+                    log.warn("job {name}: committing revoked partitions failed: {error}",
+                             name=self.name, error=str(e))
+                    return
+            else:
+                failed = [p for p in done or [] if p.error is not None and (p.topic, p.partition) in due]
+                if not failed:
+                    return
+                error = failed[0].error
+                due = {(p.topic, p.partition): due[(p.topic, p.partition)] for p in failed}
+            assert error is not None
+            if not passing_commit_error(error) or time.monotonic() + wait > deadline:
+                log.warn("job {name}: committing revoked partitions {partitions} failed: {error}",
+                         name=self.name, partitions=", ".join(f"{t}[{p}]@{o}" for (t, p), o in due.items()),
+                         error=error.str())
+                return
+            self._warn("committing revoked partitions failed ({error}); it is made again",
+                       error=error.str())
+            time.sleep(wait)
+            wait = min(wait * 2, 1.0)
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         # Inside consume(), on this thread: a commit that failed is made again next turn.
