@@ -88,12 +88,15 @@ def consumer_config(base: dict[str, Any], job_id: str) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": 10000,
-        # An idle consumer costs what its own threads do: fewer heartbeats keep 200 idle
-        # jobs cheap. Fetches stay long-polled for librdkafka's 500 ms: longer (2 s was
-        # tried) saved nothing measurable while idle, and a partition resumed after its
-        # window was full could wait that long for its next fetch, stalling a backlog for
-        # 1-1.5 s at each resume (batch mode: 22,000 -> 40,000+ records/s).
-        "heartbeat.interval.ms": 3000,
+        # Each step of a rebalance waits for the members' next heartbeat: at 3 s, a
+        # partition handed over in a rolling restart waited ~3 s (bench/rolling.py: max
+        # 3.1 s); at 500 ms, 1.06 s. 200 idle jobs cost the same either way (bench/idle.py:
+        # 13.2 % vs 13.1 % of a core, same machine, same hour). Fetches stay long-polled for
+        # librdkafka's 500 ms: longer (2 s was tried) saved nothing measurable while idle,
+        # and a partition resumed after its window was full could wait that long for its
+        # next fetch, stalling a backlog for 1-1.5 s at each resume (batch mode: 22,000 ->
+        # 40,000+ records/s).
+        "heartbeat.interval.ms": 500,
         "fetch.wait.max.ms": 500,
     }
     if str(base.get("group.protocol", "classic")).lower() == "consumer":
