@@ -36,7 +36,7 @@ Start = Callable[..., ServiceProcess]
 REVOKE_GRACE = "2"
 SLOW_ANSWER = 40.0
 #: Beyond the grace: B's consumer joining after its API is up, A noticing the rebalance at
-#: its next heartbeat (heartbeat.interval.ms in consumer_config, 3 s now), a loaded machine.
+#: its next heartbeat (heartbeat.interval.ms in consumer_config, 0.5 s now), a loaded machine.
 #: Measured: the revoked request ends 3-4 s after B's API is up, 3 s after SIGTERM.
 GRACE_SLACK = 8.0
 
