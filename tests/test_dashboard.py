@@ -435,6 +435,9 @@ def test_dead_letters_listed_and_replayed_from_the_page(
             assert r[1].startswith(f"{name}[") and r[2] == "400" and "no such person yet" in r[4]
         page.until(lambda: page.find("[data-counter='Dead letters']").text == "3", "the counter")
         assert page.find("[data-counter='Delivered']").text == "9"
+        # max_in_flight "auto": what is on the wire, of the limit the job found (SPEC §11).
+        under_way, limit = page.find("[data-counter='In flight']").text.split(" of ")
+        assert int(under_way) >= 0 and int(limit) >= 1
 
         fixed["now"] = True
         before = sink.count()

@@ -41,13 +41,15 @@ from tests.test_runner import FakeAgent, FakeDeadLetters, FakeLoop, Harness, T, 
 
 OK = Verdict(True, False, 200, "delivered", answered=True)
 DOWN = Verdict(False, True, 503, "HTTP 503")
-SLOW_DOWN = Verdict(False, True, 429, "HTTP 429", retry_after=7.0)
+SLOW_DOWN = Verdict(False, True, 502, "HTTP 502", retry_after=7.0)
+THROTTLED = Verdict(False, True, 429, "HTTP 429", retry_after=1.0, answered=True, throttled=True)
 BAD = Verdict(False, False, 400, "HTTP 400", answered=True)
 REFUSED = Verdict(False, False, None, "host not allowed")
 
 events = st.lists(st.one_of(
     st.tuples(st.just("park"), st.integers(0, 5)),
-    st.tuples(st.just("verdict"), st.integers(0, 5), st.sampled_from([OK, DOWN, SLOW_DOWN, BAD, REFUSED])),
+    st.tuples(st.just("verdict"), st.integers(0, 5),
+              st.sampled_from([OK, DOWN, SLOW_DOWN, THROTTLED, BAD, REFUSED])),
     st.tuples(st.just("forget"), st.integers(0, 5)),
     st.tuples(st.just("open"), st.just(0)),
     st.tuples(st.just("advance"), st.floats(0.0, 20.0)),
@@ -108,6 +110,30 @@ def test_a_probe_answered_4xx_closes_the_circuit_and_the_parked_records_go() -> 
     m.clock.advance(4.0)
     assert waits[1].called and not waits[2].called, "the oldest probes"
     b.verdict(1, BAD)
+    assert not b.is_open and all(d.called for d in waits.values())
+
+
+def test_throttled_answers_of_any_number_of_records_never_open_the_circuit() -> None:
+    """SPEC §5: a 429 is back-pressure, not an outage."""
+    m = BreakerModel()
+    b = m.breaker
+    for unit in range(50):
+        b.verdict(unit, THROTTLED)
+    assert not b.is_open
+    b.verdict(51, DOWN)
+    b.verdict(52, DOWN)
+    b.verdict(53, THROTTLED)  # the endpoint answers: the run of failures ends
+    b.verdict(54, DOWN)
+    assert not b.is_open
+
+
+def test_a_probe_answered_429_closes_the_circuit() -> None:
+    m = BreakerModel()
+    b = m.breaker
+    b.open("down")
+    waits = {u: b.park(u) for u in (1, 2)}
+    m.clock.advance(4.0)
+    b.verdict(1, THROTTLED)  # up and asking to slow down: the job's limit takes over
     assert not b.is_open and all(d.called for d in waits.values())
 
 

@@ -224,7 +224,7 @@ def test_other_4xx_and_3xx_are_not_delivered_and_not_retried(status: int) -> Non
     assert retries == []
 
 
-@pytest.mark.parametrize("status", [503, 429, 408, 500, 502])
+@pytest.mark.parametrize("status", [503, 408, 500, 502])
 def test_retryable_statuses_are_retried_with_growing_waits_until_success(status: int) -> None:
     send = FakeSend(status, status, status, 200)
     retries = Retries()
@@ -348,6 +348,33 @@ def test_retry_after_on_429() -> None:
     run(send, RetryPolicy(initial_wait=0.1, max_wait=30.0), rand=lambda: 0.0, on_retry=retries)
     assert retries.waits[0] >= 9.0
     assert send.times[1] >= 9.0
+
+
+@pytest.mark.parametrize("throttled", [Answer(429, None, b"slow down"), Answer(429, 2.0, b""),
+                                       Answer(503, 2.0, b"busy")])
+def test_a_throttled_answer_uses_up_no_attempt(throttled: Answer) -> None:
+    """SPEC §5: a 429 (or a 503 with Retry-After) is back-pressure, not the record's fault:
+    twenty of them do not use up two attempts."""
+    send = FakeSend(*[throttled] * 20, 200)
+    outcome = run(send, RetryPolicy(max_attempts=2, initial_wait=0.1, max_wait=1.0))
+    assert outcome.delivered and send.calls == 21
+    assert outcome.attempts == 1
+
+
+def test_a_throttled_answer_then_failures_counts_only_the_failures() -> None:
+    send = FakeSend(Answer(429, 1.0, b""), 500, Answer(429, 1.0, b""), 500)
+    outcome = run(send, RetryPolicy(max_attempts=2, initial_wait=0.1, max_wait=1.0))
+    assert not outcome.delivered and outcome.exhausted and outcome.attempts == 2 and send.calls == 4
+
+
+def test_a_record_throttled_past_max_throttled_ends_as_throttled() -> None:
+    send = FakeSend(Answer(429, 5.0, b"slow down"))
+    clock = Clock()
+    outcome = run(send, RetryPolicy(max_attempts=2, initial_wait=0.1, max_wait=1.0, max_throttled=60.0),
+                  clock)
+    assert not outcome.delivered and not outcome.exhausted
+    assert outcome.reason.startswith("throttled for 60 s") and outcome.status == 429
+    assert 60.0 <= clock.seconds() < 66.0 and send.calls == 13
 
 
 def test_cancelled_abandons_instead_of_retrying() -> None:

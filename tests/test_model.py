@@ -85,7 +85,7 @@ def test_minimal_job_is_accepted() -> None:
     assert job.topics == ["people"]
     assert job.definition == minimal()
     assert job.dead_letter_topic == "restconsumer.deadletter.job-1"
-    assert job.retry == {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0}
+    assert job.retry == {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0, "max_throttled": 3600.0}
 
 
 def test_keys_are_read_case_insensitively() -> None:
@@ -161,7 +161,7 @@ def test_validate_does_not_change_its_input() -> None:
 def test_dead_letter_topic_and_retry_overrides() -> None:
     job = validate(minimal(dead_letter_topic="dl.x", retry={"max_attempts": 0}))
     assert job.dead_letter_topic == "dl.x"
-    assert job.retry == {"max_attempts": 0, "initial_wait": 1.0, "max_wait": 30.0}
+    assert job.retry == {"max_attempts": 0, "initial_wait": 1.0, "max_wait": 30.0, "max_throttled": 3600.0}
     assert default_dead_letter_topic("a.b") == "restconsumer.deadletter.a.b"
 
 
@@ -447,7 +447,7 @@ def test_zero_timeout_is_refused_but_zero_ratelimit_is_fine() -> None:
 def test_retry_overrides_are_merged_with_the_defaults(
     retry: dict[str, Any], expected: dict[str, Any]
 ) -> None:
-    assert validate(minimal(retry=retry)).retry == expected
+    assert validate(minimal(retry=retry)).retry == {"max_throttled": 3600.0, **expected}
 
 
 @pytest.mark.parametrize("retry, field", [
@@ -460,6 +460,7 @@ def test_retry_overrides_are_merged_with_the_defaults(
     ({"initial_wait": "1"}, "retry.initial_wait"),
     ({"max_wait": 0}, "retry.max_wait"),
     ({"max_wait": 86401}, "retry.max_wait"),
+    ({"max_throttled": 0}, "retry.max_throttled"),
     ({"initial_wait": 5, "max_wait": 2}, "retry.max_wait"),
     ({"max_wait": 0.5}, "retry.max_wait"),
     ({"backoff": 2}, "retry.backoff"),

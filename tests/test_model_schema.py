@@ -86,7 +86,7 @@ def test_a_maximum_of_the_schema_decides_what_validate_accepts(
     assert validate(minimal(max_in_flight=6, retry={"initial_wait": 90, "max_wait": 100}))
 
     def smaller(schemas: dict[str, Any]) -> None:
-        schemas["JobDefinition"]["properties"]["max_in_flight"]["maximum"] = 5
+        schemas["JobDefinition"]["properties"]["max_in_flight"]["oneOf"][0]["maximum"] = 5
         schemas["Retry"]["properties"]["initial_wait"]["maximum"] = 60  # through a $ref
 
     edit_schema(smaller)

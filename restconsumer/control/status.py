@@ -46,7 +46,7 @@ def _marks(runner: JobRunner) -> tuple[Any, ...]:
     those are compared by identity, the rest by value."""
     stats, circuit = runner.stats, runner.circuit
     return (runner.loop.assignment, runner.loop.lag, stats.delivered, stats.consumed,
-            stats.last_error_at, runner.held, circuit.reason, runner.held_bytes)
+            stats.last_error_at, runner.held, circuit.reason, runner.held_bytes, runner.in_flight_limit)
 
 
 def _unchanged(before: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
@@ -127,6 +127,8 @@ class StatusReporter(Service):
             "restarts": self._supervisor.restarts.get(runner.job.id, 0),
             "rate": stats.rate(now),
             "bytes_held": runner.held_bytes,
+            "in_flight_limit": runner.in_flight_limit,
+            "in_flight": runner.requests_on_the_wire,
             "circuit": runner.circuit_status(),
             "last_error": None if stats.last_error is None else
             {"reason": stats.last_error, "at": stats.last_error_at},
@@ -244,9 +246,13 @@ async def job_status(job_id: str, record: JobRecord, store: JobStore, supervisor
         "restarts": restarts,
         "rate": round(sum(float(r.get("rate", 0)) for r in fresh.values()), 2),
         "bytes_held": sum(int(r.get("bytes_held", 0)) for r in fresh.values()),
+        # Each instance finds its own limit (SPEC §11): the job's is their sum.
+        "in_flight_limit": sum(int(r.get("in_flight_limit", 0)) for r in fresh.values()),
+        "in_flight": sum(int(r.get("in_flight", 0)) for r in fresh.values()),
         "last_error": last_error,
         "error": error if state == "error" else None,
         "circuit": circuit,
         "instances": [{"instance": name, "partitions": r.get("partitions", []),
-                       "rate": r.get("rate", 0)} for name, r in sorted(fresh.items())],
+                       "rate": r.get("rate", 0), "in_flight_limit": r.get("in_flight_limit", 0),
+                       "in_flight": r.get("in_flight", 0)} for name, r in sorted(fresh.items())],
     }

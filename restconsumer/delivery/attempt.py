@@ -4,7 +4,9 @@ Each attempt is composed anew by :func:`~restconsumer.delivery.compose.compose` 
 token, then the signature: a retry carries a fresh timestamp, its id unchanged).
 :class:`Attempts` is a job's way to the wire, shared by the running job and a replay of its
 dead letters: the ``ratelimit`` pace (every attempt, retries too), one token cache, the
-request's time limit, and the request metrics.
+request's time limit, and the request metrics. It tells the job's concurrency controller
+(:class:`~restconsumer.delivery.concurrency.AdaptiveLimit`) of every request written and
+how it was answered: what is on the wire is known here only.
 """
 
 from __future__ import annotations
@@ -13,19 +15,22 @@ from collections import deque
 from functools import partial
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from restconsumer.base.types import Answer, DestinationRefused, Outgoing
 from restconsumer.delivery.compose import compose
+from restconsumer.delivery.concurrency import AdaptiveLimit, Signal
 from restconsumer.delivery.metrics import Metrics
 from restconsumer.delivery.oauth2 import TokenSource, treq_fetch
 from restconsumer.delivery.sender import HTTPSender
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.jobs.signing import Signer
 
-__all__ = ["RESULT_BODY", "Attempts", "Pacer", "Sending"]
+__all__ = ["RESULT_BODY", "Attempts", "Pacer", "Sending", "signal_of"]
 
 #: The most of an answer's body a result (SPEC §12) holds.
 RESULT_BODY = 64 * 1024
@@ -53,8 +58,13 @@ class Attempts:
     """A job's way to the wire: pace, token, signature, time limit, metrics."""
 
     def __init__(self, clock: IReactorTime, sender: HTTPSender, metrics: Metrics, current: Current,
-                 token_fetch: Any = None) -> None:
+                 token_fetch: Any = None, concurrency: AdaptiveLimit | None = None,
+                 on_answer: Any = None) -> None:
         self._clock = clock
+        #: The job's concurrency controller, told of what goes on the wire and comes back.
+        self.concurrency = concurrency if concurrency is not None else AdaptiveLimit()
+        #: Called after each answer (a slot on the wire is free): the dispatcher's pump.
+        self.on_answer = on_answer
         self._sender = sender
         self._metrics = metrics
         self._current = current
@@ -121,6 +131,8 @@ class Attempts:
         settings = tools.settings
         unit.sending = True
         began = self._clock.seconds()
+        concurrency = self.concurrency
+        concurrency.sent(began)
         # A result holds up to 64 KiB of the answer's body.
         keep = RESULT_BODY if settings.result_topic is not None else 500
         d = self._sender.send(request, settings.timeout, settings.follow_redirects, settings.ca_cert,
@@ -129,20 +141,45 @@ class Attempts:
 
         def sent(result: Answer | Failure) -> Answer | Failure:
             unit.sending = False
+            now = self._clock.seconds()
             if isinstance(result, Answer):
                 status: int | None = result.status
+                concurrency.answered(now, now - began, signal_of(result), result.retry_after)
             elif unit.cancelled or result.check(DestinationRefused):
+                concurrency.forget(now)
+                self._answered()
                 return result  # nothing was answered: abandoned, or never sent
             else:
                 status = None
-            self._metrics.answered(job_id, status, self._clock.seconds() - began)
+                signal = Signal.TIMEOUT if _timed_out(result) else Signal.REFUSED
+                concurrency.answered(now, now - began, signal)
+            self._metrics.answered(job_id, status, now - began)
+            self._answered()
             return result
 
         return d.addBoth(sent)
 
+    def _answered(self) -> None:
+        if self.on_answer is not None:
+            self.on_answer()
+
     def stop(self) -> None:
         """No more turns: waiting attempts keep waiting until cancelled."""
         self._pacer.stop()
+
+
+def signal_of(answer: Answer) -> Signal:
+    """What an answer tells of the endpoint's load (SPEC §5, §11)."""
+    status = answer.status
+    if status == 429 or (status == 503 and answer.retry_after is not None):
+        return Signal.THROTTLED
+    if status >= 500:
+        return Signal.OVERLOADED
+    return Signal.OK
+
+
+def _timed_out(failure: Failure) -> bool:
+    return failure.check(DeferredTimeout, TimeoutError, CancelledError) is not None
 
 
 class Pacer:

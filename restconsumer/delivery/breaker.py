@@ -12,6 +12,9 @@ parked record goes on. It owns one rule:
 So no answer, exception or cancellation can leave parked records waiting for ever: a probe
 answered 4xx (the endpoint is up and judging: the circuit closes), refused by the allowlist,
 failing TLS, cancelled by a revocation or ending in any other way re-arms the timer.
+
+A throttled answer (429, 503 with ``Retry-After``) never opens the circuit: the endpoint is
+up and asks to slow down, which the job's concurrency limit and holds take care of.
 """
 
 from __future__ import annotations
@@ -107,7 +110,9 @@ class Breaker(Generic[U]):
             if circuit.succeeded():
                 self._close()
             return
-        if not verdict.retryable:
+        if not verdict.retryable or verdict.throttled:
+            # A throttled attempt (SPEC §5) is back-pressure, never a step towards opening:
+            # the endpoint is up and answering, as with a 4xx.
             if verdict.answered:
                 circuit.answered()
                 if circuit.is_open:

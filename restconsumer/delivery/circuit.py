@@ -1,12 +1,12 @@
 """A job's circuit (SPEC §5 "Outage, not poison"): is the endpoint down, or a message bad?
 
 Plain data, no Twisted. A run of retryable failures (refused or reset connections,
-timeouts, 5xx, 429) across ``threshold`` *different* records, with no good answer in
-between, means the endpoint is down: the circuit opens. One record failing again and
-again is not an outage: it may be poison, and is dead-lettered once its retries are used
-up — but only if the job got a good answer (2xx, or a non-retryable one: the endpoint is
-up and judging) since that record first failed; otherwise the circuit opens instead. The
-first success closes it.
+timeouts, 5xx; not a throttled answer: a 429, a 503 with Retry-After) across ``threshold``
+*different* records, with no good answer in between, means the endpoint is down: the
+circuit opens. One record failing again and again is not an outage: it may be poison, and
+is dead-lettered once its retries are used up — but only if the job got a good answer
+(2xx, or a non-retryable one: the endpoint is up and judging) since that record first
+failed; otherwise the circuit opens instead. The first success closes it.
 """
 
 from __future__ import annotations

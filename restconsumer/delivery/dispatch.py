@@ -1,4 +1,5 @@
-"""What starts next (SPEC §11): order groups, ``max_in_flight``, batches, the circuit's say.
+"""What starts next (SPEC §11): order groups, ``max_in_flight`` (a number, or the limit the
+job finds itself), batches, the circuit's say.
 
 :class:`Dispatcher` queues a job's records by order group in its
 :class:`~restconsumer.delivery.ordering.Scheduler` — or, in a batched job, gathers them into
@@ -23,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from restconsumer.base.types import TP
 from restconsumer.delivery.batching import Batcher
 from restconsumer.delivery.breaker import Breaker
+from restconsumer.delivery.concurrency import AdaptiveLimit
 from restconsumer.delivery.ordering import Scheduler
 from restconsumer.delivery.settings import Current
 from restconsumer.delivery.units import Message, Unit
@@ -85,7 +87,11 @@ class Dispatcher:
     """Queues a job's units and starts those that may start (see the module's docstring)."""
 
     def __init__(self, clock: IReactorTime, current: Current, breaker: Breaker[Unit],
-                 start: Callable[[Unit], Deferred[None]]) -> None:
+                 start: Callable[[Unit], Deferred[None]], concurrency: AdaptiveLimit | None = None) -> None:
+        self._clock = clock
+        #: With ``max_in_flight: "auto"``: the limit on requests on the wire, and its holds.
+        self.concurrency = concurrency if concurrency is not None else AdaptiveLimit()
+        self._wake: IDelayedCall | None = None
         self._current = current
         self._breaker = breaker
         self._start = start
@@ -129,7 +135,7 @@ class Dispatcher:
             return
         self._pumping = True
         scheduler, breaker = self.scheduler, self._breaker
-        scheduler.max_in_flight = self._current.settings.max_in_flight
+        scheduler.max_in_flight = self._bound()
         try:
             again = True
             while again:
@@ -146,8 +152,32 @@ class Dispatcher:
                     task = unit.task = self._start(unit)
                     task.addBoth(self._ended, unit)
                 again = self._pump_again
+                if again:
+                    scheduler.max_in_flight = self._bound()
         finally:
             self._pumping = False
+
+    def _bound(self) -> int:
+        """How many units may be under way now. A number: that many. ``"auto"``: the
+        controller's limit on requests *on the wire*, so units off it (waiting to retry,
+        or for the ``ratelimit`` pace) come on top; none while a ``Retry-After`` holds or
+        the pacing interval has not passed (a wake-up is set for when it has)."""
+        settings = self._current.settings
+        if not settings.adaptive:
+            return settings.max_in_flight
+        concurrency = self.concurrency
+        concurrency.ceiling = settings.max_in_flight
+        now = self._clock.seconds()
+        if not concurrency.may_send(now):
+            if self._wake is None or not self._wake.active():
+                self._wake = self._clock.callLater(concurrency.next_send(now) - now, self.pump)
+            return 0
+        under_way = self.scheduler.in_flight
+        bound = under_way - concurrency.in_flight + concurrency.limit
+        if concurrency.pace > 0:
+            # Paced: one more now at most; the next when its interval has passed.
+            return min(bound, under_way + 1)
+        return bound
 
     def _ended(self, _: Any, unit: Unit) -> None:
         unit.task = None
@@ -208,6 +238,8 @@ class Dispatcher:
         if self.batches is not None:
             self.batches.flush_all()
         self.stopping = True
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
 
     def cancel_all(self) -> None:
         """Abandon every unit under way (a consumer that would not close left them)."""

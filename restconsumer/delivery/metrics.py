@@ -67,6 +67,9 @@ class Metrics:
                             multiprocess_mode="livemostrecent")
         self.circuit = Gauge("restconsumer_circuit_open", "1 while the job's circuit is open",
                              ["job"], registry=registry, multiprocess_mode="livemax")
+        self.in_flight_limit = Gauge("restconsumer_in_flight_limit", "The job's bound on requests "
+                                     "under way now (found by the job with max_in_flight \"auto\")",
+                                     ["job"], registry=registry, multiprocess_mode="livesum")
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Counted per request at thousands a second, so kept here and written to
         # prometheus-client's families in one go (flush): its locked calls, three per
@@ -125,7 +128,7 @@ class Metrics:
 
     def refresh(self, runners: dict[str, Any], held: int) -> None:
         """Set the gauges from the running jobs: lag and the oldest unfinished message per
-        partition, bytes held, circuits."""
+        partition, bytes held, circuits, concurrency limits."""
         self.buffered.set(held)
         lag_labels = set()
         oldest_labels = set()
@@ -141,6 +144,7 @@ class Metrics:
                 self.oldest.labels(*labels).set(round(ages.get(tp, 0.0), 3))
                 oldest_labels.add(labels)
             self.circuit.labels(job_id).set(1 if runner.held else 0)
+            self.in_flight_limit.labels(job_id).set(runner.in_flight_limit)
             circuits.add(job_id)
         for labels in self._lag_labels - lag_labels:
             self._forget(self.lag, labels)
@@ -149,6 +153,7 @@ class Metrics:
         self._oldest_labels = oldest_labels
         for job_id in self._circuit_labels - circuits:
             self._forget(self.circuit, (job_id,))
+            self._forget(self.in_flight_limit, (job_id,))
         self._lag_labels, self._circuit_labels = lag_labels, circuits
 
     def _forget(self, gauge: Any, labels: tuple[str, ...]) -> None:

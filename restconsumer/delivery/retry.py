@@ -56,12 +56,15 @@ class RetryPolicy:
     max_attempts: int = 8
     initial_wait: float = 1.0
     max_wait: float = 30.0
+    #: Seconds a record may be throttled (429, 503 with ``Retry-After``) before it ends as
+    #: "throttled"; throttled attempts are not counted in ``max_attempts``.
+    max_throttled: float = 3600.0
 
     @classmethod
     def of(cls, settings: dict[str, float]) -> RetryPolicy:
         """The policy of a job's merged ``retry`` settings."""
         return cls(int(settings["max_attempts"]), float(settings["initial_wait"]),
-                   float(settings["max_wait"]))
+                   float(settings["max_wait"]), float(settings.get("max_throttled", 3600.0)))
 
     def wait(self, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
         """Seconds before attempt ``attempt + 1``, after ``attempt`` failed ones."""
@@ -108,6 +111,9 @@ class Verdict:
     retry_after: float | None = None
     #: Whether the endpoint itself answered (it is up), as opposed to a refusal of ours.
     answered: bool = False
+    #: Back-pressure (SPEC §5): a 429, or a 503 with ``Retry-After`` — the endpoint is up
+    #: and asks to slow down; neither the record's fault nor an outage.
+    throttled: bool = False
 
 
 def judge(answer: Answer | None, error: BaseException | None = None,
@@ -138,6 +144,8 @@ def judge(answer: Answer | None, error: BaseException | None = None,
     if 200 <= status < 300 or status in success:
         return Verdict(True, False, status, "delivered", answered=True)
     reason = f"HTTP {status}: {answer.body[:200].decode('utf-8', 'replace')}".strip()
+    if status == 429 or (status == 503 and answer.retry_after is not None):
+        return Verdict(False, True, status, reason, answer.retry_after, answered=True, throttled=True)
     if is_retryable_status(status):
         return Verdict(False, True, status, reason, answer.retry_after)
     return Verdict(False, False, status, reason, answered=True)
@@ -181,9 +189,15 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
 
     ``first`` is the (answer, error) of a first attempt the caller already made while the
     circuit was closed: the loop goes on from it, as if it had sent it itself.
+
+    A throttled attempt (429, 503 with ``Retry-After``) is back-pressure: not counted, it
+    waits its ``Retry-After`` (or the backoff) and tries again, until the record has been
+    throttled for ``max_throttled`` seconds.
     """
     attempts = 0
     tries = 0
+    throttles = 0
+    throttled_since: float | None = None
     good_at_first_failure: int | None = None
     while True:
         if first is None:
@@ -212,7 +226,7 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
         else:
             verdict = judge(answer, None, success)
             body = answer.body
-        if counted:
+        if counted and not verdict.throttled:
             attempts += 1
         if gate is not None:
             gate.verdict(verdict)
@@ -222,6 +236,22 @@ async def deliver(send: Callable[[], Deferred[Answer]], policy: RetryPolicy, clo
             return Outcome(False, attempts, verdict.status, verdict.reason, tries - 1, body)
         if cancelled():
             raise CancelledError("abandoned")
+        if verdict.throttled:
+            now = clock.seconds()
+            throttles += 1
+            if throttled_since is None:
+                throttled_since = now
+            elif now - throttled_since >= policy.max_throttled:
+                return Outcome(False, max(attempts, 1), verdict.status,
+                               f"throttled for {now - throttled_since:.0f} s (retry.max_throttled "
+                               f"{policy.max_throttled:g} s); last: {verdict.reason}", tries - 1, body)
+            wait = policy.wait(throttles, verdict.retry_after, rand)
+            if on_retry is not None:
+                on_retry(attempts, verdict.reason, wait)
+                if cancelled():
+                    raise CancelledError("abandoned")
+            await deferLater(clock, wait, lambda: None)
+            continue
         if gate is not None and gate.is_open():
             continue  # not counted: the circuit's probe decides when to try again
         if good_at_first_failure is None:

@@ -26,6 +26,7 @@ from restconsumer.delivery.attempt import Attempts
 from restconsumer.delivery.breaker import Breaker
 from restconsumer.delivery.budget import ByteBudget, prefetch_bytes
 from restconsumer.delivery.circuit import Circuit
+from restconsumer.delivery.concurrency import AdaptiveLimit
 from restconsumer.delivery.deadletters import DeadLetters
 from restconsumer.delivery.deliverer import Deliverer
 from restconsumer.delivery.dispatch import Dispatcher
@@ -100,12 +101,15 @@ class JobRunner:
         self.breaker: Breaker[Unit] = Breaker(
             clock, lambda: current.settings.policy.max_wait, _seq, opened=self._opened,
             closed=self._closed, start_one=self._pump)
-        self.attempts = Attempts(clock, shared.sender, shared.metrics, current, shared.token_fetch)
+        #: ``max_in_flight: "auto"``: the job's concurrency, found from what the wire tells.
+        self.concurrency = AdaptiveLimit(current.settings.max_in_flight)
+        self.attempts = Attempts(clock, shared.sender, shared.metrics, current, shared.token_fetch,
+                                 self.concurrency, on_answer=self._answer)
         self.outcomes = Outcomes(clock, current, self.ledger, shared.budget, shared.dead_letters,
                                  shared.metrics, stats, commit=self._commit, settled=self._settled)
         deliverer = Deliverer(clock, current, self.attempts, self.breaker, self.outcomes,
                               shared.metrics, note=self._note, broken=self._broken)
-        self.dispatcher = Dispatcher(clock, current, self.breaker, deliverer.start)
+        self.dispatcher = Dispatcher(clock, current, self.breaker, deliverer.start, self.concurrency)
         self.intake = Intake(clock, current, self.ledger, self.outcomes, self.dispatcher, shared.budget,
                              stats, shared.metrics, None, held=lambda: self.held,
                              registry=shared.registry)
@@ -218,6 +222,17 @@ class JobRunner:
     # -- what the status and metrics read ------------------------------------------------
 
     @property
+    def in_flight_limit(self) -> int:
+        """The bound on requests under way now: the job's number, or the limit it found."""
+        settings = self.current.settings
+        return self.concurrency.limit if settings.adaptive else settings.max_in_flight
+
+    @property
+    def requests_on_the_wire(self) -> int:
+        """Requests written and not yet answered (retry waits and pacing not counted)."""
+        return self.concurrency.in_flight
+
+    @property
     def held_bytes(self) -> int:
         """Bytes this job holds (its pre-fetch reservation included)."""
         return self._budget.held_by(self.job.id)
@@ -312,6 +327,12 @@ class JobRunner:
     def _pump(self) -> None:
         self.dispatcher.pump()
 
+    def _answer(self) -> None:
+        # A request off the wire: with "auto", its slot (and maybe a grown limit) may start
+        # another unit before this one has ended.
+        if self.current.settings.adaptive:
+            self.dispatcher.pump()
+
     def _commit(self, offsets: dict[TP, int]) -> None:
         self.loop.commit(offsets)
 
@@ -331,6 +352,7 @@ class JobRunner:
 
     def _closed(self) -> None:
         log.info("job {job_id}: circuit closed, the endpoint answers again", job_id=self.job.id)
+        self.concurrency.restart()  # SPEC §11: the limit starts low again
         self.intake.room()
         self._pump()
 

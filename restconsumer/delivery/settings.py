@@ -16,7 +16,7 @@ from typing import Any
 from restconsumer.delivery.retry import RetryPolicy
 from restconsumer.jobs.destinations import Destinations
 from restconsumer.jobs.mapping import RequestBuilder
-from restconsumer.jobs.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_TIMEOUT, Job
+from restconsumer.jobs.model import DEFAULT_BATCH, DEFAULT_MAX_IN_FLIGHT_LIMIT, DEFAULT_TIMEOUT, Job
 from restconsumer.jobs.work import OrderKey, order_key
 
 __all__ = ["BatchSettings", "Current", "Settings"]
@@ -57,7 +57,11 @@ class Settings:
     result_topic: str | None
     #: The job's ``oauth2`` settings (SPEC §12), if it has them.
     oauth2: dict[str, Any] | None
+    #: The bound on requests under way: the job's number, or with ``adaptive`` the highest
+    #: limit the controller may reach (``max_in_flight_limit``).
     max_in_flight: int
+    #: ``max_in_flight: "auto"`` (the default): the limit is found by the job (SPEC §11).
+    adaptive: bool
     ordering: Any
     order: OrderKey | None
     batch: BatchSettings | None
@@ -75,6 +79,7 @@ class Settings:
         builder = RequestBuilder(job)
         ordering = d.get("ordering", "partition")
         batch = BatchSettings.of(d["batch"]) if "batch" in d else None
+        adaptive = d.get("max_in_flight", "auto") == "auto"
         headers = builder.headers
         if batch is not None and batch.format == "ndjson":
             headers = {**headers, b"Content-Type": [b"application/x-ndjson"]}
@@ -87,7 +92,9 @@ class Settings:
             idempotency=bool(d.get("idempotency_key")),
             signing_secret=d["signing"]["secret"] if "signing" in d else None,
             result_topic=d.get("result_topic"), oauth2=d.get("oauth2"),
-            max_in_flight=int(d.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)),
+            max_in_flight=int(d["max_in_flight"]) if adaptive is False else
+            int(d.get("max_in_flight_limit", DEFAULT_MAX_IN_FLIGHT_LIMIT)),
+            adaptive=adaptive,
             ordering=ordering, order=order_key(ordering), batch=batch, batch_headers=headers,
             granted=granted)
 

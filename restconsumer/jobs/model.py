@@ -63,8 +63,9 @@ __all__ = [
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
-DEFAULT_RETRY = {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0}
-DEFAULT_MAX_IN_FLIGHT = 64
+DEFAULT_RETRY = {"max_attempts": 8, "initial_wait": 1.0, "max_wait": 30.0, "max_throttled": 3600.0}
+#: A job without ``max_in_flight`` finds its concurrency itself (SPEC §11), up to this.
+DEFAULT_MAX_IN_FLIGHT_LIMIT = 512
 DEFAULT_BATCH = {"max_messages": 100, "max_bytes": 1024 * 1024, "max_wait": 0.5,
                  "format": "json_array"}
 DEFAULT_TIMEOUT = 30.0
@@ -74,7 +75,7 @@ FIELDS = (
     "id", "owner", "type", "topic", "datamap", "url", "basic_auth", "token",
     "token_type", "query_params", "json_body", "constant", "ratelimit", "headers",
     "retry", "timeout", "follow_redirects", "ca_cert", "dead_letter_topic",
-    "ordering", "max_in_flight", "batch", "start_from", "success_status",
+    "ordering", "max_in_flight", "max_in_flight_limit", "batch", "start_from", "success_status",
     "idempotency_key", "filter", "signing", "result_topic", "oauth2",
 )
 GENERATED = ("modified", "hash")
@@ -84,7 +85,8 @@ ALIASES = {"basic_auth": {"password": "pw", "username": "user"}}
 VALUE_CASE: dict[str, Callable[[str], str]] = {"type": str.upper, "start_from": str.lower,
                                                 "ordering": str.lower}
 #: Seconds, kept as floats (the hash sees 5 and 5.0 alike).
-SECONDS = ("ratelimit", "timeout", "retry.initial_wait", "retry.max_wait", "batch.max_wait")
+SECONDS = ("ratelimit", "timeout", "retry.initial_wait", "retry.max_wait", "retry.max_throttled",
+           "batch.max_wait")
 #: Headers of the connection itself: set by the HTTP client, never by a job (a job setting
 #: them could smuggle a second request, or reach another virtual host behind an allowed name).
 CONNECTION_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
@@ -591,6 +593,9 @@ def _check_rules(definition: dict[str, Any], job_id: str | None, policy: Policy,
     if isinstance(ordering, Mapping) and sound("ordering") and "ordering.by" not in unsound \
             and keys is not None and ordering["by"] not in keys:
         problems.append(Problem("ordering.by", f"'{ordering['by']}' is not a key of the datamap"))
+    if "max_in_flight_limit" in definition and definition.get("max_in_flight", "auto") != "auto":
+        problems.append(Problem("max_in_flight_limit", 'bounds max_in_flight "auto" only; this job sets '
+                                                       "a number"))
     _check_batch(definition, problems)
     _check_signing(definition.get("signing"), problems)
     _check_oauth2(definition, policy.allow_hosts, unsound, problems, granted)

@@ -270,6 +270,8 @@ def _noun(node: Mapping[str, Any]) -> str:
     """What a value of ``node`` is, as in "must be <noun>"."""
     if "enum" in node:
         return "one of " + ", ".join(map(_show_word, node["enum"]))
+    if "const" in node:
+        return _show(node["const"])
     for keyword in ("oneOf", "anyOf"):
         if keyword in node:
             return " or ".join(_noun(choice) for choice in node[keyword])

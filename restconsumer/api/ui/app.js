@@ -461,6 +461,7 @@
       ["Retried", number(counters.retried)], ["Dead letters", number(counters.dead_lettered)],
       ["Failed", number(counters.failed)], ["Delivered/s", number(status.rate, 2)],
       ["Lag", number(status.total_lag)], ["Bytes held", number(status.bytes_held)],
+      ["In flight", `${number(status.in_flight)} of ${number(status.in_flight_limit)}`],
     ];
     if (status.circuit && status.circuit.state === "open") {
       items.push(["Circuit", `open since ${status.circuit.since || "?"}: ${status.circuit.reason || ""}`]);
