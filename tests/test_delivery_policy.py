@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import (
     ConnectingCancelledError,
@@ -778,3 +778,22 @@ def test_request_time_limits_are_kept_by_one_timer() -> None:
     assert isinstance(results["b"][0].value, DeferredTimeoutError)
     assert results["a"] == ["answer"]
     assert clock.getDelayedCalls() == [] and deadlines._limits == {} and not deadlines._timed_out
+
+
+@pytest.mark.parametrize(("connections", "kept"), [(0, 32), (40, 40)])
+@pytest_twisted.ensureDeferred
+async def test_connections_kept_follow_the_limit(connections: int, kept: int) -> None:
+    """SPEC §11: a job with 40 requests under way keeps 40 connections open between them
+    (the pool's default keeps 32 and closes the rest as they come back)."""
+    async def test(server: Server) -> None:
+        sends = [server.sender.send(server.get("/ok"), timeout=5, connections=connections) for _ in range(40)]
+        answers = await gatherResults(sends)
+        assert all(a.status == 200 for a in answers)
+        assert len(server.site.open) <= 40
+        deadline = time.monotonic() + 5
+        while len(server.site.open) > kept and time.monotonic() < deadline:
+            await server.sleep(0.01)
+        await server.sleep(0.1)
+        assert len(server.site.open) == kept
+
+    await with_server(test)

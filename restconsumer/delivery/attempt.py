@@ -136,7 +136,8 @@ class Attempts:
         # A result holds up to 64 KiB of the answer's body.
         keep = RESULT_BODY if settings.result_topic is not None else 500
         d = self._sender.send(request, settings.timeout, settings.follow_redirects, settings.ca_cert,
-                              keep=keep, granted=settings.granted)
+                              keep=keep, granted=settings.granted,
+                              connections=concurrency.limit if settings.adaptive else settings.max_in_flight)
         job_id = settings.job.id
 
         def sent(result: Answer | Failure) -> Answer | Failure:

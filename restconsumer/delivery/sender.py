@@ -322,10 +322,12 @@ class HTTPSender(Service):
 
     def send(self, request: Outgoing, timeout: float, follow_redirects: bool = False,
              ca_cert: str | None = None, keep: int = 500,
-             granted: Destinations | None = None) -> Deferred[Answer]:
+             granted: Destinations | None = None, connections: int = 0) -> Deferred[Answer]:
         """Send one request; fires with the :class:`Answer` (the first ``keep`` bytes of its
         body), fails on network errors. ``granted``: the request is a limited owner's,
-        sent to public addresses and those granted only (:class:`DestinationRefused`)."""
+        sent to public addresses and those granted only (:class:`DestinationRefused`).
+        ``connections``: how many the sending job may have under way (its concurrency
+        limit): the pool keeps at least that many per endpoint open between requests."""
         if self._allow_hosts is not None:
             host = host_of(request.url)
             if host not in self._allow_hosts:
@@ -352,6 +354,10 @@ class HTTPSender(Service):
                 routes.pop(stale).pool.closeCachedConnections()
         elif key != _PLAIN:
             routes[key] = routes.pop(key)  # the most recently used last
+        if connections > route.pool.maxPersistentPerHost:
+            # Connections kept follow the limit (SPEC §11): a job at 200 in flight would
+            # otherwise open and close 168 of them per round.
+            route.pool.maxPersistentPerHost = connections
         if follow_redirects:
             d = Deferred.fromCoroutine(self._follow(route.agent, request, keep))
         else:
