@@ -88,13 +88,15 @@ def test_an_outage_of_30_s_is_ridden_out_in_order_without_rebalance(
             offsets = [json.loads(r.body)["offset"] for r in delivered
                        if json.loads(r.body)["partition"] == partition]
             assert offsets == list(range(20))
-        # The message answered with Retry-After: 2 waited at least that long, then longer.
+        # The message answered with Retry-After: 2 waited at least that long; that answer was
+        # back-pressure (SPEC §5), not a counted attempt: the backoff of the 503s after it
+        # starts from initial_wait and grows.
         told = outage.failed[0].path
         attempts = sorted(r.at for r in outage.failed if r.path == told)
         waits = [b - a for a, b in itertools.pairwise(attempts)]
         assert len(waits) >= 3
         assert waits[0] >= 1.9, waits
-        assert waits[-1] > waits[1] > 1.0, waits
+        assert waits[-1] > waits[2] > waits[1] > 0.75, waits
         log = service.log()
         assert len(re.findall(r"job patient: assigned", log)) == 1, "the consumer left its group"
         assert ": dead-lettered: " not in log
