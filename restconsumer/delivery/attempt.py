@@ -26,6 +26,7 @@ from restconsumer.delivery.compose import compose
 from restconsumer.delivery.concurrency import AdaptiveLimit, Signal
 from restconsumer.delivery.metrics import Metrics
 from restconsumer.delivery.oauth2 import TokenSource, treq_fetch
+from restconsumer.delivery.retry import is_throttled
 from restconsumer.delivery.sender import HTTPSender
 from restconsumer.delivery.settings import Current, Settings
 from restconsumer.jobs.signing import Signer
@@ -145,15 +146,21 @@ class Attempts:
             now = self._clock.seconds()
             if isinstance(result, Answer):
                 status: int | None = result.status
-                concurrency.answered(now, now - began, signal_of(result), result.retry_after)
+                if settings.adaptive:
+                    concurrency.answered(now, now - began, signal_of(result), result.retry_after)
+                else:
+                    concurrency.forget(now)  # a fixed number: only what is on the wire counts
             elif unit.cancelled or result.check(DestinationRefused):
                 concurrency.forget(now)
                 self._answered()
                 return result  # nothing was answered: abandoned, or never sent
             else:
                 status = None
-                signal = Signal.TIMEOUT if _timed_out(result) else Signal.REFUSED
-                concurrency.answered(now, now - began, signal)
+                if settings.adaptive:
+                    signal = Signal.TIMEOUT if _timed_out(result) else Signal.REFUSED
+                    concurrency.answered(now, now - began, signal)
+                else:
+                    concurrency.forget(now)
             self._metrics.answered(job_id, status, now - began)
             self._answered()
             return result
@@ -171,10 +178,9 @@ class Attempts:
 
 def signal_of(answer: Answer) -> Signal:
     """What an answer tells of the endpoint's load (SPEC §5, §11)."""
-    status = answer.status
-    if status == 429 or (status == 503 and answer.retry_after is not None):
+    if is_throttled(answer):
         return Signal.THROTTLED
-    if status >= 500:
+    if answer.status >= 500:
         return Signal.OVERLOADED
     return Signal.OK
 

@@ -236,8 +236,9 @@ class AdaptiveLimit:
             self._judge(now)
 
     def forget(self, now: float) -> None:
-        """A request told as written never reached the endpoint (refused by us, or cancelled):
-        it leaves the wire, telling nothing of the endpoint."""
+        """A request told as written leaves the wire, telling nothing of the endpoint: it never
+        reached it (refused by us, or cancelled), or the job has a fixed number and only
+        counts what is on the wire."""
         self._advance(now)
         self.in_flight = max(0, self.in_flight - 1)
 

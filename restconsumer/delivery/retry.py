@@ -28,7 +28,7 @@ from twisted.web.client import RequestNotSent, RequestTransmissionFailed, Respon
 from restconsumer.base.types import Answer, DestinationRefused
 
 __all__ = ["Gate", "Outcome", "RetryPolicy", "Unavailable", "Verdict", "deliver", "is_retryable_status",
-           "judge"]
+           "is_throttled", "judge"]
 
 _NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, ConnectionLost, DNSLookupError,
                    TimeoutError, DeferredTimeout, ResponseFailed, RequestTransmissionFailed,
@@ -38,6 +38,11 @@ _NETWORK_ERRORS = (ConnectError, ConnectingCancelledError, ConnectionLost, DNSLo
 class Unavailable(Exception):
     """What delivery depends on (an OAuth2 token endpoint, a schema registry) is down: an
     outage like a refused connection, never a reason to dead-letter."""
+
+
+def is_throttled(answer: Answer) -> bool:
+    """Whether an answer is back-pressure (SPEC §5): a 429, or a 503 with ``Retry-After``."""
+    return answer.status == 429 or (answer.status == 503 and answer.retry_after is not None)
 
 
 def is_retryable_status(status: int) -> bool:
@@ -144,7 +149,7 @@ def judge(answer: Answer | None, error: BaseException | None = None,
     if 200 <= status < 300 or status in success:
         return Verdict(True, False, status, "delivered", answered=True)
     reason = f"HTTP {status}: {answer.body[:200].decode('utf-8', 'replace')}".strip()
-    if status == 429 or (status == 503 and answer.retry_after is not None):
+    if is_throttled(answer):
         return Verdict(False, True, status, reason, answer.retry_after, answered=True, throttled=True)
     if is_retryable_status(status):
         return Verdict(False, True, status, reason, answer.retry_after)

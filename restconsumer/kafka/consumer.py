@@ -500,6 +500,8 @@ class KafkaLoop:
                 return
             self._warn("committing revoked partitions failed ({error}); it is made again",
                        error=error.str())
+            # On this job's Kafka thread, inside the revocation callback: the sleep holds only
+            # this consumer, which may not return the partitions before their offsets are in.
             time.sleep(wait)
             wait = min(wait * 2, 1.0)
 
