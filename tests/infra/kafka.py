@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from tests.infra.ports import free_port, wait_for
+from tests.infra.ports import ended, free_port, wait_for
 
 KAFKA_VERSION = "3.9.1"
 HERE = Path(__file__).parent
@@ -99,11 +99,7 @@ class KafkaBroker:
         if self.process is None:
             return
         self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        ended(self.process)
         self.process = None
 
     def create_topic(self, name: str, partitions: int = 1) -> None:
@@ -226,11 +222,7 @@ class KafkaCluster:
         for node in self.nodes.values():
             if node.process is None:
                 continue
-            try:
-                node.process.wait(30)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+            ended(node.process)
             node.process = None
 
     def kill(self, node_id: int) -> None:

@@ -1,8 +1,9 @@
-"""Free loopback ports and waiting for things to come up."""
+"""Free loopback ports, waiting for things to come up, and ending the processes started."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -28,3 +29,12 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, every: floa
                 return result
         time.sleep(every)
     raise TimeoutError(f"{what} not ready after {timeout} s (last error: {last!r})")
+
+
+def ended(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Wait for ``process`` (already asked to stop) to end; kill it after ``timeout`` seconds."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

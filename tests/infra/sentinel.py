@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 
 from tests.infra.certs import PKI
-from tests.infra.ports import free_port, wait_for
+from tests.infra.ports import ended, free_port, wait_for
 
 MASTER_NAME = "main"
 PASSWORD = "redis-pw"
@@ -69,11 +69,7 @@ class _Node:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            ended(self.process, 10)
             self.process = None
 
 
