@@ -18,7 +18,10 @@ tests: nothing fails on a missed target; every figure is printed beside its targ
      ``entity: $.msg.entity``; the producer picks the partition from the entity
      (``crc32 % 4``), because order groups are per partition (a keyless entity spread
      over partitions has no order anyone could keep);
-   - ``ordering: "partition"`` (the default), keyed as for ``"key"``, for comparison.
+   - ``ordering: "partition"`` (the default), keyed as for ``"key"``, for comparison;
+   - ``key-auto``: ``ordering: "key"`` with ``max_in_flight`` left out, so ``"auto"`` (the
+     controller finds the concurrency itself; issue 23's target: >= 0.95 x the ``key`` run's
+     ``max_in_flight: 128``, with 0 order violations).
 
    Messages/s from the first request's arrival to the last one's answer, and order
    violations counted by the sink: the first arrival of each (entity, seq) must come after
@@ -68,7 +71,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PARTITIONS = 4
-PHASES = ("key", "by", "partition", "latency", "batch")
+PHASES = ("key", "key-auto", "by", "partition", "latency", "batch")
+ORDERING_PHASES = ("key", "key-auto", "by", "partition")
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 RESPONSE_CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
                   b"Connection: close\r\n\r\nok")
@@ -620,8 +624,9 @@ class Bench:
 
     def ordering(self, name: str, messages: int, keys: int) -> Outcome:
         """Produce the entity messages, run a job with this phase's ordering on the slow sink."""
-        ordering: Any = {"key": "key", "by": {"by": "entity"}, "partition": "partition"}[name]
-        label = json.dumps(ordering)
+        ordering: Any = {"key": "key", "key-auto": "key", "by": {"by": "entity"},
+                         "partition": "partition"}[name]
+        label = json.dumps(ordering) + (' "auto"' if name == "key-auto" else "")
         outcome = Outcome(name, label, wanted=messages)
         print(f"\n== ordering {label}: {messages} messages, {keys} entities, "
               f"{'keyless, partition by crc32(entity)' if name == 'by' else 'key = entity'}", flush=True)
@@ -641,6 +646,8 @@ class Bench:
                "datamap": {"entity": "$.msg.entity", "seq": "$.msg.seq", "ts": "$.meta.timestamp"},
                "url": f"{self.slow.url}/{name}/", "json_body": ["entity", "seq", "ts"],
                "ordering": ordering, "max_in_flight": 128}
+        if name == "key-auto":
+            del job["max_in_flight"]
         timeout = 60 + produced / 20  # 20 msg/s at worst: the partition ordering does ~80
         connections = self.slow.stats(name)["connections"]
         meter = Meter(self.pid, self.slow.process.pid).start()
@@ -661,7 +668,8 @@ class Bench:
         outcome.extra["connections"] = outcome.got["connections"] - connections
         print(f"  {outcome.got['distinct']}/{produced} in {outcome.seconds:.1f} s: "
               f"{outcome.rate:.0f} messages/s, {outcome.got['violations']} order violations, "
-              f"{outcome.got['duplicates']} repeats; {meter.text()}", flush=True)
+              f"{outcome.got['duplicates']} repeats; in-flight limit at the end "
+              f"{outcome.extra['status'].get('in_flight_limit')}; {meter.text()}", flush=True)
         return outcome
 
     @staticmethod
@@ -849,10 +857,10 @@ def report(outcomes: dict[str, Outcome], args: argparse.Namespace, load_start: s
     print(f"restconsumer throughput, one run ({time.strftime('%Y-%m-%d %H:%M:%S')}), "
           f"{os.cpu_count()} cores; load average at the start {load_start}, at the end {load_text()}")
     print(f"service code: {code}")
-    order = [outcomes[n] for n in ("key", "by", "partition") if n in outcomes]
+    order = [outcomes[n] for n in ORDERING_PHASES if n in outcomes]
     if order:
         print(f"\n1. endpoint answering after 50 ms, {PARTITIONS} partitions, {args.messages} messages, "
-              f"{args.keys} entities, max_in_flight 128")
+              f"{args.keys} entities, max_in_flight 128 (key-auto: \"auto\")")
         print(f"   {'ordering':<18} {'messages/s':>10}  {'target':<16} {'violations':>10}  "
               f"{'target':<12} {'delivered':>11} {'repeats':>7} {'in flight':>9} {'conns':>6} "
               f"{'svc CPU':>8} {'machine':>7}  load (1 min)")
@@ -862,6 +870,9 @@ def report(outcomes: dict[str, Outcome], args: argparse.Namespace, load_start: s
                 continue
             g = o.got
             target = "(comparison)" if o.name == "partition" else f">= 1,000 {met(o.rate >= 1000)}"
+            if o.name == "key-auto" and "key" in outcomes and outcomes["key"].rate:
+                share = o.rate / outcomes["key"].rate
+                target = f"{share:.2f}x key {met(share >= 0.95)}"
             vtarget = f"0 {met(g['violations'] == 0)}"
             done = f"{g['distinct']}/{o.wanted}" + ("" if o.complete else "!")
             assert o.meter is not None
@@ -996,7 +1007,7 @@ def main() -> None:
             bench = Bench(env, started, slow, fast, args.py_spy)
             try:
                 for phase in phases:
-                    if phase in ("key", "by", "partition"):
+                    if phase in ORDERING_PHASES:
                         outcomes[phase] = bench.ordering(phase, args.messages, args.keys)
                     elif phase == "latency":
                         outcomes[phase] = bench.latency(args.latency_rate, args.latency_seconds)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from tests.infra.ports import ended, free_port, wait_for
@@ -283,8 +284,23 @@ class KafkaCluster:
                      min_insync: int = MIN_INSYNC) -> None:
         """Create a topic and wait until each partition has a leader and every replica in sync."""
         topic = NewTopic(name, partitions, replication, config={"min.insync.replicas": str(min_insync)})
-        for future in self.admin().create_topics([topic]).values():
-            future.result(30)
+
+        def created() -> bool:
+            # A fresh cluster's client may drop the handle it sent the request on (librdkafka
+            # replaces its bootstrap handles once it has the metadata): send the request again.
+            for future in self.admin().create_topics([topic]).values():
+                try:
+                    future.result(30)
+                except KafkaException as e:
+                    code = e.args[0].code()
+                    if code == KafkaError.TOPIC_ALREADY_EXISTS:
+                        return True
+                    if code in (KafkaError._DESTROY_BROKER, KafkaError._TRANSPORT, KafkaError._TIMED_OUT):
+                        return False
+                    raise
+            return True
+
+        wait_for(created, 60, f"topic {name} created", every=0.5)
         self.wait_in_sync([name], 30)
 
     # -- waiting for conditions ------------------------------------------------------------
