@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -291,15 +292,33 @@ class Options:
     backlog_first: bool
     stall: float
     logs: Path
+    #: The job's ``max_in_flight``: "auto" (left out, the default) or a number.
+    max_in_flight: str = "auto"
+    #: Where ``py-spy record`` writes each service run's stacks (None: not profiled).
+    profile: Path | None = None
 
 
-def job_of(name: str, topic: str, sink: str) -> dict[str, Any]:
-    """The benchmark's job: a person to ``POST /people/{id}``, 5 datamap paths, ``json_body``."""
-    return {"id": name, "owner": "bench", "type": "POST", "topic": topic,
-            "datamap": {"id": "$.msg.id", "name": "$.msg.name", "age": "$.msg.age",
-                        "household": "$.msg.household.id", "active": "$.msg.active"},
-            "url": f"{sink}/people/{{id}}",
-            "json_body": ["id", "name", "age", "household", "active"]}
+def spy(folder: Path | None, pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` on the service's main process until stopped (SIGINT), or None."""
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "-r", "200", "--nonblocking",
+                             "--format", "raw", "-o", str(folder / f"{name}.folded")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def job_of(name: str, topic: str, sink: str, max_in_flight: str = "auto") -> dict[str, Any]:
+    """The benchmark's job: a person to ``POST /people/{id}``, 5 datamap paths, ``json_body``
+    (``max_in_flight`` left out, so "auto", unless a number is given)."""
+    job: dict[str, Any] = {"id": name, "owner": "bench", "type": "POST", "topic": topic,
+                           "datamap": {"id": "$.msg.id", "name": "$.msg.name", "age": "$.msg.age",
+                                       "household": "$.msg.household.id", "active": "$.msg.active"},
+                           "url": f"{sink}/people/{{id}}",
+                           "json_body": ["id", "name", "age", "household", "active"]}
+    if max_in_flight != "auto":
+        job["max_in_flight"] = int(max_in_flight)
+    return job
 
 
 def produce_messages(bootstrap: str, topic: str, count: int) -> tuple[int, float]:
@@ -335,7 +354,7 @@ def service_run(env: Infra, name: str, workers: int, options: Options, *, sink: 
         before_requests = _lines(access_log)
         load = load_average()
         start = CpuSnapshot.take(leader, env.kafka.process.pid, nginx.pid)
-        answer = service.request("POST", f"/job/{name}", job_of(name, topic, sink))
+        answer = service.request("POST", f"/job/{name}", job_of(name, topic, sink, options.max_in_flight))
         if answer.status != 201:
             raise RuntimeError(f"the job was refused: {answer}")
         committed = Committed(env.kafka.bootstrap, name, topic)
@@ -347,6 +366,7 @@ def service_run(env: Infra, name: str, workers: int, options: Options, *, sink: 
                 notes.append("the group had not settled 60 s after the job was created")
             produced, took = produce_messages(env.kafka.bootstrap, topic, options.messages)
             print(f"  {name}: produced {produced} messages in {took:.1f} s", flush=True)
+        profiler = spy(options.profile, leader, name)
         deadline = time.monotonic() + max(120.0, produced / 200)
         first: tuple[float, int] | None = None  # the first commit seen
         steady: tuple[float, int] | None = None  # the first commit seen once settled
@@ -374,6 +394,9 @@ def service_run(env: Infra, name: str, workers: int, options: Options, *, sink: 
                                    f"{max(120.0, produced / 200):.0f} s")
             time.sleep(0.05 if steady is None else 0.1)
         end = CpuSnapshot.take(leader, env.kafka.process.pid, nginx.pid)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(30)
         rate: float | None = None
         window = done
         if stalled:
@@ -476,11 +499,18 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=None,
                         help="where the logs of stalled or failed service runs are kept "
                              "(default: a new /tmp/restconsumer-bench-logs-* folder)")
+    parser.add_argument("--max-in-flight", default="auto",
+                        help='the job\'s max_in_flight: "auto" (the default, left out) or a number')
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="record each service run's stacks with py-spy into DIR (raw, collapsed)")
     args = parser.parse_args()
+    if args.max_in_flight != "auto" and not args.max_in_flight.isdigit():
+        parser.error('--max-in-flight is "auto" or a number')
     if not 1 <= args.rounds <= 7 or args.ceiling_runs < 1 or args.workers < 2 or args.stall <= 0:
         parser.error("--rounds is 1 to 7, --ceiling-runs at least 1, --workers at least 2, "
                      "--stall above 0")
     options = Options(messages=args.messages, backlog_first=args.backlog_first, stall=args.stall,
+                      max_in_flight=args.max_in_flight, profile=args.py_spy,
                       logs=args.logs or Path(tempfile.gettempdir()) /
                       f"restconsumer-bench-logs-{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.monotonic()
@@ -558,7 +588,7 @@ def report(args: argparse.Namespace, ceilings: dict[str, list[dict[str, Any]]],
     print()
     print(f"{PARTITIONS} partitions, concurrency {PARTITIONS} (one request at a time per partition); "
           f"ceilings: {args.baseline_requests} requests a run; service: {args.messages} JSON messages "
-          f"a run ({mode}), 5 datamap paths, json_body. Rate: the best run; CPU s/1,000: the lowest "
+          f"a run ({mode}), 5 datamap paths, json_body, max_in_flight {args.max_in_flight}. Rate: the best run; CPU s/1,000: the lowest "
           f"run; every run in brackets.")
     print(f"{'':34}{'rate /s':>9}  {'CPU s/1,000':>11}")
     print(f"{'bare Agent loop (ceiling)':34}{agent:9.0f}  {agent_cpu:11.3f}"
