@@ -16,7 +16,7 @@ partitions, ``ordering: "none"``), produced before its job is created. The endpo
 Requests/s are the endpoint's 2xx answers from the first request to the last; figures, not
 tests: each is printed beside its target.
 
-    python3 bench/concurrency.py [--messages 6000] [--only queue16,fast,rate300]
+    python3 bench/concurrency.py [--messages 6000] [--only queue16,fast,rate300] [--limits]
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ def contestant(env: Infra, mode: str, port: int, setting: Any, messages: int, n:
     figures = get(port, "/stats")
     figures["dead_lettered"] = status["counters"]["dead_lettered"]
     figures["limit"] = statistics.median(limits[len(limits) // 2:]) if limits else 0
+    figures["limits"] = limits
     figures["share_429"] = figures["throttled"] / max(1, figures["ok"] + figures["throttled"])
     return figures
 
@@ -163,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--only", default="queue16,fast,rate300")
+    parser.add_argument("--limits", action="store_true", help="print each run's limits as polled")
     parser.add_argument("--serve", nargs=2, metavar=("MODE", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -184,6 +186,8 @@ def main() -> None:
                     print(f"{mode:8} max_in_flight {setting!s:>4}: {r['rate']:7.0f} requests/s, p50 "
                           f"{r['p50_ms']:5.1f} ms at the endpoint, {100 * r['share_429']:4.1f} % answered "
                           f"429, {r['dead_lettered']} dead-lettered, limit ~{r['limit']}", flush=True)
+                    if args.limits:
+                        print(f"  limits every 0.2 s: {r['limits']}", flush=True)
             finally:
                 server.terminate()
                 server.wait(10)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from restconsumer.delivery.concurrency import AdaptiveLimit, Signal
+from restconsumer.delivery.concurrency import PACE_MIN_LIMIT, AdaptiveLimit, Signal
 from restconsumer.delivery.ordering import Scheduler
 
 # -- model endpoints ---------------------------------------------------------------------------
@@ -442,7 +442,7 @@ def test_paces_when_429s_continue_at_a_limit_of_one() -> None:
     limit.sent(now)
     now += 0.001
     limit.answered(now, 0.001, Signal.THROTTLED, retry_after=1.0)
-    assert limit.limit == 1
+    assert limit.limit == PACE_MIN_LIMIT  # the pace binds; two on the wire hide our turn-around
     assert 150 <= 1 / limit.pace <= 200  # 200 accepted in the second before, less the margin
     assert not limit.may_send(now + 0.5)
     run = simulate(PerSecondWindow(100, 0.001), AdaptiveLimit(start=1), 3000)
@@ -475,3 +475,31 @@ def test_restart_starts_low() -> None:
     limit.restart()
     assert limit.limit == 4
     assert limit.pace == 0
+
+
+def test_a_paced_job_keeps_its_rate_when_each_send_goes_late() -> None:
+    """A timer fires up to a millisecond late: the sends still average the pace (lateness made
+    up), and a send much later than due does not let a burst through."""
+    limit = AdaptiveLimit(start=1)
+    now = 0.0
+    for _ in range(200):
+        limit.sent(now)
+        now += 0.001
+        limit.answered(now, 0.001, Signal.OK)
+    limit.sent(now)
+    now += 0.001
+    limit.answered(now, 0.001, Signal.THROTTLED, retry_after=1.0)
+    pace = limit.pace
+    now = limit.next_send(now)
+    began, sends = now, 0
+    while now < began + 2.0 and limit.pace == pace:
+        limit.sent(now)
+        limit.answered(now + 0.0005, 0.0005, Signal.OK)
+        sends += 1
+        now = limit.next_send(now + 0.0005) + 0.001  # each one a millisecond late
+    assert sends / (now - began) >= 0.97 / pace
+    later = limit.next_send(now) + 5 * pace  # long after it was due
+    limit.sent(later)
+    assert limit.next_send(later) == pytest.approx(later)  # one interval made up
+    limit.sent(later)
+    assert limit.next_send(later) == pytest.approx(later + pace)  # and no more
