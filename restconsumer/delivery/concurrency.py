@@ -28,7 +28,9 @@ so one burst is one cut, not one per failure (TCP's rule; written = now - rtt).
   what the endpoint served, Little's law ``answers/s * base`` (an endpoint that serves S at
   a time and queues the rest gives S), times ``CUT_BELOW`` so the next window sees the base
   again; at most to half. If the next window is no faster, the cut did not help: the
-  endpoint got slower, not queued behind the job, and its RTT becomes the base.
+  endpoint got slower, not queued behind the job, and its RTT becomes the base. A window at
+  a higher limit whose answers/s rose by ``GAIN`` of the limit's rise is no knee, whatever
+  its RTT (an endpoint working in batches).
 * **Growth**: no failure, throttle or queueing and the limit *used* (requests on the wire
   reached it in the window; a limit held back by order groups or a short backlog stays
   put). Below ``_ssthresh`` (slow start, until the first queueing) the limit doubles per
@@ -103,6 +105,12 @@ BASE_SAMPLES = 32
 #: An RTT cut lands this far below the concurrency the endpoint served (so the next
 #: window sees the base again and the base cannot creep up with the limit).
 CUT_BELOW = 0.9
+#: A window whose answers/s rose by this share of its limit's rise over the last window's is
+#: not queueing, whatever its RTT: an endpoint (or this job) working in batches gets slower
+#: per answer and still faster in all. Simulated (``Batching`` in the tests): 0.5 stopped at
+#: 0.74 x a fixed 64, 0.35 gives 0.97 x; 0.3 and less let a 64-slot endpoint's queue grow
+#: past 0.95 x of its best.
+GAIN = 0.35
 #: Slow start doubles the limit per window below this, and grows it by half above (a
 #: blind doubling of a large limit is what overshoots a knee, or a rate limit, the most).
 SLOW_START_GENTLER = 64
@@ -190,6 +198,7 @@ class AdaptiveLimit:
         self._probe_at = math.inf
         self._probe_step = PACE_STEP
         self._accepted: deque[float] = deque()  # when the last good answers came
+        self._ref = (0, 0.0)  # the last judged window's limit and answers/s
         self._new_window(-math.inf)
 
     def _new_window(self, now: float) -> None:
@@ -364,6 +373,10 @@ class AdaptiveLimit:
     def _judge(self, now: float) -> None:
         mean = self._w_sum / self._w_n if self._w_n else 0.0
         queueing = self._w_n > 0 and self._base > 0 and mean > self._threshold()
+        rate = self._w_all / max(now - self._w_start, 1e-9)
+        if queueing and self._gaining(rate):
+            queueing = False  # slower answers, but more of them: no knee yet (batching, say)
+        self._ref = (self.limit, rate)
         if self._w_n >= 2 and not queueing and self.limit <= JITTER_LIMIT:
             # Jitter, measured where the job's own requests hardly queue (a mild queue spreads
             # RTTs too, and must not widen the allowance meant to catch it).
@@ -396,6 +409,12 @@ class AdaptiveLimit:
             if not self._w_used:
                 self._step = 1
             self._new_window(now)
+
+    def _gaining(self, rate: float) -> bool:
+        """The window at a higher limit than the last had answers/s up by at least ``GAIN``
+        of the limit's rise: the endpoint is not at its knee, whatever its RTT says."""
+        limit, before = self._ref
+        return before > 0 and self.limit > limit and rate >= before * (1 + GAIN * (self.limit / limit - 1))
 
     def _learn_base(self, now: float, mean: float) -> None:
         """The base: the lowest mean of ``BASE_SAMPLES`` answers in the last one to two epochs."""
