@@ -588,7 +588,8 @@ def report(args: argparse.Namespace, ceilings: dict[str, list[dict[str, Any]]],
     print()
     print(f"{PARTITIONS} partitions, concurrency {PARTITIONS} (one request at a time per partition); "
           f"ceilings: {args.baseline_requests} requests a run; service: {args.messages} JSON messages "
-          f"a run ({mode}), 5 datamap paths, json_body, max_in_flight {args.max_in_flight}. Rate: the best run; CPU s/1,000: the lowest "
+          f"a run ({mode}), 5 datamap paths, json_body, max_in_flight {args.max_in_flight}. "
+          f"Rate: the best run; CPU s/1,000: the lowest "
           f"run; every run in brackets.")
     print(f"{'':34}{'rate /s':>9}  {'CPU s/1,000':>11}")
     print(f"{'bare Agent loop (ceiling)':34}{agent:9.0f}  {agent_cpu:11.3f}"
